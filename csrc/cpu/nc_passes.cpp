@@ -1,0 +1,281 @@
+// CPU kernels of the two passes of the exact NC metrics (spec section 3), vectorised with
+// `omp simd` and parallelised with at::parallel_for (so torch.set_num_threads applies).
+//
+// Pass 1, class_sums:   sums[c] = sum_{y_i = c} h_i                      (float64)
+// Pass 2, residual_stats, with r_i = h_i - mu_{y_i} in float64 and s_i = proj r_i:
+//   gram = sum_i s_i[:K] s_i[:K]^T,  class_sq[c] = sum_{y_i = c} ||r_i||^2, and the NCC decisions
+//   argmin_c ||h_i - mu_c||^2 = argmin_c (||mu_{y_i} - mu_c||^2 - 2 (mu_c - mu_G) . r_i)
+//   (the terms ||r_i||^2 and (mu_{y_i} - mu_G) . r_i do not depend on c).
+// Each pass reads every feature once; residuals are formed tile by tile and never stored whole.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <mutex>
+#include <vector>
+
+#include "../nc_common.h"
+
+namespace pfc_fast {
+namespace {
+
+constexpr int64_t kColumnBlock = 256;          // columns one task of pass 1 owns
+constexpr int64_t kPartialBytes = 256 << 20;   // bound on pass-1 per-chunk partial sums
+constexpr int64_t kRowBlock = 8;               // samples that share a cached tile of proj
+constexpr int64_t kTile = 512;                 // feature columns per residual tile
+
+template <typename scalar_t>
+inline double as_double(scalar_t v) {
+  return static_cast<double>(static_cast<float>(v));
+}
+template <>
+inline double as_double<double>(double v) {
+  return v;
+}
+
+// Pass 1. Work is split into (row chunk, column block) tasks. With enough column blocks every
+// task writes straight into `sums` (each task owns its columns); with few columns (small D) the
+// rows are split as well and each row chunk accumulates into its own partial copy.
+template <typename scalar_t>
+void class_sums_kernel(const scalar_t* x, int64_t row_stride, const int64_t* labels, int64_t N,
+                       int64_t D, int64_t K, double* sums) {
+  const int64_t col_blocks = (D + kColumnBlock - 1) / kColumnBlock;
+  const int64_t threads = at::get_num_threads();
+  int64_t row_chunks = 1;
+  if (col_blocks < 2 * threads) {
+    const int64_t by_memory = std::max<int64_t>(1, kPartialBytes / (K * D * 8));
+    row_chunks = std::min({(2 * threads + col_blocks - 1) / col_blocks, std::max<int64_t>(1, N / 1024),
+                           by_memory});
+  }
+  std::vector<double> partial(row_chunks > 1 ? row_chunks * K * D : 0, 0.0);
+  const int64_t rows_per_chunk = (N + row_chunks - 1) / row_chunks;
+
+  at::parallel_for(0, row_chunks * col_blocks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t chunk = t / col_blocks;
+      const int64_t d0 = (t % col_blocks) * kColumnBlock;
+      const int64_t len = std::min(kColumnBlock, D - d0);
+      double* out = row_chunks > 1 ? partial.data() + chunk * K * D : sums;
+      const int64_t i1 = std::min(N, (chunk + 1) * rows_per_chunk);
+      for (int64_t i = chunk * rows_per_chunk; i < i1; ++i) {
+        const scalar_t* xr = x + i * row_stride + d0;
+        double* acc = out + labels[i] * D + d0;
+#pragma omp simd
+        for (int64_t j = 0; j < len; ++j) acc[j] += as_double(xr[j]);
+      }
+    }
+  });
+  if (row_chunks > 1) {
+    at::parallel_for(0, K * D, 4096, [&](int64_t e0, int64_t e1) {
+      for (int64_t chunk = 0; chunk < row_chunks; ++chunk) {
+        const double* p = partial.data() + chunk * K * D;
+#pragma omp simd
+        for (int64_t e = e0; e < e1; ++e) sums[e] += p[e];
+      }
+    });
+  }
+}
+
+struct ResidualInputs {
+  const int64_t* labels;
+  int64_t N, D, K, num_logits;
+  const double* means;         // (K, D)
+  const double* proj;          // (K + num_logits, D)
+  const double* ncc_bias;      // (K, K)
+  const double* logit_offset;  // (K, num_logits) or nullptr
+  const int64_t* predictions;  // (N,) or nullptr
+};
+
+struct ResidualOutputs {
+  double* gram;        // (K, K)
+  double* class_sq;    // (K,)
+  int64_t* decisions;  // (2,)
+};
+
+// Index of the nearest class mean of one sample, given s = proj r (first K entries).
+inline int64_t nearest_class(const double* s, const double* bias_row, int64_t K) {
+  int64_t best = 0;
+  double best_value = std::numeric_limits<double>::infinity();
+  for (int64_t c = 0; c < K; ++c) {
+    const double v = bias_row[c] - 2.0 * s[c];
+    if (v < best_value) {
+      best_value = v;
+      best = c;
+    }
+  }
+  return best;
+}
+
+inline int64_t argmax_logit(const double* s_logits, const double* offset_row, int64_t n) {
+  int64_t best = 0;
+  double best_value = -std::numeric_limits<double>::infinity();
+  for (int64_t j = 0; j < n; ++j) {
+    const double v = s_logits[j] + offset_row[j];
+    if (v > best_value) {
+      best_value = v;
+      best = j;
+    }
+  }
+  return best;
+}
+
+// s[r, k..k+3] += proj[k..k+3, tile] . R[r, tile] for the rows of one block.
+inline void project_tile(const double* R, int64_t rows, const double* proj, int64_t P, int64_t D,
+                         int64_t len, double* S) {
+  int64_t k = 0;
+  for (; k + 4 <= P; k += 4) {
+    const double* p0 = proj + k * D;
+    const double* p1 = p0 + D;
+    const double* p2 = p1 + D;
+    const double* p3 = p2 + D;
+    for (int64_t r = 0; r < rows; ++r) {
+      const double* v = R + r * kTile;
+      double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+      for (int64_t j = 0; j < len; ++j) {
+        s0 += p0[j] * v[j];
+        s1 += p1[j] * v[j];
+        s2 += p2[j] * v[j];
+        s3 += p3[j] * v[j];
+      }
+      double* out = S + r * P + k;
+      out[0] += s0;
+      out[1] += s1;
+      out[2] += s2;
+      out[3] += s3;
+    }
+  }
+  for (; k < P; ++k) {
+    const double* p = proj + k * D;
+    for (int64_t r = 0; r < rows; ++r) {
+      const double* v = R + r * kTile;
+      double s = 0;
+#pragma omp simd reduction(+ : s)
+      for (int64_t j = 0; j < len; ++j) s += p[j] * v[j];
+      S[r * P + k] += s;
+    }
+  }
+}
+
+// Pass 2 over blocks of kRowBlock samples; every thread keeps its own K x K accumulator.
+template <typename scalar_t>
+void residual_stats_kernel(const scalar_t* x, int64_t row_stride, const ResidualInputs& in,
+                           const ResidualOutputs& out) {
+  const int64_t K = in.K, D = in.D, P = in.K + in.num_logits;
+  const int64_t blocks = (in.N + kRowBlock - 1) / kRowBlock;
+  std::mutex merge;
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<double> R(kRowBlock * kTile), S(kRowBlock * P), rr(kRowBlock);
+    std::vector<double> gram(K * K, 0.0), class_sq(K, 0.0);
+    int64_t correct = 0, disagree = 0;
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t i0 = b * kRowBlock;
+      const int64_t rows = std::min(kRowBlock, in.N - i0);
+      std::fill(S.begin(), S.end(), 0.0);
+      std::fill(rr.begin(), rr.end(), 0.0);
+      for (int64_t d0 = 0; d0 < D; d0 += kTile) {
+        const int64_t len = std::min(kTile, D - d0);
+        for (int64_t r = 0; r < rows; ++r) {
+          const scalar_t* xr = x + (i0 + r) * row_stride + d0;
+          const double* mu = in.means + in.labels[i0 + r] * D + d0;
+          double* v = R.data() + r * kTile;
+          double sq = 0;
+#pragma omp simd reduction(+ : sq)
+          for (int64_t j = 0; j < len; ++j) {
+            v[j] = as_double(xr[j]) - mu[j];
+            sq += v[j] * v[j];
+          }
+          rr[r] += sq;
+        }
+        project_tile(R.data(), rows, in.proj + d0, P, D, len, S.data());
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t i = i0 + r, y = in.labels[i];
+        const double* s = S.data() + r * P;
+        for (int64_t a = 0; a < K; ++a) {
+          double* g = gram.data() + a * K;
+          const double sa = s[a];
+#pragma omp simd
+          for (int64_t c = 0; c < K; ++c) g[c] += sa * s[c];
+        }
+        class_sq[y] += rr[r];
+        const int64_t ncc = nearest_class(s, in.ncc_bias + y * K, K);
+        correct += (ncc == y);
+        if (in.logit_offset != nullptr) {
+          disagree += (ncc != argmax_logit(s + K, in.logit_offset + y * in.num_logits, in.num_logits));
+        } else if (in.predictions != nullptr) {
+          disagree += (ncc != in.predictions[i]);
+        }
+      }
+    }
+    std::lock_guard<std::mutex> lock(merge);
+    for (int64_t e = 0; e < K * K; ++e) out.gram[e] += gram[e];
+    for (int64_t c = 0; c < K; ++c) out.class_sq[c] += class_sq[c];
+    out.decisions[0] += correct;
+    out.decisions[1] += disagree;
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> class_sums_cpu(const at::Tensor& feats_in, const at::Tensor& labels_in,
+                                                  int64_t num_classes) {
+  check_feats_labels(feats_in, labels_in);
+  const at::Tensor feats = with_contiguous_rows(feats_in);
+  const at::Tensor labels = labels_in.contiguous();
+  at::Tensor counts = class_counts(labels, num_classes);
+  at::Tensor sums = at::zeros({num_classes, feats.size(1)}, feats.options().dtype(at::kDouble));
+  if (feats.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(), "class_sums_cpu", [&] {
+      class_sums_kernel<scalar_t>(feats.data_ptr<scalar_t>(), feats.stride(0), labels.data_ptr<int64_t>(),
+                                  feats.size(0), feats.size(1), num_classes, sums.data_ptr<double>());
+    });
+  }
+  return {sums, counts};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stats_cpu(
+    const at::Tensor& feats_in, const at::Tensor& labels_in, const at::Tensor& means_in,
+    const at::Tensor& proj_in, const at::Tensor& ncc_bias_in, const c10::optional<at::Tensor>& logit_offset_in,
+    const c10::optional<at::Tensor>& predictions_in) {
+  const auto [K, num_logits] =
+      check_residual_args(feats_in, labels_in, means_in, proj_in, ncc_bias_in, logit_offset_in, predictions_in);
+  const at::Tensor feats = with_contiguous_rows(feats_in);
+  const at::Tensor labels = labels_in.contiguous();
+  class_counts(labels, K);  // validates the label range before any indexing
+  const at::Tensor means = means_in.contiguous(), proj = proj_in.contiguous(), ncc_bias = ncc_bias_in.contiguous();
+  const at::Tensor logit_offset = logit_offset_in.has_value() ? logit_offset_in->contiguous() : at::Tensor();
+  const at::Tensor predictions = predictions_in.has_value() ? predictions_in->contiguous() : at::Tensor();
+
+  const auto f64 = feats.options().dtype(at::kDouble);
+  at::Tensor gram = at::zeros({K, K}, f64);
+  at::Tensor class_sq = at::zeros({K}, f64);
+  at::Tensor decisions = at::zeros({2}, feats.options().dtype(at::kLong));
+  const ResidualInputs in{labels.data_ptr<int64_t>(),
+                          feats.size(0),
+                          feats.size(1),
+                          K,
+                          num_logits,
+                          means.data_ptr<double>(),
+                          proj.data_ptr<double>(),
+                          ncc_bias.data_ptr<double>(),
+                          logit_offset.defined() ? logit_offset.data_ptr<double>() : nullptr,
+                          predictions.defined() ? predictions.data_ptr<int64_t>() : nullptr};
+  const ResidualOutputs out{gram.data_ptr<double>(), class_sq.data_ptr<double>(), decisions.data_ptr<int64_t>()};
+  if (feats.size(0) > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(), "residual_stats_cpu", [&] {
+      residual_stats_kernel<scalar_t>(feats.data_ptr<scalar_t>(), feats.stride(0), in, out);
+    });
+  }
+  return {gram, class_sq, decisions};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pfc_fast, CPU, m) {
+  m.impl("class_sums", &class_sums_cpu);
+  m.impl("residual_stats", &residual_stats_cpu);
+}
+
+}  // namespace pfc_fast

@@ -1,0 +1,50 @@
+// Operator schemas of pfc_fast, registered once, and the Python module that loads them.
+//
+// The kernels live in csrc/cpu (always built) and csrc/cuda (built with WITH_CUDA); each file
+// registers its implementations with TORCH_LIBRARY_IMPL. Fake (meta) kernels for torch.compile are
+// registered in Python (pfc_fast/_ops.py).
+#include <Python.h>
+#include <torch/library.h>
+#include <torch/version.h>
+
+extern "C" {
+// Importing pfc_fast._C loads this shared library, which runs the static registrations below.
+// The module carries the build flags read by pfc_fast.build_info().
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  PyObject* module = PyModule_Create(&module_def);
+  if (module == nullptr) return nullptr;
+#ifdef WITH_CUDA
+  PyModule_AddIntConstant(module, "with_cuda", 1);
+#else
+  PyModule_AddIntConstant(module, "with_cuda", 0);
+#endif
+#ifdef _OPENMP
+  PyModule_AddIntConstant(module, "with_openmp", 1);
+#else
+  PyModule_AddIntConstant(module, "with_openmp", 0);
+#endif
+  PyModule_AddIntConstant(module, "torch_version_major", TORCH_VERSION_MAJOR);
+  PyModule_AddIntConstant(module, "torch_version_minor", TORCH_VERSION_MINOR);
+  PyModule_AddIntConstant(module, "torch_version_patch", TORCH_VERSION_PATCH);
+  return module;
+}
+}
+
+TORCH_LIBRARY(pfc_fast, m) {
+  // First pass of the exact NC metrics (spec section 3): per-class feature sums in float64 and
+  // class counts. feats (N, D) floating, labels (N,) int64 in [0, num_classes).
+  m.def("class_sums(Tensor feats, Tensor labels, int num_classes) -> (Tensor sums, Tensor counts)");
+  // Second pass (spec section 3). With r_i = h_i - means[y_i] (float64):
+  //   s_i = proj @ r_i                         (proj (P, D): the K centred class means, then
+  //                                             optionally the K classifier rows)
+  //   gram[a, b]     = sum_i s_i[a] s_i[b]      for a, b < K   (the K x K accumulation)
+  //   class_sq[c]    = sum_{y_i = c} ||r_i||^2 (per-class traces)
+  //   ncc_i          = argmin_c ncc_bias[y_i, c] - 2 s_i[c]   (nearest class centre; ties: lowest c)
+  //   decisions[0]   = #{ncc_i == y_i}
+  //   decisions[1]   = #{ncc_i != argmax_j (s_i[K + j] + logit_offset[y_i, j])} with a classifier,
+  //                    #{ncc_i != predictions[i]} with predictions, else 0.
+  m.def(
+      "residual_stats(Tensor feats, Tensor labels, Tensor means, Tensor proj, Tensor ncc_bias, "
+      "Tensor? logit_offset, Tensor? predictions) -> (Tensor gram, Tensor class_sq, Tensor decisions)");
+}

@@ -1,0 +1,326 @@
+"""Exact neural-collapse metrics in two fused passes, without a ``D x D`` matrix.
+
+Definitions: ``shared/spec/pfc.md`` section 2 (README "Metrics"). Method (section 3): the first
+pass gives the class sums and counts; the second gives, with ``r_i = h_i - mu_{y_i}`` formed in
+float64 and the centred class means ``M = [mu_c - mu_G]`` (``K x D`` here, rows),
+
+    z_i = M r_i,   A = (1/N) sum_i z_i z_i^T,   class_sq[c] = sum_{y_i = c} ||r_i||^2,
+
+and the nearest-class-centre decisions. Then, with ``G = M M^T``,
+
+    nc1 = Tr(Sigma_W Sigma_B^+) / K = Tr(G^+ A G^+)       (Sigma_B^+ = K M^T (G^+)^2 M)
+
+and every other metric is ``K x K`` work. Memory is ``O(K D + K^2)`` whatever ``N`` and ``D``.
+"""
+import dataclasses
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+
+from . import _inputs, _ops
+
+#: Eigenvalues of Sigma_B (equivalently of G) below this fraction of the largest are treated as 0.
+PINV_RTOL = 1e-10
+
+
+@dataclass(frozen=True)
+class NCMetrics:
+    """Neural-collapse metrics of one set of features (spec section 2; lower = more collapsed).
+
+    ``num_classes`` is the number of classes present (the ``K`` of every formula);
+    ``class_counts`` has one entry per class index ``0..num_classes_total-1``, zeros included.
+    Fields that need a classifier (``nc3``, ``nc3_etf``) or a decision (``nc4``) are ``None``
+    without one.
+    """
+
+    nc1: float
+    nc1_quotient: float
+    cdnv: float
+    nc2_equinorm: float
+    nc2_equiangle: float
+    nc2_etf: float
+    nc3: Optional[float]
+    nc3_etf: Optional[float]
+    nc4: Optional[float]
+    ncc_accuracy: float
+    within_trace: float
+    between_trace: float
+    num_samples: int
+    class_counts: List[int]
+    num_classes: int
+    dim: int
+
+    def to_dict(self):
+        """The metrics as a JSON-serialisable dict."""
+        return dataclasses.asdict(self)
+
+
+def _etf(k, dtype=torch.float64):
+    """The simplex ETF Gram target ``(I - 11^T/K) / sqrt(K - 1)`` (unit Frobenius norm)."""
+    return (torch.eye(k, dtype=dtype) - 1.0 / k) / (k - 1) ** 0.5
+
+
+def _pinv_psd(matrix):
+    """Pseudo-inverse of a symmetric PSD matrix; eigenvalues below ``PINV_RTOL * max`` dropped."""
+    evals, evecs = torch.linalg.eigh(matrix)
+    keep = evals > PINV_RTOL * evals.max()
+    kept = evecs[:, keep]
+    return (kept / evals[keep]) @ kept.T
+
+
+def _off_diagonal_mean(matrix):
+    k = matrix.shape[0]
+    return float(matrix[~torch.eye(k, dtype=torch.bool)].mean())
+
+
+def _metrics_from_statistics(gram_means, gram_residuals, class_sq, counts, num_samples, dim, class_counts,
+                             classifier_gram=None, nc3=None, correct=0, disagree=None):
+    """The metrics from the ``K x K`` statistics of the present classes (all float64, CPU).
+
+    gram_means = G = M M^T, gram_residuals = sum_i z_i z_i^T, class_sq[c] = sum ||r_i||^2,
+    classifier_gram = W M^T (rows of the present classes), nc3 computed on the device.
+    """
+    k = counts.shape[0]
+    within = float(class_sq.sum()) / num_samples
+    between = float(torch.trace(gram_means)) / k
+    g_pinv = _pinv_psd(gram_means)
+    nc1 = float(torch.trace(g_pinv @ (gram_residuals / num_samples) @ g_pinv))
+
+    variances = class_sq / counts
+    sq_norms = torch.diagonal(gram_means)
+    distances = (sq_norms[:, None] + sq_norms[None, :] - 2.0 * gram_means).clamp_min(0.0)
+    cdnv = _off_diagonal_mean((variances[:, None] + variances[None, :]) / (2.0 * distances))
+
+    norms = sq_norms.sqrt()
+    cosines = gram_means / (norms[:, None] * norms[None, :])
+    etf = _etf(k)
+    nc3_etf = None
+    if classifier_gram is not None:
+        nc3_etf = float(torch.linalg.norm(classifier_gram / torch.linalg.norm(classifier_gram) - etf))
+    return NCMetrics(
+        nc1=nc1,
+        nc1_quotient=within / between,
+        cdnv=cdnv,
+        nc2_equinorm=float(norms.std() / norms.mean()),
+        nc2_equiangle=_off_diagonal_mean((cosines + 1.0 / (k - 1)).abs()),
+        nc2_etf=float(torch.linalg.norm(gram_means / torch.linalg.norm(gram_means) - etf)),
+        nc3=nc3,
+        nc3_etf=nc3_etf,
+        nc4=None if disagree is None else disagree / num_samples,
+        ncc_accuracy=correct / num_samples,
+        within_trace=within,
+        between_trace=between,
+        num_samples=num_samples,
+        class_counts=class_counts,
+        num_classes=k,
+        dim=dim,
+    )
+
+
+class NCAccumulator:
+    """Exact NC metrics of data that arrives in batches, in two passes over the same data.
+
+    Usage (``loader`` yields the same samples in both passes, in any order)::
+
+        acc = NCAccumulator(num_classes=10, classifier=model.fc.weight, bias=model.fc.bias)
+        for x, y in loader:
+            acc.update(features(x), y)            # pass 1: class sums and counts
+        acc.next_pass()
+        for x, y in loader:
+            acc.update(features(x), y)            # pass 2: residual statistics, NCC decisions
+        metrics = acc.compute()                   # NCMetrics, equal to nc_metrics on all the data
+
+    ``nc4`` compares the nearest-class-centre decision with ``predictions`` given to the
+    second-pass ``update`` (e.g. the network's own predicted classes), or else with
+    ``argmax(W h + b)`` of the constructor's classifier; without either it is ``None``.
+
+    Under ``torch.distributed`` call ``all_reduce(group)`` at the end of each pass: it sums the
+    statistics of the current pass over the ranks, so every rank gets the global means and the
+    global result.
+    """
+
+    def __init__(self, num_classes, classifier=None, bias=None, global_mean="unweighted", pooling="flatten"):
+        self.num_classes = _inputs.check_num_classes(num_classes)
+        _inputs.check_choice(global_mean, "global_mean", _inputs.GLOBAL_MEANS)
+        _inputs.check_choice(pooling, "pooling", _inputs.POOLINGS)
+        self.global_mean = global_mean
+        self.pooling = pooling
+        self._weight, self._bias = _inputs.classifier_weights(classifier, bias, self.num_classes)
+        self._pass = 1
+        self._reduced = False
+        self._device = None
+        self._dim = None
+        self._sums = self._counts = None
+        self._second = None  # second-pass statistics
+
+    @property
+    def current_pass(self):
+        """1 or 2."""
+        return self._pass
+
+    def _batch(self, feats, labels):
+        feats = _inputs.features(feats, self.pooling)
+        if self._device is None:
+            _inputs.check_classifier_device(self._weight, feats)
+            self._device, self._dim = feats.device, feats.shape[1]
+        elif feats.device != self._device:
+            raise ValueError(f"feats is on {feats.device} but earlier batches were on {self._device}")
+        elif feats.shape[1] != self._dim:
+            raise ValueError(f"feats has D = {feats.shape[1]} but earlier batches had D = {self._dim}")
+        labels = _inputs.class_indices(labels, feats.shape[0], self.num_classes, feats)
+        return feats, labels
+
+    def update(self, feats, labels, predictions=None):
+        """Add a batch: ``feats (B, D)`` or ``(B, C, h, w)``, ``labels (B,)``; ``predictions (B,)`` in pass 2."""
+        if self._reduced:
+            raise RuntimeError("update() after all_reduce() in the same pass; call next_pass() or compute()")
+        feats, labels = self._batch(feats, labels)
+        if self._pass == 1:
+            if predictions is not None:
+                raise ValueError("predictions are used in the second pass only (after next_pass())")
+            sums, counts = _ops.class_sums(feats, labels, self.num_classes)
+            if not bool(torch.isfinite(sums).all()):
+                raise ValueError("feats contains NaN or Inf values")
+            if self._sums is None:
+                self._sums, self._counts = sums, counts
+            else:
+                self._sums += sums
+                self._counts += counts
+            return
+        if predictions is not None:
+            predictions = _inputs.class_indices(predictions, feats.shape[0], self.num_classes, feats, "predictions")
+        self._second.update(feats, labels, predictions)
+
+    def next_pass(self):
+        """End the first pass: fix the class means and start the second pass."""
+        if self._pass != 1:
+            raise RuntimeError("next_pass() was already called")
+        if self._sums is None:
+            raise ValueError("no data: call update(feats, labels) before next_pass()")
+        self._second = _SecondPass(self._sums, self._counts, self._weight, self._bias, self.global_mean)
+        self._pass, self._reduced = 2, False
+
+    def all_reduce(self, group=None):
+        """Sum this pass's statistics over the ranks of ``group`` (``torch.distributed``)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("all_reduce() needs an initialised torch.distributed process group")
+        if self._reduced:
+            raise RuntimeError("all_reduce() was already called in this pass")
+        if self._pass == 1 and self._sums is None:
+            raise ValueError("no data on this rank: call update() before all_reduce()")
+        tensors = [self._sums, self._counts] if self._pass == 1 else self._second.tensors()
+        for tensor in tensors:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+        self._reduced = True
+
+    def compute(self):
+        """The metrics (``NCMetrics``) after both passes."""
+        if self._pass != 2:
+            raise RuntimeError("compute() needs both passes: call next_pass() and feed the data again")
+        return self._second.compute()
+
+
+class _SecondPass:
+    """Class means fixed by the first pass and the statistics of the second."""
+
+    def __init__(self, sums, counts, weight, bias, global_mean):
+        self.counts = counts
+        self.num_samples = int(counts.sum())
+        present = counts > 0
+        self.present = present.nonzero().flatten()
+        if self.present.numel() < 2:
+            raise ValueError(f"labels: at least 2 classes must be present, found {self.present.numel()}")
+        self.means = sums / counts.clamp_min(1).unsqueeze(1).double()
+        if global_mean == "weighted":
+            global_mu = sums.sum(0) / self.num_samples
+        else:
+            global_mu = self.means[self.present].mean(0)
+        centred = (self.means - global_mu) * present.unsqueeze(1)
+        gram = centred @ centred.T
+        if not float(torch.diagonal(gram).max()) > 0:
+            raise ValueError("feats: all class means are equal (Sigma_B = 0); the NC metrics are undefined")
+        sq = torch.diagonal(gram)
+        ncc_bias = (sq[:, None] + sq[None, :] - 2.0 * gram).clamp_min(0.0)
+        self.ncc_bias = ncc_bias.masked_fill(~present.unsqueeze(0), float("inf"))
+        self.centred, self.gram_means = centred, gram
+        self.weight = weight
+        self.logit_offset = None if weight is None else self.means @ weight.T + bias
+        self.proj = centred if weight is None else torch.cat([centred, weight])
+        self.gram = torch.zeros_like(gram)
+        self.class_sq = torch.zeros_like(sq)
+        # correct, disagree, samples seen, samples with a decision source
+        self.counters = torch.zeros(4, dtype=torch.int64, device=sums.device)
+
+    def tensors(self):
+        return [self.gram, self.class_sq, self.counters]
+
+    def update(self, feats, labels, predictions):
+        logit_offset = self.logit_offset if predictions is None else None
+        gram, class_sq, decisions = _ops.residual_stats(
+            feats, labels, self.means, self.proj if logit_offset is not None else self.centred,
+            self.ncc_bias, logit_offset, predictions)
+        if not bool(torch.isfinite(class_sq).all()):
+            raise ValueError("feats contains NaN or Inf values")
+        self.gram += gram
+        self.class_sq += class_sq
+        self.counters[:2] += decisions
+        self.counters[2] += feats.shape[0]
+        if predictions is not None or logit_offset is not None:
+            self.counters[3] += feats.shape[0]
+
+    def compute(self):
+        correct, disagree, seen, decided = (int(v) for v in self.counters.tolist())
+        if seen != self.num_samples:
+            raise ValueError(f"the second pass saw {seen} samples but the first saw {self.num_samples}; "
+                             "feed the same data in both passes")
+        idx = self.present
+        nc3 = classifier_gram = None
+        if self.weight is not None:
+            weight, centred = self.weight[idx], self.centred[idx]
+            nc3 = float(((weight / torch.linalg.norm(weight) - centred / torch.linalg.norm(centred)) ** 2).sum())
+            classifier_gram = (weight @ centred.T).cpu()
+        cpu = torch.device("cpu")
+        return _metrics_from_statistics(
+            gram_means=self.gram_means[idx][:, idx].to(cpu),
+            gram_residuals=self.gram[idx][:, idx].to(cpu),
+            class_sq=self.class_sq[idx].to(cpu),
+            counts=self.counts[idx].to(cpu).double(),
+            num_samples=self.num_samples,
+            dim=self.means.shape[1],
+            class_counts=[int(c) for c in self.counts.tolist()],
+            classifier_gram=classifier_gram,
+            nc3=nc3,
+            correct=correct,
+            disagree=disagree if decided == self.num_samples else None,
+        )
+
+
+def nc_metrics(feats, labels, num_classes=None, classifier=None, bias=None, predictions=None,
+               global_mean="unweighted", pooling="flatten"):
+    """Exact neural-collapse metrics of one set of features (spec sections 2-3).
+
+    Args:
+        feats: ``(N, D)`` features, or ``(N, C, h, w)`` maps (``pooling="flatten"`` gives
+            ``D = C*h*w``, ``"gap"`` averages to ``D = C``); float16/bfloat16/float32/float64, torch
+            (CPU or CUDA) or numpy. Accumulation is in float64 whatever the input dtype.
+        labels: ``(N,)`` integer classes in ``[0, num_classes)``.
+        num_classes: total number of classes (default ``max(labels) + 1``); classes absent from
+            the data are left out of every formula.
+        classifier, bias: last-layer ``W (num_classes, D)`` and ``b`` for ``nc3``, ``nc3_etf``
+            and ``nc4``.
+        predictions: ``(N,)`` predicted classes for ``nc4`` (instead of ``argmax(W h + b)``).
+        global_mean: ``"unweighted"`` (mean of class means, Papyan) or ``"weighted"`` (sample mean).
+
+    Returns:
+        ``NCMetrics``. Two passes over ``feats``, float64 accumulation, no ``D x D`` matrix.
+    """
+    num_classes = _inputs.infer_num_classes(num_classes, labels)
+    feats = _inputs.features(feats, pooling)  # pooled once here, not again in each pass
+    accumulator = NCAccumulator(num_classes, classifier, bias, global_mean, pooling="flatten")
+    accumulator.update(feats, labels)
+    accumulator.next_pass()
+    accumulator.update(feats, labels, predictions)
+    return accumulator.compute()

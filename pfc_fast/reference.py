@@ -1,0 +1,112 @@
+"""Direct float64 pure-PyTorch formulas: the reference the tests and benchmarks compare against.
+
+These follow the definitions of spec section 2 literally: explicit ``D x D`` matrices ``Sigma_W``
+and ``Sigma_B``, a per-class loop for the means, the pseudo-inverse of ``Sigma_B`` from its
+eigendecomposition, pairwise distances for the nearest class centre. They share no code with the
+kernels or with :mod:`pfc_fast.metrics`, and are meant for D up to a few thousand.
+"""
+import torch
+
+#: Same cut-off as the kernels' convention: eigenvalues below this fraction of the largest are 0.
+PINV_RTOL = 1e-10
+
+
+def _as_features(feats, pooling):
+    feats = torch.as_tensor(feats).detach().to(torch.float64)
+    if feats.dim() > 2:
+        feats = feats.mean(dim=tuple(range(2, feats.dim()))) if pooling == "gap" else feats.flatten(1)
+    return feats
+
+
+def _class_means(feats, labels, classes):
+    return torch.stack([feats[labels == c].mean(0) for c in classes])
+
+
+def nc_metrics(feats, labels, num_classes=None, classifier=None, bias=None, predictions=None,
+               global_mean="unweighted", pooling="flatten"):
+    """The metrics of spec section 2 as a dict, computed directly in float64."""
+    feats = _as_features(feats, pooling)
+    labels = torch.as_tensor(labels).to(feats.device).long()
+    num_samples, dim = feats.shape
+    total = int(labels.max()) + 1 if num_classes is None else num_classes
+    counts = torch.bincount(labels, minlength=total)
+    classes = [c for c in range(total) if counts[c] > 0]
+    k = len(classes)
+    means = _class_means(feats, labels, classes)                      # (K, D)
+    global_mu = feats.mean(0) if global_mean == "weighted" else means.mean(0)
+    m = (means - global_mu).T                                         # (D, K)
+
+    full_means = torch.zeros(total, dim, dtype=torch.float64, device=feats.device)
+    full_means[classes] = means
+    residuals = feats - full_means[labels]
+    sigma_w = residuals.T @ residuals / num_samples
+    sigma_b = m @ m.T / k
+    evals, evecs = torch.linalg.eigh(sigma_b)
+    keep = evals > PINV_RTOL * evals.max()
+    sigma_b_pinv = evecs[:, keep] @ torch.diag(1.0 / evals[keep]) @ evecs[:, keep].T
+
+    variances = [float(((feats[labels == c] - means[j]) ** 2).sum(1).mean()) for j, c in enumerate(classes)]
+    cdnv_terms = [
+        (variances[a] + variances[b]) / (2.0 * float(((means[a] - means[b]) ** 2).sum()))
+        for a in range(k) for b in range(k) if a != b
+    ]
+    norms = m.norm(dim=0)
+    cosines = [float(m[:, a] @ m[:, b] / (norms[a] * norms[b])) for a in range(k) for b in range(k) if a != b]
+    etf = (torch.eye(k, dtype=torch.float64) - torch.ones(k, k, dtype=torch.float64) / k) / (k - 1) ** 0.5
+    gram = (m.T @ m).cpu()
+
+    nearest = torch.tensor(classes, device=feats.device)[torch.cdist(feats, means).argmin(1)]
+    result = {
+        "nc1": float(torch.trace(sigma_w @ sigma_b_pinv)) / k,
+        "nc1_quotient": float(torch.trace(sigma_w) / torch.trace(sigma_b)),
+        "cdnv": sum(cdnv_terms) / len(cdnv_terms),
+        "nc2_equinorm": float(norms.std() / norms.mean()),
+        "nc2_equiangle": sum(abs(c + 1.0 / (k - 1)) for c in cosines) / len(cosines),
+        "nc2_etf": float(torch.linalg.norm(gram / torch.linalg.norm(gram) - etf)),
+        "nc3": None,
+        "nc3_etf": None,
+        "nc4": None,
+        "ncc_accuracy": float((nearest == labels).double().mean()),
+        "within_trace": float(torch.trace(sigma_w)),
+        "between_trace": float(torch.trace(sigma_b)),
+        "num_samples": num_samples,
+        "class_counts": counts.tolist(),
+        "num_classes": k,
+        "dim": dim,
+    }
+    if classifier is not None:
+        weight = torch.as_tensor(classifier).detach().to(feats.device, torch.float64)
+        w_present = weight[classes]
+        result["nc3"] = float(torch.linalg.norm(w_present.T / torch.linalg.norm(w_present) - m / torch.linalg.norm(m)) ** 2)
+        wm = (w_present @ m).cpu()
+        result["nc3_etf"] = float(torch.linalg.norm(wm / torch.linalg.norm(wm) - etf))
+        offset = 0.0 if bias is None else torch.as_tensor(bias).detach().to(feats.device, torch.float64)
+        decided = (feats @ weight.T + offset).argmax(1)
+    else:
+        decided = None
+    if predictions is not None:
+        decided = torch.as_tensor(predictions).to(feats.device).long()
+    if decided is not None:
+        result["nc4"] = float((nearest != decided).double().mean())
+    return result
+
+
+def nc1_projection(feats, labels):
+    """``nc1`` through the projection identity ``Tr(Sigma_W Sigma_B^+)/K = Tr(G^+ A G^+)``.
+
+    ``G = M^T M`` and ``A = (1/N) sum_i z_i z_i^T`` with ``z_i = M^T (h_i - mu_{y_i})``, all explicit
+    float64 tensors: the check of the kernels for D too large for a ``D x D`` matrix.
+    """
+    feats = _as_features(feats, "flatten")
+    labels = torch.as_tensor(labels).to(feats.device).long()
+    classes = torch.unique(labels).tolist()
+    means = _class_means(feats, labels, classes)
+    m = (means - means.mean(0)).T
+    full_means = torch.zeros(max(classes) + 1, feats.shape[1], dtype=torch.float64, device=feats.device)
+    full_means[classes] = means
+    z = (feats - full_means[labels]) @ m
+    a = z.T @ z / feats.shape[0]
+    evals, evecs = torch.linalg.eigh(m.T @ m)
+    keep = evals > PINV_RTOL * evals.max()
+    g_pinv = evecs[:, keep] @ torch.diag(1.0 / evals[keep]) @ evecs[:, keep].T
+    return float(torch.trace(g_pinv @ a @ g_pinv))

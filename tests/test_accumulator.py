@@ -1,0 +1,103 @@
+"""NCAccumulator: many batches equal one call; all_reduce over 2 gloo processes equals one process."""
+import os
+import pickle
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import pfc_fast
+
+from conftest import assert_metrics_close, make_features
+
+
+def _feed(acc, feats, labels, order, batch, predictions=None):
+    for start in range(0, len(order), batch):
+        idx = order[start:start + batch]
+        acc.update(feats[idx], labels[idx], None if predictions is None else predictions[idx])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_batches_equal_whole(device, dtype):
+    feats, labels = make_features(3000, 48, 12, seed=21, device=device, dtype=dtype, absent=(4,))
+    gen = torch.Generator().manual_seed(22)
+    weight, bias = torch.randn(12, 48, generator=gen).to(device), torch.randn(12, generator=gen).to(device)
+    whole = pfc_fast.nc_metrics(feats, labels, num_classes=12, classifier=weight, bias=bias)
+    acc = pfc_fast.NCAccumulator(12, classifier=weight, bias=bias)
+    _feed(acc, feats, labels, torch.randperm(3000, generator=gen).to(device), batch=97)
+    acc.next_pass()
+    _feed(acc, feats, labels, torch.randperm(3000, generator=gen).to(device), batch=256)  # another order
+    batched = acc.compute()
+    assert_metrics_close(batched, whole.to_dict(), rtol=1e-10)
+
+
+def test_predictions_in_second_pass(device):
+    feats, labels = make_features(1000, 20, 5, seed=23, device=device)
+    predictions = (labels + (torch.arange(1000, device=device) % 7 == 0)) % 5
+    whole = pfc_fast.nc_metrics(feats, labels, predictions=predictions)
+    acc = pfc_fast.NCAccumulator(5)
+    _feed(acc, feats, labels, torch.arange(1000, device=device), 300)
+    acc.next_pass()
+    _feed(acc, feats, labels, torch.arange(1000, device=device), 300, predictions)
+    assert_metrics_close(acc.compute(), whole.to_dict(), rtol=1e-10)
+
+
+def test_missing_decisions_give_no_nc4():
+    feats, labels = make_features(400, 6, 3, seed=24)
+    acc = pfc_fast.NCAccumulator(3)
+    acc.update(feats, labels)
+    acc.next_pass()
+    acc.update(feats[:200], labels[:200], predictions=labels[:200])
+    acc.update(feats[200:], labels[200:])  # no decision source for this batch
+    assert acc.compute().nc4 is None
+
+
+def test_pass_protocol_errors():
+    feats, labels = make_features(100, 4, 3, seed=25)
+    acc = pfc_fast.NCAccumulator(3)
+    with pytest.raises(ValueError, match="no data"):
+        acc.next_pass()
+    with pytest.raises(RuntimeError, match="both passes"):
+        acc.compute()
+    with pytest.raises(ValueError, match="second pass"):
+        acc.update(feats, labels, predictions=labels)
+    acc.update(feats, labels)
+    acc.next_pass()
+    acc.update(feats[:50], labels[:50])
+    with pytest.raises(ValueError, match="saw 50 samples"):
+        acc.compute()
+    with pytest.raises(ValueError, match="D = 5"):
+        acc.update(torch.randn(10, 5), labels[:10])
+    with pytest.raises(RuntimeError, match="torch.distributed"):
+        acc.all_reduce()
+
+
+def _rank_main(rank, world, init_file, shards, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        feats, labels, weight = shards[rank]
+        acc = pfc_fast.NCAccumulator(8, classifier=weight)
+        acc.update(feats, labels)
+        acc.all_reduce()
+        acc.next_pass()
+        acc.update(feats, labels)
+        acc.all_reduce()
+        with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as handle:
+            pickle.dump(acc.compute().to_dict(), handle)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_all_reduce_two_processes(tmp_path):
+    feats, labels = make_features(2000, 24, 8, seed=26, absent=(2,))
+    weight = torch.randn(8, 24, generator=torch.Generator().manual_seed(27))
+    whole = pfc_fast.nc_metrics(feats, labels, num_classes=8, classifier=weight).to_dict()
+    shards = [(feats[:700], labels[:700], weight), (feats[700:], labels[700:], weight)]  # unequal shards
+    mp.spawn(_rank_main, args=(2, str(tmp_path / "init"), shards, str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        with open(tmp_path / f"rank{rank}.pkl", "rb") as handle:
+            result = pickle.load(handle)
+        assert set(result) == set(whole)
+        for name, value in whole.items():
+            assert result[name] == pytest.approx(value, rel=1e-10, abs=1e-14), name

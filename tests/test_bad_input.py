@@ -1,0 +1,83 @@
+"""Bad input gives a ValueError or TypeError that names the argument, never a crash or a NaN."""
+import numpy as np
+import pytest
+import torch
+
+import pfc_fast
+
+from conftest import make_features
+
+FEATS, LABELS = make_features(200, 8, 4, seed=41)
+
+
+def _with(value, index, feats=FEATS):
+    bad = feats.clone()
+    bad[3, index] = value
+    return bad
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"feats": _with(float("nan"), 2)}, ValueError, "feats contains NaN"),
+        ({"feats": _with(float("inf"), 0)}, ValueError, "feats contains NaN or Inf"),
+        ({"feats": _with(float("-inf"), 5).half()}, ValueError, "feats contains NaN or Inf"),
+        ({"labels": LABELS - 1, "num_classes": 4}, ValueError, r"labels must lie in \[0, 4\)"),
+        ({"labels": LABELS + 1, "num_classes": 4}, ValueError, r"labels must lie in \[0, 4\)"),
+        ({"labels": LABELS.float()}, TypeError, "labels must have an integer dtype"),
+        ({"labels": LABELS[:-1]}, ValueError, r"labels must have shape \(200,\)"),
+        ({"labels": LABELS.view(20, 10)}, ValueError, r"labels must have shape"),
+        ({"feats": FEATS[0]}, ValueError, r"feats must have shape \(N, D\)"),
+        ({"feats": FEATS[:0], "labels": LABELS[:0], "num_classes": 4}, ValueError, "feats is empty"),
+        ({"feats": FEATS[:, :0]}, ValueError, r"D = 0"),
+        ({"feats": (FEATS * 10).long()}, TypeError, "feats must have a floating dtype"),
+        ({"feats": FEATS.bool()}, TypeError, "feats must have a floating dtype"),
+        ({"feats": FEATS.tolist()}, TypeError, "feats must be a torch.Tensor or a numpy.ndarray"),
+        ({"labels": torch.zeros(200, dtype=torch.long)}, ValueError, "at least 2 classes must be present"),
+        ({"labels": LABELS % 2, "num_classes": 1}, ValueError, "num_classes must be >= 2"),
+        ({"num_classes": 2.5}, TypeError, "num_classes must be an integer"),
+        ({"feats": torch.ones(200, 8)}, ValueError, "all class means are equal"),
+        ({"classifier": torch.randn(3, 8)}, ValueError, r"classifier must have shape \(num_classes, D\)"),
+        ({"classifier": torch.randn(4, 7)}, ValueError, "classifier has D = 7"),
+        ({"classifier": torch.zeros(4, 8)}, ValueError, "classifier is all zeros"),
+        ({"classifier": torch.full((4, 8), float("nan"))}, ValueError, "classifier contains NaN"),
+        ({"classifier": torch.randn(4, 8).long()}, TypeError, "classifier must have a floating dtype"),
+        ({"classifier": torch.randn(4, 8), "bias": torch.randn(5)}, ValueError, r"bias must have shape \(4,\)"),
+        ({"bias": torch.randn(4)}, ValueError, "bias was given without a classifier"),
+        ({"predictions": LABELS + 4}, ValueError, r"predictions must lie in \[0, 4\)"),
+        ({"predictions": LABELS.double()}, TypeError, "predictions must have an integer dtype"),
+        ({"pooling": "max"}, ValueError, "pooling must be one of"),
+        ({"global_mean": "median"}, ValueError, "global_mean must be one of"),
+        ({"feats": np.array([["a"] * 8] * 200, dtype=object)}, TypeError, "feats must be a numeric array"),
+    ],
+)
+def test_bad_input(kwargs, error, match):
+    args = {"feats": FEATS, "labels": LABELS, **kwargs}
+    with pytest.raises(error, match=match):
+        pfc_fast.nc_metrics(**args)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: mixed-device case not run")
+@pytest.mark.cuda
+@pytest.mark.parametrize("moved", ["labels", "classifier", "predictions"])
+def test_mixed_devices(moved):
+    args = {"feats": FEATS.cuda(), "labels": LABELS.cuda(), "classifier": torch.randn(4, 8).cuda(),
+            "predictions": LABELS.cuda()}
+    args[moved] = args[moved].cpu()
+    with pytest.raises(ValueError, match=f"{moved} is on cpu but feats is on cuda"):
+        pfc_fast.nc_metrics(**args)
+
+
+def test_mixed_devices_between_batches_on_meta():
+    """A batch on another device than the first is rejected (meta stands in for a second device)."""
+    acc = pfc_fast.NCAccumulator(4)
+    acc.update(FEATS, LABELS)
+    with pytest.raises(ValueError, match="feats is on meta but earlier batches were on cpu"):
+        acc.update(FEATS.to("meta"), LABELS.to("meta"))
+
+
+def test_accumulator_arguments():
+    with pytest.raises(TypeError, match="num_classes must be an integer"):
+        pfc_fast.NCAccumulator(None)
+    with pytest.raises(ValueError, match="global_mean must be one of"):
+        pfc_fast.NCAccumulator(3, global_mean="x")

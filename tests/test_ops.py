@@ -1,0 +1,58 @@
+"""The compiled operators: torch.library.opcheck (schema, fake kernels, dispatch), torch.compile,
+and the build switches reported by build_info()."""
+import pytest
+import torch
+
+import pfc_fast
+from pfc_fast import _ops
+
+from conftest import make_features
+
+
+def _residual_args(feats, labels, k, classifier):
+    sums, counts = _ops.class_sums(feats, labels, k)
+    means = sums / counts.clamp_min(1).unsqueeze(1)
+    centred = means - means.mean(0)
+    gram = centred @ centred.T
+    sq = torch.diagonal(gram)
+    bias = sq[:, None] + sq[None, :] - 2 * gram
+    if classifier is None:
+        return (feats, labels, means, centred, bias, None, labels.flip(0))
+    weight = classifier.double()
+    return (feats, labels, means, torch.cat([centred, weight]), bias, means @ weight.T, None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("with_classifier", [False, True], ids=["predictions", "classifier"])
+def test_opcheck(device, dtype, with_classifier):
+    feats, labels = make_features(300, 40, 6, seed=31, device=device, dtype=dtype)
+    classifier = torch.randn(6, 40, device=device) if with_classifier else None
+    torch.library.opcheck(torch.ops.pfc_fast.class_sums.default, (feats, labels, 6))
+    torch.library.opcheck(torch.ops.pfc_fast.residual_stats.default, _residual_args(feats, labels, 6, classifier))
+
+
+def test_ops_trace_under_compile(device):
+    feats, labels = make_features(200, 16, 4, seed=32, device=device)
+
+    def first_pass(x, y):
+        sums, counts = torch.ops.pfc_fast.class_sums(x, y, 4)
+        return sums / counts.unsqueeze(1)
+
+    compiled = torch.compile(first_pass, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(feats, labels), first_pass(feats, labels))
+
+
+def test_ops_reject_out_of_range_labels():
+    feats = torch.randn(10, 3)
+    with pytest.raises(RuntimeError, match="num_classes"):
+        _ops.class_sums(feats, torch.full((10,), 5), 3)
+    with pytest.raises(RuntimeError):
+        _ops.class_sums(feats, torch.full((10,), -1), 3)
+
+
+def test_build_info():
+    info = pfc_fast.build_info()
+    assert set(info) >= {"cuda", "openmp", "torch"}
+    assert info["torch"] == torch.__version__.split("+")[0]
+    assert info["openmp"] is True
+    assert isinstance(info["cuda"], bool)
