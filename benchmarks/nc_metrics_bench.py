@@ -7,17 +7,12 @@ Prints a markdown table and writes ``benchmarks/results/nc_metrics-<machine>.jso
 floor is the time to read the features twice at the card's measured copy bandwidth (a
 device-to-device copy of 1 GiB: bytes read + written per second).
 """
-import argparse
-import json
-import os
-import platform
-import time
-
 import torch
 
 import pfc_fast
 
 from .baselines import published_nc_metrics
+from .timing import copy_bandwidth, machine_name, main, timed
 
 # (N, D, K, run the baseline): the issue's targets
 CASES = {
@@ -31,41 +26,6 @@ def make_case(n, d, k, device, dtype=torch.float32, seed=0):
     labels = torch.randint(0, k, (n,), generator=gen)
     feats = torch.randn(k, d, generator=gen)[labels] + torch.randn(n, d, generator=gen)
     return feats.to(device, dtype), labels.to(device)
-
-
-def timed(fn, device, repeat):
-    """Median wall time of ``fn`` over ``repeat`` runs after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeat):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
-
-
-def copy_bandwidth(device):
-    """Bytes read + written per second by a device-to-device copy of 1 GiB."""
-    src = torch.empty(1 << 28, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    seconds = timed(lambda: dst.copy_(src), device, 10)
-    return 2 * src.numel() * 4 / seconds
-
-
-def machine_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device).replace(" ", "-")
-    model = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as handle:
-            model = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{model.replace(' ', '-')}-{torch.get_num_threads()}t"
 
 
 def run(device, repeat):
@@ -102,23 +62,5 @@ def markdown(result):
     return "\n".join(lines)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
-    parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    result = run(torch.device(args.device), args.repeat)
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"nc_metrics-{result['machine']}.json")
-    with open(path, "w") as handle:
-        json.dump(result, handle, indent=2)
-    print(markdown(result))
-    print(f"\nwritten {path}")
-
-
 if __name__ == "__main__":
-    main()
+    main(__doc__.split("\n\n")[0], run, markdown, "nc_metrics", repeat=5)

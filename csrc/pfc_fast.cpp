@@ -47,4 +47,15 @@ TORCH_LIBRARY(pfc_fast, m) {
   m.def(
       "residual_stats(Tensor feats, Tensor labels, Tensor means, Tensor proj, Tensor ncc_bias, "
       "Tensor? logit_offset, Tensor? predictions) -> (Tensor gram, Tensor class_sq, Tensor decisions)");
+  // One half-step of log-domain Sinkhorn (spec section 4), batched over B problems:
+  //   out[b, i] = -eps * log sum_j exp(log_w[b, j] + (h[b, j] - C[b, i, j]) / eps)
+  // with C = max(||x_i||^2 + ||y_j||^2 - 2 x_i . y_j, 0) computed tile by tile from x (B, N, D) and
+  // y (B, M, D) ("online", nothing of size N x M allocated), or read from cost (B, N, M) ("dense";
+  // then x and y are None). h, log_w: (B, M). All float32 or all float64.
+  m.def("sinkhorn_softmin(Tensor? x, Tensor? y, Tensor? cost, Tensor h, Tensor log_w, float eps) -> Tensor");
+  // Row sums of the plan P_ij = exp(log_a_i + log_b_j + (f_i + g_j - C_ij) / eps), same cost
+  // conventions: mass[b, i] = sum_j P_ij, cost[b, i] = sum_j P_ij C_ij. f, log_a: (B, N); g, log_b: (B, M).
+  m.def(
+      "sinkhorn_plan_sums(Tensor? x, Tensor? y, Tensor? cost, Tensor f, Tensor g, Tensor log_a, Tensor log_b, "
+      "float eps) -> (Tensor mass, Tensor cost)");
 }

@@ -1,13 +1,20 @@
 """pfc_fast: exact neural-collapse and progressive-feedforward-collapse metrics for every layer of
 a ResNet, computed by fused C++/CUDA kernels, and the optimal-transport tools of the theory.
 
-Front door: :func:`nc_metrics`. Batched data: :class:`NCAccumulator`. Definitions: README.md
-("Metrics") and ``shared/spec/pfc.md``; float64 pure-PyTorch formulas: :mod:`pfc_fast.reference`.
+Front door: :func:`nc_metrics`. Batched data: :class:`NCAccumulator`. Optimal transport:
+:func:`sinkhorn`, :func:`sinkhorn_divergence`, :func:`wasserstein2`; geodesic checks:
+:mod:`pfc_fast.geodesic`. Every layer of a network:
+:class:`PFCMonitor`; training with it: ``pfc-fast train`` (:mod:`pfc_fast.train`). Definitions:
+README.md ("Metrics") and ``shared/spec/pfc.md``; float64 pure-PyTorch formulas:
+:mod:`pfc_fast.reference`.
 """
 from ._ops import build_info
 from .metrics import NCAccumulator, NCMetrics, nc_metrics
-from . import reference
+from .monitor import PFCMonitor, PFCResult
+from .transport import SinkhornResult, median_cost, sinkhorn, sinkhorn_divergence, wasserstein2
+from . import geodesic, reference
 
 __version__ = "0.1.0"
 
-__all__ = ["NCAccumulator", "NCMetrics", "build_info", "nc_metrics", "reference", "__version__"]
+__all__ = ["NCAccumulator", "NCMetrics", "PFCMonitor", "PFCResult", "SinkhornResult", "build_info", "geodesic",
+           "median_cost", "nc_metrics", "reference", "sinkhorn", "sinkhorn_divergence", "wasserstein2", "__version__"]

@@ -30,8 +30,21 @@ def _residual_stats_fake(feats, labels, means, proj, ncc_bias, logit_offset, pre
     return gram, class_sq, feats.new_empty((2,), dtype=torch.int64)
 
 
+@torch.library.register_fake("pfc_fast::sinkhorn_softmin")
+def _sinkhorn_softmin_fake(x, y, cost, h, log_w, eps):
+    rows = (cost if cost is not None else x).shape[1]
+    return h.new_empty((h.shape[0], rows))
+
+
+@torch.library.register_fake("pfc_fast::sinkhorn_plan_sums")
+def _sinkhorn_plan_sums_fake(x, y, cost, f, g, log_a, log_b, eps):
+    return f.new_empty(f.shape), f.new_empty(f.shape)
+
+
 class_sums = torch.ops.pfc_fast.class_sums
 residual_stats = torch.ops.pfc_fast.residual_stats
+sinkhorn_softmin = torch.ops.pfc_fast.sinkhorn_softmin
+sinkhorn_plan_sums = torch.ops.pfc_fast.sinkhorn_plan_sums
 
 
 def build_info():

@@ -1,5 +1,9 @@
 """The ``pfc-fast`` command line.
 
+``pfc-fast train``: train a ResNet and measure PFC at every layer, every epoch
+(:mod:`pfc_fast.train`). ``pfc-fast report RUN_DIR``: figures and summary of a run
+(:mod:`pfc_fast.report`).
+
 ``pfc-fast demo``: neural-collapse metrics of every layer of a small residual MLP trained on
 scikit-learn's digits (1,797 8x8 images, shipped inside scikit-learn: no download), printed per
 epoch. It shows the front door, :func:`pfc_fast.nc_metrics`, on real data in a few seconds.
@@ -10,6 +14,7 @@ import time
 
 import torch
 
+from . import report, train
 from .metrics import nc_metrics
 
 
@@ -81,9 +86,15 @@ def main(argv=None):
     demo_parser.add_argument("--lr", type=float, default=0.05)
     demo_parser.add_argument("--seed", type=int, default=0)
     demo_parser.set_defaults(run=demo)
+    train_parser = train.add_arguments(commands.add_parser(
+        "train", help="train a ResNet, measure PFC of every layer every epoch",
+        description=train.__doc__.split("\n\n")[0]))
+    train_parser.set_defaults(run=lambda args: train.run_cli(args, train_parser))
+    report_parser = report.add_arguments(commands.add_parser(
+        "report", help="figures and summary of a pfc-fast train run", description=report.__doc__.split("\n\n")[0]))
+    report_parser.set_defaults(run=lambda args: report.run_cli(args, report_parser))
     args = parser.parse_args(argv)
-    args.run(args)
-    return 0
+    return args.run(args) or 0
 
 
 if __name__ == "__main__":

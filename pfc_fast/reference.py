@@ -110,3 +110,30 @@ def nc1_projection(feats, labels):
     keep = evals > PINV_RTOL * evals.max()
     g_pinv = evecs[:, keep] @ torch.diag(1.0 / evals[keep]) @ evecs[:, keep].T
     return float(torch.trace(g_pinv @ a @ g_pinv))
+
+
+def sinkhorn(x=None, y=None, a=None, b=None, eps=0.05, cost=None, max_iter=1000, tol=1e-6):
+    """Plain log-domain Sinkhorn in float64 with an explicit cost matrix (spec section 4).
+
+    Same update order as :func:`pfc_fast.sinkhorn` (f from g = 0, then g), the marginal error
+    ``||P 1 - a||_1`` checked after every g update. Returns a dict with ``f``, ``g``, ``plan``,
+    ``cost``, ``value``, ``n_iter``, ``marginal_error``.
+    """
+    if cost is None:
+        x, y = torch.as_tensor(x).double(), torch.as_tensor(y).double()
+        cost = ((x[:, None, :] - y[None, :, :]) ** 2).sum(-1)
+    cost = torch.as_tensor(cost).double()
+    n, m = cost.shape
+    a = torch.full((n,), 1.0 / n, dtype=torch.float64) if a is None else torch.as_tensor(a).double()
+    b = torch.full((m,), 1.0 / m, dtype=torch.float64) if b is None else torch.as_tensor(b).double()
+    log_a, log_b = a.log(), b.log()
+    g = torch.zeros(m, dtype=torch.float64)
+    for n_iter in range(1, max_iter + 1):
+        f = -eps * torch.logsumexp(log_b[None, :] + (g[None, :] - cost) / eps, dim=1)
+        g = -eps * torch.logsumexp(log_a[:, None] + (f[:, None] - cost) / eps, dim=0)
+        plan = torch.exp(log_a[:, None] + log_b[None, :] + (f[:, None] + g[None, :] - cost) / eps)
+        error = float((plan.sum(1) - a).abs().sum())
+        if error < tol:
+            break
+    return {"f": f, "g": g, "plan": plan, "cost": float((plan * cost).sum()),
+            "value": float((a * f).sum() + (b * g).sum()), "n_iter": n_iter, "marginal_error": error}

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "../nc_common.h"
+#include "grain.h"
 
 namespace pfc_fast {
 namespace {
@@ -53,7 +54,7 @@ void class_sums_kernel(const scalar_t* x, int64_t row_stride, const int64_t* lab
   std::vector<double> partial(row_chunks > 1 ? row_chunks * K * D : 0, 0.0);
   const int64_t rows_per_chunk = (N + row_chunks - 1) / row_chunks;
 
-  at::parallel_for(0, row_chunks * col_blocks, 1, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, row_chunks * col_blocks, grain_for(rows_per_chunk * kColumnBlock), [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t chunk = t / col_blocks;
       const int64_t d0 = (t % col_blocks) * kColumnBlock;
@@ -69,7 +70,7 @@ void class_sums_kernel(const scalar_t* x, int64_t row_stride, const int64_t* lab
     }
   });
   if (row_chunks > 1) {
-    at::parallel_for(0, K * D, 4096, [&](int64_t e0, int64_t e1) {
+    at::parallel_for(0, K * D, grain_for(row_chunks), [&](int64_t e0, int64_t e1) {
       for (int64_t chunk = 0; chunk < row_chunks; ++chunk) {
         const double* p = partial.data() + chunk * K * D;
 #pragma omp simd
@@ -167,7 +168,7 @@ void residual_stats_kernel(const scalar_t* x, int64_t row_stride, const Residual
   const int64_t K = in.K, D = in.D, P = in.K + in.num_logits;
   const int64_t blocks = (in.N + kRowBlock - 1) / kRowBlock;
   std::mutex merge;
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, blocks, grain_for(kRowBlock * D * (P + 1)), [&](int64_t b0, int64_t b1) {
     std::vector<double> R(kRowBlock * kTile), S(kRowBlock * P), rr(kRowBlock);
     std::vector<double> gram(K * K, 0.0), class_sq(K, 0.0);
     int64_t correct = 0, disagree = 0;

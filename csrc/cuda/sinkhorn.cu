@@ -1,0 +1,253 @@
+// CUDA kernels of the Sinkhorn ops (spec section 4; schemas in pfc_fast.cpp; the CPU twin, with
+// the formulas, is csrc/cpu/sinkhorn.cpp). Both ops sweep the pairs (i, j) once, forming
+// v_ij = log_w_j + (h_j - C_ij) / eps and folding each row: a running log-sum-exp
+// (sinkhorn_softmin) or the plan's row mass and cost (sinkhorn_plan_sums).
+//
+// Online mode, in the manner of FlashAttention: a block of 256 threads owns kTileRows = 64 rows of
+// x and sweeps the columns in tiles of kTileCols = 64 points of y. For each tile the x and y
+// slices (kChunk coordinates at a time) are staged in shared memory, transposed, and every thread
+// accumulates a 4 x 4 register tile of dot products, turns them into
+// C = max(|x_i|^2 + |y_j|^2 - 2 x_i.y_j, 0) and v, and folds them into its own partial fold of its
+// 4 rows. At the end the 16 threads that share a row combine their partial folds with warp
+// shuffles. Nothing of size N x M exists. Dense mode: one warp per row of the given cost matrix,
+// each lane folding a strided subset of the columns, combined with shuffles.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "../sinkhorn_common.h"
+
+namespace pfc_fast {
+namespace {
+
+constexpr int kTileRows = 64;
+constexpr int kTileCols = 64;
+constexpr int kChunk = 16;     // coordinates staged per step
+constexpr int kThreads = 256;  // 16 x 16 threads, each a 4 x 4 register tile
+constexpr int kMicro = 4;
+static_assert(kTileRows == kTileCols, "one staging loop loads both tiles");
+static_assert(kThreads == (kTileRows / kMicro) * (kTileCols / kMicro), "one register tile per thread");
+
+template <typename T>
+__device__ __forceinline__ T exp_(T v);
+template <>
+__device__ __forceinline__ float exp_<float>(float v) {
+  return expf(v);
+}
+template <>
+__device__ __forceinline__ double exp_<double>(double v) {
+  return exp(v);
+}
+
+// Running log-sum-exp: value = max + log(sum); sum = 0 while empty. Writes -eps * value.
+template <typename T>
+struct SoftminFold {
+  struct Args {
+    T eps;
+    T* out;
+  };
+  T max;
+  T sum;
+
+  __device__ SoftminFold(const Args&, int64_t) : max(-INFINITY), sum(0) {}
+
+  __device__ void add(T v, T) {
+    if (v == -INFINITY) return;  // zero weight
+    if (v <= max) {
+      sum += exp_(v - max);
+    } else {
+      sum = sum * exp_(max - v) + T(1);  // sum = 0 * exp(-inf) on the first value
+      max = v;
+    }
+  }
+  __device__ void merge(T other_max, T other_sum) {
+    if (other_sum == T(0)) return;
+    if (sum == T(0)) {
+      max = other_max;
+      sum = other_sum;
+    } else if (other_max <= max) {
+      sum += other_sum * exp_(other_max - max);
+    } else {
+      sum = sum * exp_(max - other_max) + other_sum;
+      max = other_max;
+    }
+  }
+  // Combines the partial folds of the `width` lanes of a shuffle group (all 32 lanes call it).
+  __device__ void reduce(int width) {
+    for (int offset = width / 2; offset > 0; offset >>= 1) {
+      const T m = __shfl_xor_sync(0xffffffffu, max, offset, width);
+      const T s = __shfl_xor_sync(0xffffffffu, sum, offset, width);
+      merge(m, s);
+    }
+  }
+  __device__ void finish(const Args& args, int64_t row) const { args.out[row] = -args.eps * (max + log(sum)); }
+};
+
+// Row mass and cost of the plan P_ij = exp(v_ij + log a_i + f_i / eps).
+template <typename T>
+struct PlanFold {
+  struct Args {
+    const T* row_terms;  // log a_i + f_i / eps, (B * N)
+    T* mass;
+    T* cost;
+  };
+  T row_term;
+  T mass;
+  T cost;
+
+  __device__ PlanFold(const Args& args, int64_t row) : row_term(args.row_terms[row]), mass(0), cost(0) {}
+
+  __device__ void add(T v, T c) {
+    if (v == -INFINITY) return;
+    const T p = exp_(v + row_term);
+    mass += p;
+    cost += p * c;
+  }
+  __device__ void reduce(int width) {
+    for (int offset = width / 2; offset > 0; offset >>= 1) {
+      mass += __shfl_xor_sync(0xffffffffu, mass, offset, width);
+      cost += __shfl_xor_sync(0xffffffffu, cost, offset, width);
+    }
+  }
+  __device__ void finish(const Args& args, int64_t row) const {
+    args.mass[row] = mass;
+    args.cost[row] = cost;
+  }
+};
+
+template <typename T, typename Fold>
+__global__ void sweep_online_kernel(const T* __restrict__ x, const T* __restrict__ y, const T* __restrict__ sq_x,
+                                    const T* __restrict__ sq_y, const T* __restrict__ h,
+                                    const T* __restrict__ log_w, int64_t rows, int64_t cols, int64_t dim, T eps,
+                                    typename Fold::Args args) {
+  __shared__ T xs[kChunk][kTileRows];
+  __shared__ T ys[kChunk][kTileCols];
+  const int64_t b = blockIdx.y;
+  const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kTileRows;
+  x += b * rows * dim;
+  y += b * cols * dim;
+  sq_x += b * rows;
+  sq_y += b * cols;
+  h += b * cols;
+  log_w += b * cols;
+  const T inv_eps = T(1) / eps;
+
+  T my_sq_x[kMicro];
+  Fold folds[kMicro] = {Fold(args, 0), Fold(args, 0), Fold(args, 0), Fold(args, 0)};
+  for (int r = 0; r < kMicro; ++r) {
+    const int64_t i = row0 + ty * kMicro + r;
+    my_sq_x[r] = i < rows ? sq_x[i] : T(0);
+    if (i < rows) folds[r] = Fold(args, b * rows + i);
+  }
+  for (int64_t col0 = 0; col0 < cols; col0 += kTileCols) {
+    T acc[kMicro][kMicro] = {};
+    for (int64_t d0 = 0; d0 < dim; d0 += kChunk) {
+      for (int e = tid; e < kTileRows * kChunk; e += kThreads) {
+        const int r = e / kChunk, d = e % kChunk;
+        const int64_t i = row0 + r, j = col0 + r;
+        xs[d][r] = (i < rows && d0 + d < dim) ? x[i * dim + d0 + d] : T(0);
+        ys[d][r] = (j < cols && d0 + d < dim) ? y[j * dim + d0 + d] : T(0);
+      }
+      __syncthreads();
+#pragma unroll
+      for (int d = 0; d < kChunk; ++d) {
+        T xv[kMicro], yv[kMicro];
+#pragma unroll
+        for (int q = 0; q < kMicro; ++q) {
+          xv[q] = xs[d][ty * kMicro + q];
+          yv[q] = ys[d][tx * kMicro + q];
+        }
+#pragma unroll
+        for (int r = 0; r < kMicro; ++r)
+#pragma unroll
+          for (int c = 0; c < kMicro; ++c) acc[r][c] += xv[r] * yv[c];
+      }
+      __syncthreads();
+    }
+#pragma unroll
+    for (int c = 0; c < kMicro; ++c) {
+      const int64_t j = col0 + tx * kMicro + c;
+      if (j >= cols) continue;
+      const T term = log_w[j] + h[j] * inv_eps;
+      const T sq = sq_y[j];
+#pragma unroll
+      for (int r = 0; r < kMicro; ++r) {
+        const T cost = fmax(my_sq_x[r] + sq - T(2) * acc[r][c], T(0));
+        folds[r].add(term - cost * inv_eps, cost);
+      }
+    }
+  }
+  // The 16 threads with the same ty (16 consecutive lanes) share these rows.
+#pragma unroll
+  for (int r = 0; r < kMicro; ++r) {
+    folds[r].reduce(16);
+    const int64_t i = row0 + ty * kMicro + r;
+    if (tx == 0 && i < rows) folds[r].finish(args, b * rows + i);
+  }
+}
+
+template <typename T, typename Fold>
+__global__ void sweep_dense_kernel(const T* __restrict__ cost, const T* __restrict__ h, const T* __restrict__ log_w,
+                                   int64_t batch_rows, int64_t rows, int64_t cols, T eps, typename Fold::Args args) {
+  const int lane = threadIdx.x % 32;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  if (row >= batch_rows) return;  // whole warp
+  const int64_t b = row / rows;
+  const T* c = cost + row * cols;
+  const T* hb = h + b * cols;
+  const T* wb = log_w + b * cols;
+  const T inv_eps = T(1) / eps;
+  Fold fold(args, row);
+  for (int64_t j = lane; j < cols; j += 32) fold.add(wb[j] + (hb[j] - c[j]) * inv_eps, c[j]);
+  fold.reduce(32);
+  if (lane == 0) fold.finish(args, row);
+}
+
+// The backend of sinkhorn_softmin_op and sinkhorn_plan_sums_op (sinkhorn_common.h): sweep runs a
+// Fold over all pairs, online from x and y or dense from cost.
+struct CudaBackend {
+  template <typename T>
+  using SoftminFold = pfc_fast::SoftminFold<T>;
+  template <typename T>
+  using PlanFold = pfc_fast::PlanFold<T>;
+  static c10::cuda::CUDAGuard guard(const at::Tensor& t) { return c10::cuda::CUDAGuard(t.device()); }
+
+  template <typename T, typename Fold>
+  static void sweep(const c10::optional<at::Tensor>& x, const c10::optional<at::Tensor>& y,
+                    const c10::optional<at::Tensor>& cost, const at::Tensor& h, const at::Tensor& log_w, T eps,
+                    const SoftminShape& shape, const typename Fold::Args& args) {
+    TORCH_CHECK(shape.batch <= 65535, "pfc_fast: at most 65535 problems per batch on CUDA");
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    if (cost.has_value()) {
+      const at::Tensor c = cost->contiguous();
+      const int64_t batch_rows = shape.batch * shape.rows;
+      constexpr int warps = 8;
+      sweep_dense_kernel<T, Fold><<<static_cast<unsigned>((batch_rows + warps - 1) / warps), warps * 32, 0, stream>>>(
+          c.data_ptr<T>(), h.data_ptr<T>(), log_w.data_ptr<T>(), batch_rows, shape.rows, shape.cols, eps, args);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+    const at::Tensor xc = x->contiguous(), yc = y->contiguous();
+    const at::Tensor sq_x = (xc * xc).sum(2), sq_y = (yc * yc).sum(2);
+    const dim3 grid(static_cast<unsigned>((shape.rows + kTileRows - 1) / kTileRows), static_cast<unsigned>(shape.batch));
+    sweep_online_kernel<T, Fold><<<grid, kThreads, 0, stream>>>(
+        xc.data_ptr<T>(), yc.data_ptr<T>(), sq_x.data_ptr<T>(), sq_y.data_ptr<T>(), h.data_ptr<T>(),
+        log_w.data_ptr<T>(), shape.rows, shape.cols, shape.dim, eps, args);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pfc_fast, CUDA, m) {
+  m.impl("sinkhorn_softmin", &sinkhorn_softmin_op<CudaBackend>);
+  m.impl("sinkhorn_plan_sums", &sinkhorn_plan_sums_op<CudaBackend>);
+}
+
+}  // namespace pfc_fast

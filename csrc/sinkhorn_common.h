@@ -1,0 +1,97 @@
+// What the CPU and CUDA Sinkhorn kernels share (schemas in pfc_fast.cpp): argument checks and
+// the host side of the two ops, which hand a per-row Fold to the backend's sweep over all pairs.
+#pragma once
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+#include <tuple>
+
+namespace pfc_fast {
+
+struct SoftminShape {
+  int64_t batch, rows, cols, dim;  // dim = 0 in dense mode
+};
+
+inline SoftminShape check_softmin_args(const c10::optional<at::Tensor>& x, const c10::optional<at::Tensor>& y,
+                                       const c10::optional<at::Tensor>& cost, const at::Tensor& h,
+                                       const at::Tensor& log_w, double eps) {
+  TORCH_CHECK(eps > 0, "pfc_fast: eps must be positive, got ", eps);
+  const auto dtype = h.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "pfc_fast: sinkhorn_softmin computes in float32 or float64");
+  TORCH_CHECK(h.dim() == 2 && log_w.sizes() == h.sizes(), "pfc_fast: h and log_w must both be (B, M)");
+  TORCH_CHECK(log_w.scalar_type() == dtype && log_w.device() == h.device(), "pfc_fast: log_w must match h");
+  const int64_t batch = h.size(0), cols = h.size(1);
+  TORCH_CHECK(cols > 0, "pfc_fast: the column side needs at least one point");
+  auto check = [&](const at::Tensor& t, const char* name, int64_t dim2) {
+    TORCH_CHECK(t.dim() == 3 && t.size(0) == batch, "pfc_fast: ", name, " must be 3-D with batch ", batch);
+    TORCH_CHECK(t.scalar_type() == dtype, "pfc_fast: ", name, " must have the dtype of h");
+    TORCH_CHECK(t.device() == h.device(), "pfc_fast: ", name, " must be on the device of h");
+    if (dim2 >= 0) TORCH_CHECK(t.size(2) == dim2, "pfc_fast: ", name, " has ", t.size(2), " columns, expected ", dim2);
+  };
+  if (cost.has_value()) {
+    TORCH_CHECK(!x.has_value() && !y.has_value(), "pfc_fast: give either cost or x and y");
+    check(*cost, "cost", cols);
+    return {batch, cost->size(1), cols, 0};
+  }
+  TORCH_CHECK(x.has_value() && y.has_value(), "pfc_fast: give either cost or x and y");
+  check(*x, "x", -1);
+  check(*y, "y", x->size(2));
+  TORCH_CHECK(y->size(1) == cols, "pfc_fast: y has ", y->size(1), " points but h has ", cols);
+  return {batch, x->size(1), cols, x->size(2)};
+}
+
+// The row terms of sinkhorn_plan_sums, f and log_a: (B, N) with the dtype and device of g.
+inline void check_row_terms(const SoftminShape& shape, const at::Tensor& f, const at::Tensor& log_a,
+                            const at::Tensor& g) {
+  auto check = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.dim() == 2 && t.size(0) == shape.batch && t.size(1) == shape.rows, "pfc_fast: ", name,
+                " must be (B, N) = (", shape.batch, ", ", shape.rows, ")");
+    TORCH_CHECK(t.scalar_type() == g.scalar_type() && t.device() == g.device(), "pfc_fast: ", name,
+                " must have the dtype and device of g");
+  };
+  check(f, "f");
+  check(log_a, "log_a");
+}
+
+// The ops for a Backend providing SoftminFold<T> and PlanFold<T> (row folds; see the CPU file),
+// `template <typename T, typename Fold> static void sweep(x, y, cost, h, log_w, T eps, shape,
+// Fold::Args)` and `static auto guard(const at::Tensor&)` (a device guard, or nothing).
+template <typename Backend>
+at::Tensor sinkhorn_softmin_op(const c10::optional<at::Tensor>& x, const c10::optional<at::Tensor>& y,
+                               const c10::optional<at::Tensor>& cost, const at::Tensor& h_in,
+                               const at::Tensor& log_w_in, double eps) {
+  const SoftminShape shape = check_softmin_args(x, y, cost, h_in, log_w_in, eps);
+  [[maybe_unused]] const auto guard = Backend::guard(h_in);
+  const at::Tensor h = h_in.contiguous(), log_w = log_w_in.contiguous();
+  at::Tensor out = at::empty({shape.batch, shape.rows}, h.options());
+  if (shape.rows == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "sinkhorn_softmin", [&] {
+    using Fold = typename Backend::template SoftminFold<scalar_t>;
+    const typename Fold::Args args{static_cast<scalar_t>(eps), out.data_ptr<scalar_t>()};
+    Backend::template sweep<scalar_t, Fold>(x, y, cost, h, log_w, static_cast<scalar_t>(eps), shape, args);
+  });
+  return out;
+}
+
+template <typename Backend>
+std::tuple<at::Tensor, at::Tensor> sinkhorn_plan_sums_op(
+    const c10::optional<at::Tensor>& x, const c10::optional<at::Tensor>& y, const c10::optional<at::Tensor>& cost,
+    const at::Tensor& f, const at::Tensor& g_in, const at::Tensor& log_a, const at::Tensor& log_b_in, double eps) {
+  const SoftminShape shape = check_softmin_args(x, y, cost, g_in, log_b_in, eps);
+  check_row_terms(shape, f, log_a, g_in);
+  [[maybe_unused]] const auto guard = Backend::guard(g_in);
+  const at::Tensor g = g_in.contiguous(), log_b = log_b_in.contiguous();
+  const at::Tensor row_terms = (log_a + f / eps).contiguous();
+  at::Tensor mass = at::empty({shape.batch, shape.rows}, g.options());
+  at::Tensor total = at::empty({shape.batch, shape.rows}, g.options());
+  if (shape.rows == 0) return {mass, total};
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "sinkhorn_plan_sums", [&] {
+    using Fold = typename Backend::template PlanFold<scalar_t>;
+    const typename Fold::Args args{row_terms.data_ptr<scalar_t>(), mass.data_ptr<scalar_t>(),
+                                   total.data_ptr<scalar_t>()};
+    Backend::template sweep<scalar_t, Fold>(x, y, cost, g, log_b, static_cast<scalar_t>(eps), shape, args);
+  });
+  return {mass, total};
+}
+
+}  // namespace pfc_fast

@@ -1,0 +1,178 @@
+"""Checks of the transparent model: a ResNet as a Wasserstein geodesic (spec section 5).
+
+For blocks that keep the dimension, ``x_{l+1} = x_l + v_l(x_l)``; a network trained with weight
+decay should move its data along a geodesic of Wasserstein space, i.e. every sample along a
+straight line, as optimal transport would, at constant speed:
+
+- :func:`line_shape_score` (LSS, Gai & Zhang): straightness of each sample's track.
+- :func:`ot_score` (OTS): does the network send each sample where optimal transport would?
+- :func:`wasserstein_path_ratio`: ``W2(mu_0, mu_n) / sum_l W2(mu_{l-1}, mu_l)``, 1 on a geodesic,
+  below 1 on a detour.
+- :func:`transparent_model`: the displacement interpolation ``(1 - t) x + t T(x)`` towards a
+  target configuration, and its PFC metrics along ``t``.
+"""
+from dataclasses import dataclass
+from typing import List
+
+import numpy as np
+import torch
+
+from . import _inputs
+from .metrics import NCMetrics, nc_metrics
+from .transport import median_cost, wasserstein2
+
+
+def _finite_float64(tensor, name):
+    if not tensor.is_floating_point():
+        raise TypeError(f"{name} must have a floating dtype, got {tensor.dtype}")
+    tensor = tensor.double()
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{name} contains NaN or Inf values")
+    return tensor
+
+
+def _points(value, name):
+    """One ``(N, D)`` point set as a float64 tensor."""
+    points = _inputs.as_tensor(value, name)
+    if points.dim() != 2 or points.shape[0] == 0:
+        raise ValueError(f"{name} must have shape (N, D) with N >= 1, got {tuple(points.shape)}")
+    return _finite_float64(points, name)
+
+
+def _tracks(layers, name="layers"):
+    """``layers`` (a sequence of ``(N, D)`` features, or an ``(L+1, N, D)`` tensor) as one float64 tensor."""
+    if isinstance(layers, (list, tuple)):
+        if len(layers) < 2:
+            raise ValueError(f"{name} needs at least 2 layers, got {len(layers)}")
+        points = [_points(t, f"{name}[{i}]") for i, t in enumerate(layers)]
+        if len({tuple(p.shape) for p in points}) != 1:
+            raise ValueError(f"every layer in {name} must have the same shape (N, D) (constant width), got "
+                             f"{[tuple(p.shape) for p in points]}")
+        if len({p.device for p in points}) != 1:
+            raise ValueError(f"the layers in {name} are on different devices")
+        return torch.stack(points)
+    stacked = _inputs.as_tensor(layers, name)
+    if stacked.dim() != 3 or stacked.shape[0] < 2:
+        raise ValueError(f"{name} must be (L+1, N, D) with L >= 1, got {tuple(stacked.shape)}")
+    return _finite_float64(stacked, name)
+
+
+def line_shape_score(tracks):
+    """Mean line-shape score of the samples' tracks ``x_0, ..., x_n`` (Gai & Zhang).
+
+    Per sample: ``u_0 = x_0``, ``u_l = u_{l-1} + (x_l - x_{l-1}) / ||x_l - x_{l-1}||``,
+    ``LSS = n / ||u_n - u_0|| >= 1``, equal to 1 for a straight track (every step in the same
+    direction). Steps of length 0 are skipped (``n`` counts the others); samples that never move
+    are left out.
+    """
+    x = _tracks(tracks, "tracks")
+    steps = x[1:] - x[:-1]
+    lengths = steps.norm(dim=-1, keepdim=True)
+    moving = lengths > 0
+    unit = torch.where(moving, steps / lengths.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(steps))
+    n = moving.squeeze(-1).sum(0).double()
+    keep = n > 0
+    if not bool(keep.any()):
+        raise ValueError("tracks: no sample moves between layers; LSS is undefined")
+    return float((n[keep] / unit.sum(0).norm(dim=-1)[keep]).mean())
+
+
+def _assignment(cost):
+    from scipy.optimize import linear_sum_assignment
+
+    rows, cols = linear_sum_assignment(cost.cpu().numpy())
+    perm = np.empty(len(rows), dtype=np.int64)
+    perm[rows] = cols
+    return torch.from_numpy(perm)
+
+
+def _squared_distances(x, y):
+    return ((x[:, None, :] - y[None, :, :]) ** 2).sum(-1) if x.shape[0] * y.shape[0] * x.shape[1] <= 2**25 else \
+        torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist").pow(2)
+
+
+def ot_score(x0, xn):
+    """OT score: the fraction of samples the exact optimal assignment between ``{x0_i}`` and
+    ``{xn_j}`` (uniform weights, squared Euclidean cost) sends to themselves (``i -> i``).
+
+    1 means the network moves every sample where optimal transport would. Exact assignment
+    (scipy's ``linear_sum_assignment``), ``O(N^3)``: meant for N up to a few thousand.
+    """
+    pair = _tracks([x0, xn], "x0/xn")
+    perm = _assignment(_squared_distances(pair[0], pair[1]))
+    return float((perm == torch.arange(len(perm))).double().mean())
+
+
+def wasserstein_path_ratio(layers, eps=None, **sinkhorn_kwargs):
+    """``W2(mu_0, mu_n) / sum_l W2(mu_{l-1}, mu_l)`` for the empirical measures of the layers.
+
+    Each W2 is the debiased Sinkhorn estimate :func:`pfc_fast.wasserstein2`; all consecutive
+    pairs are solved in one batched call. In (0, 1] by the triangle inequality: 1 on a geodesic (a
+    displacement interpolation), lower the more the path detours. ``eps`` defaults to 1e-2 times the smallest
+    median cost of a consecutive pair, with eps-scaling 0.5.
+    """
+    x = _tracks(layers)
+    if eps is None:
+        eps = 1e-2 * min(median_cost(x[l - 1], x[l]) for l in range(1, x.shape[0]))
+        sinkhorn_kwargs.setdefault("eps_scaling", 0.5)
+    steps = wasserstein2(x[:-1], x[1:], eps=eps, **sinkhorn_kwargs)
+    total = wasserstein2(x[0], x[-1], eps=eps, **sinkhorn_kwargs)
+    path = float(steps.sum())
+    if path == 0:
+        raise ValueError("layers: the measures do not move; the path ratio is undefined")
+    return float(total) / path
+
+
+def simplex_etf(num_classes, dim, scale=1.0, dtype=torch.float64):
+    """``(K, D)`` vertices of a simplex equiangular tight frame of norm ``scale`` (needs D >= K - 1)."""
+    if dim < num_classes - 1:
+        raise ValueError(f"a simplex ETF of {num_classes} classes needs D >= {num_classes - 1}, got D = {dim}")
+    centred = torch.eye(num_classes, dtype=dtype) - 1.0 / num_classes      # rank K-1, rows of norm sqrt((K-1)/K)
+    basis, _ = torch.linalg.qr(centred.T)                                    # (K, K) orthonormal columns
+    coords = centred @ basis[:, : num_classes - 1]                           # (K, K-1), same Gram matrix
+    vertices = torch.zeros(num_classes, dim, dtype=dtype)
+    vertices[:, : num_classes - 1] = coords
+    return vertices * (scale / ((num_classes - 1) / num_classes) ** 0.5)
+
+
+@dataclass
+class TransparentModel:
+    """The displacement interpolation ``h_t = (1 - t) x + t T(x)`` and its PFC metrics."""
+
+    ts: List[float]
+    features: List[torch.Tensor]
+    metrics: List[NCMetrics]
+
+
+def transparent_model(x0, labels, target="etf", ts=None, num_layers=8):
+    """Features and PFC metrics along the displacement interpolation from ``x0`` (spec section 5).
+
+    ``target``: an ``(N, D)`` tensor (e.g. the network's last-layer features of the same samples;
+    ``T`` is then the exact optimal assignment between the two point sets), or ``"etf"``: the
+    class-balanced simplex ETF, scaled to the RMS norm of ``x0``'s centred class means, whose
+    vertices are matched to the classes by an optimal assignment of the class means, every sample
+    of class ``c`` going to its class's vertex. ``ts`` defaults to ``l / num_layers``,
+    ``l = 0..num_layers`` (the depth of a network with that many blocks).
+    """
+    x = _points(x0, "x0")
+    labels_t = _inputs.class_indices(labels, x.shape[0], _inputs.infer_num_classes(None, labels), x)
+    if isinstance(target, str):
+        _inputs.check_choice(target, "target", ("etf",))
+        classes = torch.unique(labels_t)
+        means = torch.stack([x[labels_t == c].mean(0) for c in classes])
+        centred = means - means.mean(0)
+        vertices = simplex_etf(len(classes), x.shape[1], scale=float(centred.norm(dim=1).pow(2).mean().sqrt()))
+        vertices = vertices.to(x.device) + means.mean(0)
+        counts = torch.stack([(labels_t == c).sum() for c in classes]).double()
+        perm = _assignment(counts[:, None] * _squared_distances(means, vertices))
+        index = torch.searchsorted(classes, labels_t)
+        mapped = vertices[perm.to(x.device)[index]]
+    else:
+        goal = _points(target, "target").to(x.device)
+        if goal.shape != x.shape:
+            raise ValueError(f"target must have the shape of x0 {tuple(x.shape)}, got {tuple(goal.shape)}")
+        mapped = goal[_assignment(_squared_distances(x, goal)).to(x.device)]
+    ts = [l / num_layers for l in range(num_layers + 1)] if ts is None else [float(t) for t in ts]
+    features = [(1.0 - t) * x + t * mapped for t in ts]
+    metrics = [nc_metrics(h, labels_t) for h in features]
+    return TransparentModel(ts=ts, features=features, metrics=metrics)

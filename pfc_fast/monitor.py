@@ -1,0 +1,307 @@
+"""PFCMonitor: the neural-collapse metrics of every layer of a network, from the same forward passes.
+
+Progressive feedforward collapse (Wang, Gai & Zhang, arXiv:2405.00985; ``shared/spec/pfc.md``
+section 2): for layer ``l`` (the stem output, then every residual block output, in forward order)
+
+    PFC1(l) = nc1 = Tr(Sigma_W Sigma_B^+) / K,   PFC2(l) = nc2_etf,   PFC3(l) = nc4,
+
+where ``nc4`` is the fraction of probe samples whose nearest class centre at layer ``l`` differs
+from the network's own prediction. The monitor hooks the layers, pushes a probe set through the
+network in eval mode under ``torch.no_grad``, and feeds one :class:`pfc_fast.NCAccumulator` per
+layer: the exact two-pass method, with a single forward pass when the features of all layers fit
+``cache_bytes`` (both accumulator passes then read the cache) and two forward passes otherwise.
+Under ``torch.distributed`` every pass ends with ``NCAccumulator.all_reduce``, so every rank gets
+the metrics of the whole probe set (the union of the ranks' shards).
+"""
+import contextlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Dict
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import _inputs
+from .metrics import NCAccumulator, NCMetrics
+
+#: Default budget for caching the probe features of all layers (one forward pass instead of two).
+DEFAULT_CACHE_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class PFCResult:
+    """What :meth:`PFCMonitor.measure` returns.
+
+    ``layers``: ``{layer name: NCMetrics}`` in forward order; ``accuracy``: the network's accuracy
+    on the probe set; ``forward_passes``: 1 (features cached) or 2.
+    """
+
+    layers: Dict[str, NCMetrics]
+    accuracy: float
+    forward_passes: int
+
+    def to_list(self):
+        """The layers as JSON-ready dicts in forward order: ``{"name": ..., **NCMetrics.to_dict()}``."""
+        return [{"name": name, **metrics.to_dict()} for name, metrics in self.layers.items()]
+
+
+def default_layers(model):
+    """``{display name: module name}`` of the stem and every residual block, in forward order.
+
+    torchvision ResNets (and :func:`pfc_fast.models.small_image_resnet`): ``"stem"`` is the output
+    of ``maxpool`` (the input of the first block; an identity in the small-image models), then
+    ``layer1.0``, ``layer1.1``, ..., ``layer4.{last}``. Any model with a ``pfc_layers()`` method
+    (e.g. :class:`pfc_fast.models.ConstantWidthResNet`): what it returns.
+    """
+    from torchvision.models import ResNet
+
+    if hasattr(model, "pfc_layers"):
+        return OrderedDict(model.pfc_layers())
+    if isinstance(model, ResNet):
+        names = [("stem", "maxpool")]
+        for stage in ("layer1", "layer2", "layer3", "layer4"):
+            names += [(f"{stage}.{i}", f"{stage}.{i}") for i in range(len(getattr(model, stage)))]
+        return OrderedDict(names)
+    raise ValueError(f"layers: no default layers for a {type(model).__name__} (not a torchvision ResNet and no "
+                     "pfc_layers() method); pass layers=[module names], e.g. from model.named_modules()")
+
+
+def _resolve_layers(model, layers):
+    """``{display name: module}`` from ``None`` (defaults), a list of module names or a dict."""
+    if layers is None:
+        layers = default_layers(model)
+    elif isinstance(layers, (list, tuple)):
+        layers = OrderedDict((name, name) for name in layers)
+    elif not isinstance(layers, dict):
+        raise TypeError(f"layers must be None, a list of module names or a dict {{name: module name}}, "
+                        f"got {type(layers).__name__}")
+    if not layers:
+        raise ValueError("layers is empty")
+    modules = dict(model.named_modules())
+    resolved = OrderedDict()
+    for display, module_name in layers.items():
+        if not isinstance(module_name, str) or module_name not in modules:
+            raise ValueError(f"layers: {module_name!r} is not a module of the model; module names look like "
+                             f"{', '.join(repr(n) for n in list(modules)[1:4])}")
+        resolved[display] = modules[module_name]
+    return resolved
+
+
+def _classifier(classifier):
+    """``(weight, bias)`` detached from an ``nn.Linear``, a weight tensor or a ``(weight, bias)`` pair."""
+    if classifier is None:
+        return None, None
+    if isinstance(classifier, nn.Linear):
+        return classifier.weight.detach(), None if classifier.bias is None else classifier.bias.detach()
+    if isinstance(classifier, (tuple, list)) and len(classifier) == 2:
+        weight, bias = classifier
+        return _inputs.as_tensor(weight, "classifier"), None if bias is None else _inputs.as_tensor(bias, "bias")
+    if isinstance(classifier, torch.Tensor):
+        return classifier.detach(), None
+    raise TypeError(f"classifier must be an nn.Linear, a weight tensor or a (weight, bias) pair, "
+                    f"got {type(classifier).__name__}")
+
+
+class _FeatureCache:
+    """Per-batch features of every layer, labels and predictions, up to ``budget`` bytes."""
+
+    def __init__(self, budget):
+        self.budget = budget
+        self.batches = []
+        self.size = 0
+        self.complete = True
+
+    def add(self, feats, labels, predictions):
+        if not self.complete:
+            return
+        self.size += sum(f.numel() * f.element_size() for f in feats)
+        if self.size > self.budget:
+            self.batches, self.complete = [], False
+            return
+        self.batches.append((feats, labels, predictions))
+
+
+class PFCMonitor:
+    """Neural-collapse metrics of every layer of ``model`` on a probe set.
+
+    Args:
+        model: an ``nn.Module`` returning logits ``(B, num_classes)`` (a
+            ``DistributedDataParallel`` wrapper is unwrapped: measuring runs the local module, so
+            ranks may hold different numbers of probe batches).
+        layers: ``None`` (the stem and every residual block, see :func:`default_layers`), a list
+            of module names (``model.named_modules()``), or ``{display name: module name}``.
+            Each must run exactly once per forward pass and return a tensor.
+        num_classes: number of classes ``K`` of the labels (required).
+        pooling: ``"flatten"`` (``D = C*h*w``) or ``"gap"`` (global average pooling, ``D = C``).
+        global_mean: ``"unweighted"`` (Papyan) or ``"weighted"``, as in :func:`pfc_fast.nc_metrics`.
+        cache_bytes: keep the features of all layers up to this many bytes and measure with one
+            forward pass; beyond it, a second forward pass (0: always two).
+        group: the ``torch.distributed`` process group to all-reduce over (default: the world).
+
+    Example::
+
+        monitor = PFCMonitor(model, num_classes=10)
+        result = monitor.measure(probe_loader)         # loader of (x, y) batches
+        for name, m in result.layers.items():
+            print(name, m.nc1, m.nc2_etf, m.nc4)       # PFC1, PFC2, PFC3
+    """
+
+    def __init__(self, model, layers=None, num_classes=None, pooling="flatten", global_mean="unweighted",
+                 cache_bytes=DEFAULT_CACHE_BYTES, group=None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if num_classes is None:
+            raise TypeError("num_classes is required (the number of classes of the labels)")
+        self.num_classes = _inputs.check_num_classes(num_classes)
+        _inputs.check_choice(pooling, "pooling", _inputs.POOLINGS)
+        _inputs.check_choice(global_mean, "global_mean", _inputs.GLOBAL_MEANS)
+        if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < 0:
+            raise ValueError(f"cache_bytes must be a non-negative integer, got {cache_bytes!r}")
+        self.network = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        self.layers = _resolve_layers(self.network, layers)
+        self.pooling = pooling
+        self.global_mean = global_mean
+        self.cache_bytes = cache_bytes
+        self.group = group
+
+    @property
+    def layer_names(self):
+        """The display names of the monitored layers, in the order given (forward order by default)."""
+        return list(self.layers)
+
+    @contextlib.contextmanager
+    def _hooked(self, pooling):
+        """Hooks on the layers (removed on exit, also on errors), eval mode and no_grad; the
+        modules' train/eval flags are restored on exit. Yields the dict the hooks fill."""
+        outputs = {}
+
+        def hook(name):
+            def store(module, inputs, output):
+                if name in outputs:
+                    raise ValueError(f"layers: {name!r} ran more than once in one forward pass; name a module "
+                                     "that runs once (e.g. a block, not a shared activation)")
+                if not isinstance(output, torch.Tensor):
+                    raise TypeError(f"layers: {name!r} returned a {type(output).__name__}, not a tensor")
+                # pooled copy, taken now: later modules may modify the output in place (ReLU(inplace))
+                feats = _inputs.features(output, pooling, name=f"features of layer {name!r}")
+                shared = feats.untyped_storage().data_ptr() == output.untyped_storage().data_ptr()
+                outputs[name] = feats.clone() if shared else feats
+            return store
+
+        modes = [(module, module.training) for module in self.network.modules()]
+        handles = []
+        try:
+            for name, module in self.layers.items():
+                handles.append(module.register_forward_hook(hook(name)))
+            self.network.eval()
+            with torch.no_grad():
+                yield outputs
+        finally:
+            for handle in handles:
+                handle.remove()
+            for module, training in modes:
+                module.training = training
+
+    def _forward(self, inputs, outputs):
+        """Logits' argmax and the hooked features (list in layer order) of one batch."""
+        outputs.clear()
+        logits = self.network(inputs)
+        missing = [name for name in self.layers if name not in outputs]
+        if missing:
+            raise ValueError(f"layers: {', '.join(map(repr, missing))} did not run in the forward pass")
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[1] != self.num_classes:
+            shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise ValueError(f"the model must return logits of shape (B, num_classes = {self.num_classes}), "
+                             f"got {shape}")
+        return logits.argmax(1), [outputs[name] for name in self.layers]
+
+    def _device(self):
+        parameter = next(self.network.parameters(), None)
+        return torch.device("cpu") if parameter is None else parameter.device
+
+    def _batches(self, loader):
+        """``(inputs, labels)`` on the model's device from a loader of ``(x, y, ...)`` batches."""
+        device = self._device()
+        for batch in loader:
+            if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+                raise TypeError("loader must yield (inputs, labels) batches")
+            yield batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+
+    def _end_pass(self, accumulators):
+        if dist.is_available() and dist.is_initialized():
+            for accumulator in accumulators:
+                accumulator.all_reduce(self.group)
+
+    def _accumulators(self, feats, classifier):
+        """One accumulator per layer; the classifier goes to the layers of matching dimension."""
+        weight, bias = _classifier(classifier)
+        matches = [weight is not None and weight.shape[-1] == f.shape[1] for f in feats]
+        if weight is not None and not any(matches):
+            dims = ", ".join(str(f.shape[1]) for f in feats)
+            raise ValueError(f"classifier has D = {weight.shape[-1]} inputs but the layers have D = {dims} "
+                             f"(pooling = {self.pooling!r}; the last block matches a ResNet's fc with 'gap')")
+        return [NCAccumulator(self.num_classes, weight if match else None, bias if match else None, self.global_mean)
+                for match in matches]
+
+    def _forward_again(self, loader, outputs):
+        """The second pass's ``(feats, labels, predictions)`` when the cache overflowed."""
+        if iter(loader) is loader:
+            raise ValueError("the probe features exceed cache_bytes, so a second pass over loader is needed, but "
+                             "loader is a one-shot iterator; pass a list or a DataLoader, or raise cache_bytes")
+        for inputs, labels in self._batches(loader):
+            predictions, feats = self._forward(inputs, outputs)
+            yield feats, labels, predictions
+
+    def measure(self, loader, classifier=None):
+        """The NC metrics of every layer on the samples of ``loader``.
+
+        Args:
+            loader: an iterable of ``(inputs, labels)`` batches (a DataLoader, a list); read once
+                when the features fit ``cache_bytes``, else twice (then it must be re-iterable and
+                yield the same samples both times).
+            classifier: ``None``, or the last linear layer (``nn.Linear``, weight tensor, or
+                ``(weight, bias)``) for ``nc3``/``nc3_etf``, computed at the layers whose feature
+                dimension equals its input dimension (``None`` at the others).
+
+        Returns:
+            :class:`PFCResult`. ``nc4`` (PFC3) compares each layer's nearest class centre with the
+            network's own prediction ``argmax(model(x))``.
+        """
+        accumulators = None
+        cache = _FeatureCache(self.cache_bytes)
+        score = torch.zeros(2, dtype=torch.int64, device=self._device())  # correct, total
+        with self._hooked(self.pooling) as outputs:
+            for inputs, labels in self._batches(loader):
+                predictions, feats = self._forward(inputs, outputs)
+                if accumulators is None:
+                    accumulators = self._accumulators(feats, classifier)
+                for accumulator, f in zip(accumulators, feats):
+                    accumulator.update(f, labels)
+                cache.add(feats, labels, predictions)
+                score[0] += (predictions == labels).sum()
+                score[1] += labels.shape[0]
+            if accumulators is None:
+                raise ValueError("loader yielded no batches")
+            self._end_pass(accumulators)
+            for accumulator in accumulators:
+                accumulator.next_pass()
+            second = cache.batches if cache.complete else self._forward_again(loader, outputs)
+            for feats, labels, predictions in second:
+                for accumulator, f in zip(accumulators, feats):
+                    accumulator.update(f, labels, predictions)
+            self._end_pass(accumulators)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(score, group=self.group)
+        correct, total = score.tolist()
+        layers = OrderedDict((name, acc.compute()) for name, acc in zip(self.layers, accumulators))
+        return PFCResult(layers, correct / total, 1 if cache.complete else 2)
+
+    def features(self, inputs, pooling=None):
+        """``{layer name: (B, D) features}`` of one batch ``inputs`` (eval mode, no_grad), pooled
+        with ``pooling`` (default: the monitor's); e.g. the tracks of :mod:`pfc_fast.geodesic`."""
+        pooling = self.pooling if pooling is None else pooling
+        _inputs.check_choice(pooling, "pooling", _inputs.POOLINGS)
+        with self._hooked(pooling) as outputs:
+            _, feats = self._forward(inputs.to(self._device()), outputs)
+        return OrderedDict(zip(self.layers, feats))

@@ -1,0 +1,222 @@
+"""``pfc-fast report RUN_DIR``: figures and a markdown summary of a ``pfc-fast train`` run.
+
+The figures are drawn with matplotlib's object API on its Agg canvas (no pyplot, no global
+backend change), so the report also runs inside notebooks and on machines without a display.
+
+Reads ``RUN_DIR/metrics.jsonl`` and writes to ``RUN_DIR/report/`` (or ``--out``):
+
+- ``pfc_vs_depth.png``: PFC1 = ``nc1`` (log scale), PFC2 = ``nc2_etf``, PFC3 = ``nc4`` against
+  the layer (stem, then every residual block), one curve per epoch, coloured by epoch;
+- ``pfc_vs_epoch.png``: the same metrics against the epoch, one curve per layer;
+- ``training.png``: train / test / probe accuracy and train / test loss against the epoch;
+- ``geodesic.png`` (constant-width runs with ``lss``): LSS and the W-path ratio against the epoch;
+- ``summary.md``: the last epoch's numbers and the monotonicity verdict of each PFC metric
+  (``shared/spec/pfc.md`` section 2): the Spearman rank correlation of the metric with depth
+  (``scipy.stats.spearmanr``; -1 = strictly decreasing in rank) and the fraction of adjacent
+  layer pairs where the metric strictly decreases (1 = monotone decrease, the paper's claim).
+"""
+import argparse
+import json
+import math
+import os
+import sys
+
+from matplotlib import cm, colormaps, colors
+from matplotlib.figure import Figure
+from scipy.stats import spearmanr
+
+
+#: (field, label, log scale) of the PFC metrics, spec section 2.
+PFC_METRICS = (("nc1", "PFC1 = NC1  Tr(Σ_W Σ_B⁺)/K", True),
+               ("nc2_etf", "PFC2 = NC2 (distance to simplex ETF)", False),
+               ("nc4", "PFC3 = NC4 (NCC ≠ network prediction)", False))
+
+
+def read_metrics(run_dir):
+    """The per-epoch records of ``run_dir/metrics.jsonl`` (a list of dicts; empty without the file)."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def monotonicity(values):
+    """Spearman correlation of ``values`` with their position (depth), its p-value, and the
+    fraction of adjacent pairs with ``values[l + 1] < values[l]``; a verdict in words."""
+    pairs = len(values) - 1
+    decreasing = sum(b < a for a, b in zip(values, values[1:])) / pairs if pairs else float("nan")
+    if len(set(values)) < 2:
+        return {"spearman": float("nan"), "p_value": float("nan"), "decreasing_pairs": decreasing,
+                "verdict": "constant across layers"}
+    result = spearmanr(range(len(values)), values)
+    rho, p_value = float(result.statistic), float(result.pvalue)
+    if decreasing == 1.0:
+        verdict = "decreases monotonically with depth"
+    elif rho < 0:
+        verdict = "decreases with depth overall, not at every layer"
+    else:
+        verdict = "does not decrease with depth"
+    return {"spearman": rho, "p_value": p_value, "decreasing_pairs": decreasing, "verdict": verdict}
+
+
+def _layer_axis(axis, names):
+    axis.set_xticks(range(len(names)))
+    axis.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
+    axis.set_xlabel("layer (forward order)")
+
+
+def _pfc_vs_depth(records, path):
+    names = [layer["name"] for layer in records[-1]["layers"]]
+    cmap = colormaps["viridis"]
+    epochs = [r["epoch"] for r in records]
+    norm = colors.Normalize(vmin=min(epochs), vmax=max(epochs))
+    figure = Figure(figsize=(13, 4), layout="constrained")
+    axes = figure.subplots(1, 3)
+    for axis, (field, label, log) in zip(axes, PFC_METRICS):
+        for record in records:
+            values = [layer[field] for layer in record["layers"]]
+            axis.plot(range(len(values)), values, color=cmap(norm(record["epoch"])), marker=".", lw=1)
+        if log:
+            axis.set_yscale("log")
+        axis.set_title(label, fontsize=9)
+        _layer_axis(axis, names)
+    colorbar = figure.colorbar(cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes, shrink=0.9)
+    colorbar.set_label("epoch")
+    figure.savefig(path, dpi=90)
+
+
+def _pfc_vs_epoch(records, path):
+    names = [layer["name"] for layer in records[-1]["layers"]]
+    epochs = [r["epoch"] for r in records]
+    cmap = colormaps["plasma"]
+    norm = colors.Normalize(vmin=0, vmax=max(1, len(names) - 1))
+    figure = Figure(figsize=(13, 4), layout="constrained")
+    axes = figure.subplots(1, 3)
+    for axis, (field, label, log) in zip(axes, PFC_METRICS):
+        for depth, name in enumerate(names):
+            axis.plot(epochs, [r["layers"][depth][field] for r in records], color=cmap(norm(depth)), lw=1,
+                      label=name)
+        if log:
+            axis.set_yscale("log")
+        axis.set_title(label, fontsize=9)
+        axis.set_xlabel("epoch")
+    axes[-1].legend(fontsize=6, ncol=2, title="layer", title_fontsize=7)
+    figure.savefig(path, dpi=90)
+
+
+def _training(records, path):
+    epochs = [r["epoch"] for r in records]
+    figure = Figure(figsize=(10, 3.6), layout="constrained")
+    left, right = figure.subplots(1, 2)
+    for field, label in (("train_acc", "train (running, train mode)"), ("probe_acc", "probe (eval mode)"),
+                         ("test_acc", "test")):
+        left.plot(epochs, [r[field] for r in records], marker=".", label=label)
+    left.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
+    left.legend(fontsize=8)
+    for field, label in (("train_loss", "train"), ("test_loss", "test")):
+        right.plot(epochs, [r[field] for r in records], marker=".", label=label)
+    right.set(xlabel="epoch", ylabel="cross-entropy", yscale="log", title="loss")
+    right.legend(fontsize=8)
+    figure.savefig(path, dpi=90)
+
+
+def _geodesic(records, path):
+    epochs = [r["epoch"] for r in records]
+    figure = Figure(figsize=(9, 3.4), layout="constrained")
+    axes = figure.subplots(1, 2)
+    for axis, (field, label) in zip(axes, (("lss", "LSS (1 = straight tracks)"),
+                                           ("w_path_ratio", "W-path ratio (1 = geodesic)"))):
+        axis.plot(epochs, [r[field] for r in records], marker=".")
+        axis.set(xlabel="epoch", title=label)
+    figure.savefig(path, dpi=90)
+
+
+def _format(value):
+    if value is None:
+        return "-"
+    if isinstance(value, float) and math.isnan(value):
+        return "nan"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _summary(run_dir, records, figures):
+    config = {}
+    if os.path.exists(os.path.join(run_dir, "config.json")):
+        with open(os.path.join(run_dir, "config.json")) as handle:
+            config = json.load(handle)
+    last = records[-1]
+    lines = [f"# PFC report: {os.path.abspath(run_dir)}", ""]
+    environment = config.pop("environment", None)
+    if config:
+        lines += ["Run: " + ", ".join(f"{key} = {value}" for key, value in config.items() if value is not None), ""]
+    if environment:
+        lines += ["Environment: " + ", ".join(f"{key} = {value}" for key, value in environment.items()), ""]
+    lines += [f"Epoch {last['epoch']}: train accuracy {last['train_acc']:.4f} (running, train mode), probe accuracy "
+              f"{last['probe_acc']:.4f} (eval mode), test accuracy {last['test_acc']:.4f}; train loss "
+              f"{last['train_loss']:.4g}, test loss {last['test_loss']:.4g}.", ""]
+    train_s = sum(r["train_seconds"] for r in records)
+    measure_s = sum(r["measure_seconds"] for r in records)
+    lines += [f"Time: training {train_s:.1f} s, PFC measurement {measure_s:.1f} s over {len(records)} epochs "
+              f"({100 * measure_s / train_s:.1f}% of the training time).", ""]
+    lines += ["## Monotonicity with depth at the last epoch", "",
+              "| metric | Spearman rho with depth | p-value | adjacent pairs decreasing | verdict |",
+              "|---|---|---|---|---|"]
+    for field, label, _ in PFC_METRICS:
+        result = monotonicity([layer[field] for layer in last["layers"]])
+        lines.append(f"| {label.split(' ')[0]} ({field}) | {_format(result['spearman'])} | "
+                     f"{_format(result['p_value'])} | {_format(result['decreasing_pairs'])} | {result['verdict']} |")
+    lines += ["", "## Last epoch, per layer", "", "| layer | nc1 | nc2_etf | nc4 | ncc_accuracy | dim |",
+              "|---|---|---|---|---|---|"]
+    for layer in last["layers"]:
+        lines.append(f"| {layer['name']} | {_format(layer['nc1'])} | {_format(layer['nc2_etf'])} | "
+                     f"{_format(layer['nc4'])} | {_format(layer['ncc_accuracy'])} | {layer['dim']} |")
+    if "lss" in last:
+        lines += ["", f"Geodesic view (constant width): LSS {last['lss']:.4g}, "
+                      f"W-path ratio {last['w_path_ratio']:.4g}."]
+    lines += ["", "## Figures", ""] + [f"![{name}]({name})" for name in figures]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(run_dir, out=None):
+    """Write the figures and ``summary.md`` of ``run_dir``; returns the output directory."""
+    if not os.path.isdir(run_dir):
+        raise FileNotFoundError(f"run directory {run_dir!r} does not exist")
+    records = read_metrics(run_dir)
+    if not records:
+        raise ValueError(f"{run_dir} has no epochs yet (no metrics.jsonl lines)")
+    out = out or os.path.join(run_dir, "report")
+    os.makedirs(out, exist_ok=True)
+    plots = [("pfc_vs_depth.png", _pfc_vs_depth), ("pfc_vs_epoch.png", _pfc_vs_epoch), ("training.png", _training)]
+    if "lss" in records[-1]:
+        plots.append(("geodesic.png", _geodesic))
+    for name, plot in plots:
+        plot(records, os.path.join(out, name))
+    with open(os.path.join(out, "summary.md"), "w") as handle:
+        handle.write(_summary(run_dir, records, [name for name, _ in plots]))
+    return out
+
+
+def add_arguments(parser):
+    parser.add_argument("run_dir", help="directory written by pfc-fast train")
+    parser.add_argument("--out", help="where to write (default RUN_DIR/report)")
+    return parser
+
+
+def run_cli(args, parser):
+    """Write the report of ``args.run_dir``; a missing or empty run is a ``parser.error``."""
+    try:
+        print(f"report: {write_report(args.run_dir, args.out)}")
+    except (FileNotFoundError, ValueError) as error:
+        parser.error(f"argument run_dir: {error}")
+    return 0
+
+
+def main(argv=None):
+    parser = add_arguments(argparse.ArgumentParser(prog="python -m pfc_fast.report",
+                                                   description=__doc__.split("\n\n")[0]))
+    return run_cli(parser.parse_args(argv), parser)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""pfc_fast.sinkhorn against POT (float64, run to convergence), emd2, finite differences and POT's
+autograd; batched equals unbatched; small eps; online memory; bad input; the op under opcheck."""
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import pfc_fast
+from pfc_fast import reference, transport
+
+ot = pytest.importorskip("ot", reason="POT is not installed (the GPU machine needs benchmarks/wheels)")
+
+
+def _clouds(n, m, d, seed, dtype=torch.float64, shift=1.0, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    y = torch.randn(m, d, generator=gen, dtype=torch.float64) * 0.8 + shift
+    a = torch.rand(n, generator=gen, dtype=torch.float64) + 0.2
+    b = torch.rand(m, generator=gen, dtype=torch.float64) + 0.2
+    return [t.to(device, dtype) for t in (x, y, a / a.sum(), b / b.sum())]
+
+
+def _pot(a, b, cost, eps):
+    a, b, cost = (t.double().cpu().numpy() for t in (a, b, cost))
+    a, b = a / a.sum(), b / b.sum()  # float32 weights: equal masses again in float64
+    plan = ot.bregman.sinkhorn_log(a, b, cost, eps, numItermax=100_000, stopThr=1e-13)
+    return torch.from_numpy(plan), float((plan * cost).sum())
+
+
+def _rel(ours, ref):
+    return float((ours.double().cpu() - ref).abs().max() / ref.abs().max())
+
+
+@pytest.mark.parametrize("mode", ["online", "dense"])
+@pytest.mark.parametrize("dtype,rtol,tol", [(torch.float64, 1e-8, 1e-13), (torch.float32, 1e-4, 1e-6)], ids=["fp64", "fp32"])
+def test_matches_pot(device, mode, dtype, rtol, tol):
+    x, y, a, b = _clouds(120, 90, 7, seed=1, dtype=dtype, device=device)
+    eps = 0.05 * pfc_fast.median_cost(x, y)
+    result = pfc_fast.sinkhorn(x, y, a, b, eps=eps, tol=tol, max_iter=100_000, mode=mode)
+    plan, cost = _pot(a, b, ot.dist(x.double().cpu(), y.double().cpu()), eps)
+    assert result.marginal_error < tol
+    assert _rel(result.plan(), plan) < rtol
+    assert result.cost.item() == pytest.approx(cost, rel=rtol)
+    # value = <a, f> + <b, g> is the entropic OT value <P, C> + eps KL(P | a b^T)
+    p = plan.clamp_min(1e-300)
+    kl = float((p * (p / (a.double().cpu()[:, None] * b.double().cpu()[None, :])).log() - p).sum() + 1)
+    assert result.value.item() == pytest.approx(cost + eps * kl, rel=max(rtol, 1e-9))
+
+
+@pytest.mark.parametrize("dtype,rtol,tol", [(torch.float64, 1e-8, 1e-13), (torch.float32, 1e-4, 1e-6)], ids=["fp64", "fp32"])
+def test_given_cost_matrix(device, dtype, rtol, tol):
+    gen = torch.Generator().manual_seed(2)
+    cost = (torch.rand(60, 80, generator=gen, dtype=torch.float64) * 3).to(device, dtype)
+    _, _, a, b = _clouds(60, 80, 1, seed=3, dtype=dtype, device=device)
+    result = pfc_fast.sinkhorn(cost=cost, a=a, b=b, eps=0.1, tol=tol, max_iter=100_000)
+    plan, total = _pot(a, b, cost, 0.1)
+    assert _rel(result.plan(), plan) < rtol
+    assert result.cost.item() == pytest.approx(total, rel=rtol)
+    with pytest.raises(ValueError, match="mode='online'"):
+        pfc_fast.sinkhorn(cost=cost, eps=0.1, mode="online")
+
+
+@pytest.mark.parametrize("mode", ["online", "dense"])
+def test_batched_equals_unbatched(device, mode):
+    clouds = [_clouds(50, 70, 4, seed=10 + k, device=device) for k in range(3)]
+    x, y, a, b = (torch.stack(parts) for parts in zip(*clouds))
+    batched = pfc_fast.sinkhorn(x, y, a, b, eps=0.3, tol=0, max_iter=150, mode=mode)
+    assert batched.f.shape == (3, 50) and batched.cost.shape == (3,)
+    for k, (xk, yk, ak, bk) in enumerate(clouds):
+        single = pfc_fast.sinkhorn(xk, yk, ak, bk, eps=0.3, tol=0, max_iter=150, mode=mode)
+        torch.testing.assert_close(batched.f[k], single.f, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(batched.g[k], single.g, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(batched.plan()[k], single.plan(), rtol=1e-12, atol=1e-15)
+        assert batched.cost[k].item() == pytest.approx(single.cost.item(), rel=1e-12)
+
+
+def test_fixed_iterations_and_reference():
+    x, y, a, b = _clouds(40, 30, 3, seed=4)
+    ours = pfc_fast.sinkhorn(x, y, a, b, eps=0.2, tol=0, max_iter=37)
+    assert ours.n_iter == 37
+    ref = reference.sinkhorn(x, y, a, b, eps=0.2, max_iter=37, tol=0)
+    torch.testing.assert_close(ours.f, ref["f"], rtol=1e-11, atol=1e-11)
+    torch.testing.assert_close(ours.plan(), ref["plan"], rtol=1e-10, atol=1e-15)
+    assert ours.marginal_error.item() == pytest.approx(ref["marginal_error"], rel=1e-8)
+
+
+def test_eps_scaling_approaches_emd():
+    x, y, a, b = _clouds(300, 300, 2, seed=5)
+    cost = ot.dist(x, y)
+    exact = ot.emd2(a.numpy(), b.numpy(), cost.numpy())
+    eps = 1e-3 * float(cost.median())
+    result = pfc_fast.sinkhorn(x, y, a, b, eps=eps, eps_scaling=0.5, tol=1e-9, max_iter=20_000)
+    assert result.marginal_error < 1e-9
+    assert result.cost.item() == pytest.approx(exact, rel=1e-2)
+
+
+@pytest.mark.parametrize("mode", ["online", "dense"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_small_eps_far_apart(device, mode, dtype):
+    x, y, a, b = _clouds(200, 150, 5, seed=6, dtype=dtype, shift=100.0, device=device)
+    eps = 1e-3 * pfc_fast.median_cost(x, y)
+    tol = 1e-4 if dtype == torch.float32 else 1e-9
+    result = pfc_fast.sinkhorn(x, y, a, b, eps=eps, tol=tol, max_iter=50_000, eps_scaling=0.7, mode=mode)
+    for value in (result.f, result.g, result.cost, result.value, result.plan()):
+        assert bool(torch.isfinite(value).all())
+    assert result.marginal_error < tol
+    plan = result.plan().double()
+    assert float((plan.sum(0) - b.double()).abs().sum()) < 1e-3 if dtype == torch.float32 else 1e-8
+
+
+def test_gradients_finite_differences():
+    x, y, a, b = _clouds(25, 20, 3, seed=7)
+    kwargs = dict(eps=0.3, tol=1e-14, max_iter=100_000)
+    x.requires_grad_(True)
+    y.requires_grad_(True)
+    a.requires_grad_(True)
+    value = pfc_fast.sinkhorn(x, y, a, b, **kwargs).value
+    gx, gy, ga = torch.autograd.grad(value, (x, y, a))
+    h = 1e-6
+
+    def value_at(xv=x, yv=y, av=a):
+        return pfc_fast.sinkhorn(xv.detach(), yv.detach(), av.detach(), b, **kwargs).value.item()
+
+    for i, d in [(0, 0), (7, 2), (24, 1)]:
+        step = torch.zeros_like(x)
+        step[i, d] = h
+        assert gx[i, d].item() == pytest.approx((value_at(xv=x + step) - value_at(xv=x - step)) / (2 * h), rel=1e-5)
+    for j, d in [(0, 1), (19, 2)]:
+        step = torch.zeros_like(y)
+        step[j, d] = h
+        assert gy[j, d].item() == pytest.approx((value_at(yv=y + step) - value_at(yv=y - step)) / (2 * h), rel=1e-5)
+    direction = torch.zeros_like(a)
+    direction[3], direction[11] = h, -h  # keeps the total mass equal to b's
+    fd = (value_at(av=a + direction) - value_at(av=a - direction)) / (2 * h)
+    assert (ga[3] - ga[11]).item() == pytest.approx(fd, rel=1e-5)
+
+
+def test_gradients_match_pot_autograd():
+    x, y, a, b = _clouds(30, 40, 4, seed=8)
+    eps = 0.5
+    xr, yr = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
+    ours = pfc_fast.sinkhorn(xr, yr, a, b, eps=eps, tol=1e-14, max_iter=100_000).value
+    gx, gy = torch.autograd.grad(ours, (xr, yr))
+    # POT's torch backend, differentiated through its iterations: the entropic value
+    # <P, C> + eps KL(P | a b^T) of its plan (at convergence the same gradient as the envelope's)
+    xp, yp = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
+    cost = ot.dist(xp, yp)
+    plan = ot.bregman.sinkhorn_log(a, b, cost, eps, numItermax=100_000, stopThr=1e-14)
+    prior = a[:, None] * b[None, :]
+    pot_value = (plan * cost).sum() + eps * (plan * (plan / prior).log() - plan + prior).sum()
+    px, py = torch.autograd.grad(pot_value, (xp, yp))
+    torch.testing.assert_close(gx, px, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(gy, py, rtol=1e-6, atol=1e-9)
+
+
+def test_divergence_and_w2(device):
+    x, _, a, _ = _clouds(150, 150, 3, seed=9, device=device)
+    shift = torch.tensor([3.0, -1.0, 0.5], dtype=torch.float64, device=device)
+    kwargs = dict(eps=0.5, tol=1e-11, max_iter=100_000)
+    assert abs(pfc_fast.sinkhorn_divergence(x, x, a, a, **kwargs).item()) < 1e-9
+    # a translation: the debiased divergence is exactly |t|^2, whatever eps
+    assert pfc_fast.wasserstein2(x, x + shift, a, a, **kwargs).item() == pytest.approx(float(shift.norm()), rel=1e-6)
+    xr = x.clone().requires_grad_(True)
+    divergence = pfc_fast.sinkhorn_divergence(xr, x + shift, a, a, **kwargs)
+    (grad,) = torch.autograd.grad(divergence, xr)
+    assert bool(torch.isfinite(grad).all())
+    torch.testing.assert_close(grad, (-2 * a[:, None] * shift).expand_as(grad), rtol=1e-5, atol=1e-7)
+
+
+def test_online_mode_memory(tmp_path):
+    """N = M = 40,000 in online mode: an N x M float32 matrix would take 6.4 GB."""
+    script = textwrap.dedent("""
+        import resource, torch, pfc_fast
+        gen = torch.Generator().manual_seed(0)
+        x, y = torch.randn(40_000, 8, generator=gen), torch.randn(40_000, 8, generator=gen) + 1
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        result = pfc_fast.sinkhorn(x, y, eps=1.0, tol=0, max_iter=1, mode="online")
+        assert bool(torch.isfinite(result.f).all()) and bool(torch.isfinite(result.cost))
+        print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    before_kib, peak_kib = map(int, out.stdout.split())
+    assert peak_kib - before_kib < 300 * 1024, f"online mode grew the peak RSS by {(peak_kib - before_kib) / 1024:.0f} MiB"
+
+
+def test_plan_too_large(monkeypatch):
+    x, y, _, _ = _clouds(30, 30, 2, seed=11)
+    result = pfc_fast.sinkhorn(x, y, eps=0.5)
+    monkeypatch.setattr(transport, "_available_memory", lambda device: 1000)
+    with pytest.raises(MemoryError, match="the plan needs"):
+        result.plan()
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"eps": 0.0}, ValueError, "eps must be a positive"),
+        ({"eps": -1.0}, ValueError, "eps must be a positive"),
+        ({"eps": float("nan")}, ValueError, "eps must be a positive"),
+        ({"a": -torch.ones(10) / 10}, ValueError, "a must be non-negative"),
+        ({"b": torch.full((12,), float("nan"))}, ValueError, "b must be non-negative and finite"),
+        ({"a": torch.ones(10)}, ValueError, "same total mass"),
+        ({"a": torch.ones(9) / 9}, ValueError, r"a must have shape \(10,\)"),
+        ({"y": torch.randn(12, 4)}, ValueError, "same B and D"),
+        ({"x": torch.randn(10, 3).long()}, TypeError, "x must have a floating dtype"),
+        ({"x": torch.full((10, 3), float("inf"))}, ValueError, "x contains NaN or Inf"),
+        ({"x": None}, ValueError, "give x and y"),
+        ({"mode": "fast"}, ValueError, "mode must be one of"),
+        ({"max_iter": 0}, ValueError, "max_iter must be a positive integer"),
+        ({"tol": -1.0}, ValueError, "tol must be >= 0"),
+        ({"eps_scaling": 1.5}, ValueError, "eps_scaling must be None"),
+        ({"x": torch.randn(10, 3).to("meta")}, ValueError, "y is on cpu but x is on meta"),
+    ],
+)
+def test_bad_input(kwargs, error, match):
+    args = {"x": torch.randn(10, 3), "y": torch.randn(12, 3), "eps": 0.1, **kwargs}
+    with pytest.raises(error, match=match):
+        pfc_fast.sinkhorn(**args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_opcheck(device, dtype):
+    x, y, a, b = _clouds(33, 70, 5, seed=12, dtype=dtype, device=device)
+    h = torch.randn(2, 70, dtype=dtype, device=device)
+    log_w = b.log().expand(2, 70).contiguous()
+    xs, ys = torch.stack([x, x + 1]), torch.stack([y, y - 1])
+    cost = ((xs[:, :, None] - ys[:, None]) ** 2).sum(-1)
+    torch.library.opcheck(torch.ops.pfc_fast.sinkhorn_softmin.default, (xs, ys, None, h, log_w, 0.3))
+    torch.library.opcheck(torch.ops.pfc_fast.sinkhorn_softmin.default, (None, None, cost, h, log_w, 0.3))
+    online = torch.ops.pfc_fast.sinkhorn_softmin(xs, ys, None, h, log_w, 0.3)
+    expected = -0.3 * torch.logsumexp(log_w[:, None] + (h[:, None] - cost) / 0.3, dim=-1)
+    torch.testing.assert_close(online, expected, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=1e-4 if dtype == torch.float32 else 1e-10)

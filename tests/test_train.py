@@ -1,0 +1,231 @@
+"""``pfc-fast train`` and ``pfc-fast report`` on tiny data (scikit-learn's digits): the recorded
+metrics against the checkpoint's model measured by hand; Ctrl-C and --resume against an
+uninterrupted run; torchrun with two processes; bad arguments."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import pfc_fast
+from pfc_fast import cli, train
+from pfc_fast.data import balanced_indices, load_dataset, to_float
+from pfc_fast.models import build_model
+from pfc_fast.report import monotonicity
+
+from conftest import assert_metrics_close
+
+TINY = ["--dataset", "digits", "--width", "4", "--probe-per-class", "10"]
+TIMING = ("train_seconds", "measure_seconds", "test_seconds", "geodesic_seconds")
+
+
+def _records(run):
+    with open(os.path.join(run, "metrics.jsonl")) as handle:
+        return [json.loads(line) for line in handle]
+
+
+def _check_against_checkpoint(run, record, probe_per_class, pooling="flatten"):
+    """The record's PFC metrics and test accuracy equal those of the checkpoint's model, measured
+    by hand: explicit forward through the layers, then nc_metrics on the whole probe set."""
+    data = load_dataset("digits")
+    state = torch.load(os.path.join(run, "checkpoint.pt"), weights_only=True)
+    assert state["epoch"] == record["epoch"]
+    model = build_model("resnet18", 10, 1, width=4)
+    model.load_state_dict(state["model"])
+    model.eval()
+    mean, std = data.normalization()
+    probe = balanced_indices(data.train_labels, probe_per_class, 10, seed=0)
+    with torch.no_grad():
+        h = model.maxpool(model.relu(model.bn1(model.conv1(to_float(data.train_images[probe], mean, std)))))
+        feats = [h]
+        for stage in (model.layer1, model.layer2, model.layer3, model.layer4):
+            for block in stage:
+                h = block(h)
+                feats.append(h)
+        predictions = model.fc(torch.flatten(model.avgpool(h), 1)).argmax(1)
+        test_predictions = model(to_float(data.test_images, mean, std)).argmax(1)
+    labels = data.train_labels[probe]
+    assert record["probe_acc"] == pytest.approx(float((predictions == labels).double().mean()))
+    assert record["test_acc"] == pytest.approx(float((test_predictions == data.test_labels).double().mean()))
+    assert [layer["name"] for layer in record["layers"]] == ["stem"] + [f"layer{s}.{b}" for s in range(1, 5)
+                                                                        for b in range(2)]
+    for layer, h in zip(record["layers"], feats):
+        # with gap pooling, the layers whose width is fc's input get nc3 against fc (the last block feeds it)
+        fc = {"classifier": model.fc.weight, "bias": model.fc.bias} if pooling == "gap" and h.shape[1] == 32 else {}
+        expected = pfc_fast.nc_metrics(h, labels, num_classes=10, predictions=predictions, pooling=pooling, **fc)
+        fields = {key: value for key, value in layer.items() if key != "name"}
+        assert_metrics_close(pfc_fast.NCMetrics(**fields), expected.to_dict(), rtol=1e-9)
+
+
+def test_one_epoch_cli_run(tmp_path):
+    run = str(tmp_path / "run")
+    assert cli.main(["train", *TINY, "--epochs", "1", "--out", run]) == 0
+    assert sorted(os.listdir(run)) == ["checkpoint.pt", "config.json", "metrics.jsonl", "report"]
+    (record,) = _records(run)
+    for field in ("epoch", "train_acc", "test_acc", "train_loss", "test_loss", "probe_acc", "lr", *TIMING):
+        assert isinstance(record[field], (int, float)), field
+    assert record["epoch"] == 1 and 0 <= record["train_acc"] <= 1
+    _check_against_checkpoint(run, record, probe_per_class=10)
+    with open(os.path.join(run, "config.json")) as handle:
+        config = json.load(handle)
+    assert config["dataset"] == "digits" and config["weight_decay"] == 5e-4 and config["environment"]["world_size"] == 1
+    report = os.path.join(run, "report")
+    for figure in ("pfc_vs_depth.png", "pfc_vs_epoch.png", "training.png"):
+        with open(os.path.join(report, figure), "rb") as handle:
+            assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+    with open(os.path.join(report, "summary.md")) as handle:
+        summary = handle.read()
+    assert "| PFC1 (nc1) |" in summary and "| layer4.1 |" in summary
+
+
+def test_report_command(tmp_path, capsys):
+    run = str(tmp_path / "run")
+    assert train.main([*TINY, "--epochs", "2", "--out", run, "--no-report", "--pooling", "gap"]) == 0
+    assert not os.path.exists(os.path.join(run, "report"))
+    assert cli.main(["report", run, "--out", str(tmp_path / "figs")]) == 0
+    assert sorted(os.listdir(tmp_path / "figs")) == ["pfc_vs_depth.png", "pfc_vs_epoch.png", "summary.md",
+                                                      "training.png"]
+    records = _records(run)
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert records[-1]["layers"][-1]["nc3"] is not None  # gap: the last block feeds fc
+    _check_against_checkpoint(run, records[-1], probe_per_class=10, pooling="gap")
+    with pytest.raises(SystemExit):
+        cli.main(["report", str(tmp_path / "nothing")])
+    assert "argument run_dir: run directory" in capsys.readouterr().err
+
+
+def test_monotonicity_verdicts():
+    down = monotonicity([5.0, 4.0, 3.0, 2.0, 1.0])
+    assert down["spearman"] == pytest.approx(-1.0) and down["decreasing_pairs"] == 1.0
+    assert down["verdict"] == "decreases monotonically with depth"
+    mixed = monotonicity([4.0, 3.0, 3.5, 1.0])  # ranks 4, 2, 3, 1: rho = 1 - 6*(9+0+0+9)/(4*15) = -0.8
+    assert mixed["spearman"] == pytest.approx(-0.8) and mixed["decreasing_pairs"] == pytest.approx(2 / 3)
+    assert mixed["verdict"] == "decreases with depth overall, not at every layer"
+    assert monotonicity([1.0, 2.0, 3.0])["verdict"] == "does not decrease with depth"
+    flat = monotonicity([0.0, 0.0, 0.0])
+    assert math.isnan(flat["spearman"]) and flat["verdict"] == "constant across layers"
+
+
+def _interrupt_on_call(function, n):
+    """``function`` that raises KeyboardInterrupt (Ctrl-C) on its n-th call (a plain function, so
+    it also binds as a method)."""
+    calls = []
+
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return function(*args, **kwargs)
+    return wrapper
+
+
+@pytest.mark.parametrize("where", ["mid-epoch", "crash-between-writes"])
+def test_interrupt_and_resume_equal_an_uninterrupted_run(tmp_path, monkeypatch, where):
+    options = [*TINY, "--epochs", "3", "--augment", "crop", "--no-report"]
+    straight = str(tmp_path / "straight")
+    assert train.main([*options, "--out", straight]) == 0
+
+    resumed = str(tmp_path / "resumed")
+    if where == "mid-epoch":  # digits: 12 batches an epoch; stop at batch 5 of epoch 2
+        monkeypatch.setattr(train, "augment", _interrupt_on_call(train.augment, 17))
+    else:  # epoch 2's metrics line written, its checkpoint not (Ctrl-C is deferred there; a crash is not)
+        monkeypatch.setattr(train._Run, "save_checkpoint", _interrupt_on_call(train._Run.save_checkpoint, 2))
+    assert train.main([*options, "--out", resumed]) == 130
+    assert torch.load(os.path.join(resumed, "checkpoint.pt"), weights_only=True)["epoch"] == 1
+    assert [r["epoch"] for r in _records(resumed)] == ([1] if where == "mid-epoch" else [1, 2])
+    monkeypatch.undo()
+    assert train.main(["--out", resumed, "--resume", "--no-report"]) == 0
+
+    expected, ours = _records(straight), _records(resumed)
+    assert [r["epoch"] for r in ours] == [1, 2, 3]
+    for a, b in zip(expected, ours):
+        for field in TIMING:
+            a.pop(field), b.pop(field)
+        assert a == b  # bit for bit: same data order, augmentation, weights, metrics
+
+
+def test_ctrl_c_waits_for_the_epoch_writes():
+    finished = []
+    with pytest.raises(KeyboardInterrupt):
+        with train._interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            finished.append("metrics")  # still runs: the interrupt waits for the end of the block
+            finished.append("checkpoint")
+    assert finished == ["metrics", "checkpoint"]
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)  # the usual handler is back
+        time.sleep(1)
+
+
+def test_torchrun_two_processes_equal_one_process_on_the_checkpoint(tmp_path):
+    run = str(tmp_path / "ddp")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "pfc_fast.train", *TINY, "--probe-per-class", "11", "--epochs", "1", "--out", run, "--no-report"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (record,) = _records(run)
+    with open(os.path.join(run, "config.json")) as handle:
+        assert json.load(handle)["environment"]["world_size"] == 2
+    _check_against_checkpoint(run, record, probe_per_class=11)  # 110 probe samples, 55 per rank
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--dataset", "imagenet"], "argument --dataset: invalid choice: 'imagenet'"),
+    (["--dataset", "cifar10", "--data-dir", "/nonexistent/dir"], "argument --data-dir: data_dir '/nonexistent/dir' "
+                                                                 "does not exist"),
+    (["--dataset", "cifar10"], "argument --data-dir: dataset 'cifar10' is read from a directory"),
+    (["--dataset", "digits", "--probe-per-class", "1000"], "argument --probe-per-class: probe_per_class = 1000 is "
+                                                           "larger than the training data allows"),
+    (["--epochs", "0"], "argument --epochs: must be a positive integer"),
+    (["--lr", "-1"], "argument --lr: must be > 0"),
+    (["--device", "cuda:99"], "argument --device:"),
+    (["--device", "tpu"], "argument --device: 'tpu' is not a device"),
+    (["--model", "resnet18", "--depth", "4"], "argument --depth: applies to cwresnet only"),
+])
+def test_bad_arguments(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", *argv, "--out", str(tmp_path / "run")])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_missing_dataset_files_in_an_existing_directory(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--dataset", "svhn", "--data-dir", str(tmp_path), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert "argument --data-dir: dataset 'svhn' not found" in err and str(tmp_path / "train_32x32.mat") in err
+
+
+def test_default_run_directories(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    options = [*TINY, "--epochs", "1", "--no-report"]
+    assert train.main(options) == 0
+    assert train.main(options) == 0  # the main job can be run again: a new directory
+    assert sorted(os.listdir("runs")) == ["digits-resnet18-w4-s0", "digits-resnet18-w4-s0-2"]
+    os.remove("runs/digits-resnet18-w4-s0-2/checkpoint.pt")  # as if stopped before its first epoch ended
+    assert train.main([*options, "--resume"]) == 0  # resumes the last one
+    assert len(_records("runs/digits-resnet18-w4-s0-2")) == 1
+    assert os.path.exists("runs/digits-resnet18-w4-s0-2/checkpoint.pt")
+    assert sorted(os.listdir("runs")) == ["digits-resnet18-w4-s0", "digits-resnet18-w4-s0-2"]
+
+
+def test_existing_run_and_resume_arguments(tmp_path, capsys):
+    run = str(tmp_path / "run")
+    with pytest.raises(SystemExit):
+        train.main(["--out", run, "--resume"])
+    assert "argument --resume: " in capsys.readouterr().err
+    assert train.main([*TINY, "--epochs", "1", "--out", run, "--no-report"]) == 0
+    with pytest.raises(SystemExit):
+        train.main([*TINY, "--epochs", "1", "--out", run])
+    assert f"argument --out: {run} already holds a run; pass --resume" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.main(["--out", run, "--resume", "--lr", "0.5"])
+    assert "argument --lr: the run in" in capsys.readouterr().err
+    assert train.main(["--out", run, "--resume", "--no-report", "--dataset", "digits"]) == 0  # nothing left to do
+    assert len(_records(run)) == 1
