@@ -51,8 +51,13 @@ TORCH_LIBRARY(pfc_fast, m) {
   //   out[b, i] = -eps * log sum_j exp(log_w[b, j] + (h[b, j] - C[b, i, j]) / eps)
   // with C = max(||x_i||^2 + ||y_j||^2 - 2 x_i . y_j, 0) computed tile by tile from x (B, N, D) and
   // y (B, M, D) ("online", nothing of size N x M allocated), or read from cost (B, N, M) ("dense";
-  // then x and y are None). h, log_w: (B, M). All float32 or all float64.
-  m.def("sinkhorn_softmin(Tensor? x, Tensor? y, Tensor? cost, Tensor h, Tensor log_w, float eps) -> Tensor");
+  // then x and y are None; with transpose, cost is (B, M, N) and C[b, i, j] = cost[b, j, i], so one
+  // cost matrix serves both half-steps). h, log_w: (B, M). shift (B, N): an estimate of out (the
+  // previous potential) that lets the kernel take the log-sum-exp in one pass; out does not
+  // depend on it beyond rounding. All float32 or all float64.
+  m.def(
+      "sinkhorn_softmin(Tensor? x, Tensor? y, Tensor? cost, Tensor h, Tensor log_w, float eps, Tensor? shift=None, "
+      "bool transpose=False) -> Tensor");
   // Row sums of the plan P_ij = exp(log_a_i + log_b_j + (f_i + g_j - C_ij) / eps), same cost
   // conventions: mass[b, i] = sum_j P_ij, cost[b, i] = sum_j P_ij C_ij. f, log_a: (B, N); g, log_b: (B, M).
   m.def(

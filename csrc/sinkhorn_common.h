@@ -10,64 +10,73 @@ namespace pfc_fast {
 
 struct SoftminShape {
   int64_t batch, rows, cols, dim;  // dim = 0 in dense mode
+  bool transpose;                  // dense, with the sum over the first index of cost
 };
 
+// Shapes of sinkhorn_softmin / sinkhorn_plan_sums: out (B, rows) from h, log_w (B, cols) and
+// x (B, rows, D), y (B, cols, D), or cost (B, rows, cols), or with transpose cost (B, cols, rows).
 inline SoftminShape check_softmin_args(const c10::optional<at::Tensor>& x, const c10::optional<at::Tensor>& y,
                                        const c10::optional<at::Tensor>& cost, const at::Tensor& h,
-                                       const at::Tensor& log_w, double eps) {
+                                       const at::Tensor& log_w, double eps, bool transpose = false) {
   TORCH_CHECK(eps > 0, "pfc_fast: eps must be positive, got ", eps);
   const auto dtype = h.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "pfc_fast: sinkhorn_softmin computes in float32 or float64");
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "pfc_fast: sinkhorn ops compute in float32 or float64");
   TORCH_CHECK(h.dim() == 2 && log_w.sizes() == h.sizes(), "pfc_fast: h and log_w must both be (B, M)");
   TORCH_CHECK(log_w.scalar_type() == dtype && log_w.device() == h.device(), "pfc_fast: log_w must match h");
   const int64_t batch = h.size(0), cols = h.size(1);
   TORCH_CHECK(cols > 0, "pfc_fast: the column side needs at least one point");
-  auto check = [&](const at::Tensor& t, const char* name, int64_t dim2) {
+  auto check = [&](const at::Tensor& t, const char* name) {
     TORCH_CHECK(t.dim() == 3 && t.size(0) == batch, "pfc_fast: ", name, " must be 3-D with batch ", batch);
     TORCH_CHECK(t.scalar_type() == dtype, "pfc_fast: ", name, " must have the dtype of h");
     TORCH_CHECK(t.device() == h.device(), "pfc_fast: ", name, " must be on the device of h");
-    if (dim2 >= 0) TORCH_CHECK(t.size(2) == dim2, "pfc_fast: ", name, " has ", t.size(2), " columns, expected ", dim2);
   };
   if (cost.has_value()) {
     TORCH_CHECK(!x.has_value() && !y.has_value(), "pfc_fast: give either cost or x and y");
-    check(*cost, "cost", cols);
-    return {batch, cost->size(1), cols, 0};
+    check(*cost, "cost");
+    const int64_t sum_dim = transpose ? 1 : 2;
+    TORCH_CHECK(cost->size(sum_dim) == cols, "pfc_fast: cost has ", cost->size(sum_dim), " points on the summed side",
+                " but h has ", cols);
+    return {batch, cost->size(transpose ? 2 : 1), cols, 0, transpose};
   }
+  TORCH_CHECK(!transpose, "pfc_fast: transpose applies to a given cost matrix only");
   TORCH_CHECK(x.has_value() && y.has_value(), "pfc_fast: give either cost or x and y");
-  check(*x, "x", -1);
-  check(*y, "y", x->size(2));
+  check(*x, "x");
+  check(*y, "y");
+  TORCH_CHECK(y->size(2) == x->size(2), "pfc_fast: x and y must have the same dimension");
   TORCH_CHECK(y->size(1) == cols, "pfc_fast: y has ", y->size(1), " points but h has ", cols);
-  return {batch, x->size(1), cols, x->size(2)};
+  return {batch, x->size(1), cols, x->size(2), false};
 }
 
-// The row terms of sinkhorn_plan_sums, f and log_a: (B, N) with the dtype and device of g.
-inline void check_row_terms(const SoftminShape& shape, const at::Tensor& f, const at::Tensor& log_a,
-                            const at::Tensor& g) {
-  auto check = [&](const at::Tensor& t, const char* name) {
-    TORCH_CHECK(t.dim() == 2 && t.size(0) == shape.batch && t.size(1) == shape.rows, "pfc_fast: ", name,
-                " must be (B, N) = (", shape.batch, ", ", shape.rows, ")");
-    TORCH_CHECK(t.scalar_type() == g.scalar_type() && t.device() == g.device(), "pfc_fast: ", name,
-                " must have the dtype and device of g");
-  };
-  check(f, "f");
-  check(log_a, "log_a");
+// A (B, N) tensor with the dtype and device of `like` (row terms of the ops: f, log_a, shift).
+inline void check_rows_tensor(const SoftminShape& shape, const at::Tensor& t, const char* name,
+                              const at::Tensor& like) {
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == shape.batch && t.size(1) == shape.rows, "pfc_fast: ", name,
+              " must be (B, N) = (", shape.batch, ", ", shape.rows, ")");
+  TORCH_CHECK(t.scalar_type() == like.scalar_type() && t.device() == like.device(), "pfc_fast: ", name,
+              " must have the dtype and device of h");
 }
 
 // The ops for a Backend providing SoftminFold<T> and PlanFold<T> (row folds; see the CPU file),
 // `template <typename T, typename Fold> static void sweep(x, y, cost, h, log_w, T eps, shape,
-// Fold::Args)` and `static auto guard(const at::Tensor&)` (a device guard, or nothing).
+// Fold::Args)` and `static auto guard(const at::Tensor&)` (a device guard, or nothing). `shift`
+// (B, N), an estimate of the result (the previous potential), lets a backend take the log-sum-exp
+// in one pass; the result does not depend on it beyond rounding.
 template <typename Backend>
 at::Tensor sinkhorn_softmin_op(const c10::optional<at::Tensor>& x, const c10::optional<at::Tensor>& y,
                                const c10::optional<at::Tensor>& cost, const at::Tensor& h_in,
-                               const at::Tensor& log_w_in, double eps) {
-  const SoftminShape shape = check_softmin_args(x, y, cost, h_in, log_w_in, eps);
+                               const at::Tensor& log_w_in, double eps, const c10::optional<at::Tensor>& shift_in,
+                               bool transpose) {
+  const SoftminShape shape = check_softmin_args(x, y, cost, h_in, log_w_in, eps, transpose);
+  if (shift_in.has_value()) check_rows_tensor(shape, *shift_in, "shift", h_in);
   [[maybe_unused]] const auto guard = Backend::guard(h_in);
   const at::Tensor h = h_in.contiguous(), log_w = log_w_in.contiguous();
+  const at::Tensor shift = shift_in.has_value() ? shift_in->contiguous() : at::Tensor();
   at::Tensor out = at::empty({shape.batch, shape.rows}, h.options());
   if (shape.rows == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "sinkhorn_softmin", [&] {
     using Fold = typename Backend::template SoftminFold<scalar_t>;
-    const typename Fold::Args args{static_cast<scalar_t>(eps), out.data_ptr<scalar_t>()};
+    const typename Fold::Args args{static_cast<scalar_t>(eps), out.data_ptr<scalar_t>(),
+                                   shift.defined() ? shift.data_ptr<scalar_t>() : nullptr};
     Backend::template sweep<scalar_t, Fold>(x, y, cost, h, log_w, static_cast<scalar_t>(eps), shape, args);
   });
   return out;
@@ -78,7 +87,8 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_plan_sums_op(
     const c10::optional<at::Tensor>& x, const c10::optional<at::Tensor>& y, const c10::optional<at::Tensor>& cost,
     const at::Tensor& f, const at::Tensor& g_in, const at::Tensor& log_a, const at::Tensor& log_b_in, double eps) {
   const SoftminShape shape = check_softmin_args(x, y, cost, g_in, log_b_in, eps);
-  check_row_terms(shape, f, log_a, g_in);
+  check_rows_tensor(shape, f, "f", g_in);
+  check_rows_tensor(shape, log_a, "log_a", g_in);
   [[maybe_unused]] const auto guard = Backend::guard(g_in);
   const at::Tensor g = g_in.contiguous(), log_b = log_b_in.contiguous();
   const at::Tensor row_terms = (log_a + f / eps).contiguous();

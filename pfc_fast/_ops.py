@@ -31,8 +31,8 @@ def _residual_stats_fake(feats, labels, means, proj, ncc_bias, logit_offset, pre
 
 
 @torch.library.register_fake("pfc_fast::sinkhorn_softmin")
-def _sinkhorn_softmin_fake(x, y, cost, h, log_w, eps):
-    rows = (cost if cost is not None else x).shape[1]
+def _sinkhorn_softmin_fake(x, y, cost, h, log_w, eps, shift=None, transpose=False):
+    rows = cost.shape[2] if transpose else (cost if cost is not None else x).shape[1]
     return h.new_empty((h.shape[0], rows))
 
 

@@ -35,7 +35,7 @@ import torch
 from . import _inputs, _ops
 
 MODES = ("auto", "online", "dense")
-#: Dense mode ("auto") when the cost matrix and its transpose take at most this many bytes.
+#: Dense mode ("auto") when the cost matrix takes at most this many bytes.
 DENSE_BYTES = 1 << 30
 #: Rows of the plan formed at a time when reducing it (cost, gradients, plan()).
 CHUNK_BYTES = 64 << 20
@@ -158,11 +158,10 @@ class _Problem:
             self.cols = self.y.shape[1]
             if self.rows == 0 or self.cols == 0:
                 raise ValueError("x and y must contain at least one point each")
-            dense_bytes = 2 * self.batch * self.rows * self.cols * self.dtype.itemsize
+            dense_bytes = self.batch * self.rows * self.cols * self.dtype.itemsize
             self.cost = None
             if mode == "dense" or (mode == "auto" and dense_bytes <= DENSE_BYTES):
                 self.cost = self._cost_rows(0, self.rows)
-        self.cost_t = None if self.cost is None else self.cost.transpose(1, 2).contiguous()
         self.a = _check_weights(a, "a", self.batch, self.rows, self.batched, self.device, self.dtype)
         self.b = _check_weights(b, "b", self.batch, self.cols, self.batched, self.device, self.dtype)
         mass_a, mass_b = self.a.sum(-1), self.b.sum(-1)
@@ -178,15 +177,17 @@ class _Problem:
         sq = (xs * xs).sum(-1, keepdim=True) + (self.y * self.y).sum(-1).unsqueeze(1)
         return (sq - 2.0 * xs @ self.y.transpose(1, 2)).clamp_min(0.0)
 
-    def update_f(self, g, eps):
+    def update_f(self, g, eps, previous=None):
+        """The f update from g; ``previous`` (the last f, if any) lets the kernel take one pass."""
         if self.cost is not None:
-            return _ops.sinkhorn_softmin(None, None, self.cost, g, self.log_b, eps)
-        return _ops.sinkhorn_softmin(self.x, self.y, None, g, self.log_b, eps)
+            return _ops.sinkhorn_softmin(None, None, self.cost, g, self.log_b, eps, previous)
+        return _ops.sinkhorn_softmin(self.x, self.y, None, g, self.log_b, eps, previous)
 
-    def update_g(self, f, eps):
+    def update_g(self, f, eps, previous=None):
+        """The g update from f (dense: the columns of the same cost matrix)."""
         if self.cost is not None:
-            return _ops.sinkhorn_softmin(None, None, self.cost_t, f, self.log_a, eps)
-        return _ops.sinkhorn_softmin(self.y, self.x, None, f, self.log_a, eps)
+            return _ops.sinkhorn_softmin(None, None, self.cost, f, self.log_a, eps, previous, transpose=True)
+        return _ops.sinkhorn_softmin(self.y, self.x, None, f, self.log_a, eps, previous)
 
     def plan_sums(self, f, g, eps):
         """Row mass ``P 1`` and row cost ``(P * C) 1`` (B, N) from the fused kernel."""
@@ -226,10 +227,11 @@ def _solve(problem, eps, max_iter, tol, check_every, eps_scaling):
             n_iter += 1
             stage_eps *= eps_scaling
     f = problem.update_f(g, eps)
+    g = None
     while True:
-        g = problem.update_g(f, eps)
+        g = problem.update_g(f, eps, g)
         n_iter += 1
-        f_next = problem.update_f(g, eps)
+        f_next = problem.update_f(g, eps, f)
         if n_iter % check_every == 0 or n_iter >= max_iter:
             error = problem.marginal_error(f, f_next, eps)
             if n_iter >= max_iter or (tol > 0 and float(error.max()) < tol):

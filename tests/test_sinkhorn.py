@@ -221,14 +221,35 @@ def test_bad_input(kwargs, error, match):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_opcheck(device, dtype):
-    x, y, a, b = _clouds(33, 70, 5, seed=12, dtype=dtype, device=device)
+def test_softmin_op(device, dtype):
+    """The op in every form (online, dense, transposed; with good, bad or no shift) against
+    logsumexp, and under opcheck."""
+    x, y, _, b = _clouds(33, 70, 5, seed=12, dtype=dtype, device=device)
     h = torch.randn(2, 70, dtype=dtype, device=device)
     log_w = b.log().expand(2, 70).contiguous()
     xs, ys = torch.stack([x, x + 1]), torch.stack([y, y - 1])
     cost = ((xs[:, :, None] - ys[:, None]) ** 2).sum(-1)
-    torch.library.opcheck(torch.ops.pfc_fast.sinkhorn_softmin.default, (xs, ys, None, h, log_w, 0.3))
-    torch.library.opcheck(torch.ops.pfc_fast.sinkhorn_softmin.default, (None, None, cost, h, log_w, 0.3))
-    online = torch.ops.pfc_fast.sinkhorn_softmin(xs, ys, None, h, log_w, 0.3)
-    expected = -0.3 * torch.logsumexp(log_w[:, None] + (h[:, None] - cost) / 0.3, dim=-1)
-    torch.testing.assert_close(online, expected, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=1e-4 if dtype == torch.float32 else 1e-10)
+    eps = 0.3
+    expected = -eps * torch.logsumexp(log_w[:, None] + (h[:, None] - cost) / eps, dim=-1)
+    tight = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-10)
+    op = torch.ops.pfc_fast.sinkhorn_softmin
+    shifts = {"none": None, "good": expected + 0.01, "far below": expected - 80.0 * eps,
+              "far above": expected + 80.0 * eps}
+    for name, shift in shifts.items():
+        online = op(xs, ys, None, h, log_w, eps, shift)
+        dense = op(None, None, cost, h, log_w, eps, shift)
+        columns = op(None, None, cost.transpose(1, 2).contiguous(), h, log_w, eps, shift, transpose=True)
+        for result in (online, dense, columns):
+            torch.testing.assert_close(result, expected, **tight, msg=f"shift {name}")
+    shift = expected + 0.01
+    torch.library.opcheck(op.default, (xs, ys, None, h, log_w, eps))
+    torch.library.opcheck(op.default, (xs, ys, None, h, log_w, eps, shift))
+    torch.library.opcheck(op.default, (None, None, cost, h, log_w, eps, shift))
+    torch.library.opcheck(op.default, (None, None, cost.transpose(1, 2).contiguous(), h, log_w, eps, shift, True))
+    f = torch.randn(2, 33, dtype=dtype, device=device)
+    log_a = torch.full((2, 33), -3.5, dtype=dtype, device=device)
+    torch.library.opcheck(torch.ops.pfc_fast.sinkhorn_plan_sums.default, (xs, ys, None, f, h, log_a, log_w, eps))
+    mass, row_cost = torch.ops.pfc_fast.sinkhorn_plan_sums(None, None, cost, f, h, log_a, log_w, eps)
+    plan = torch.exp(log_a[:, :, None] + log_w[:, None] + (f[:, :, None] + h[:, None] - cost) / eps)
+    torch.testing.assert_close(mass, plan.sum(-1), **tight)
+    torch.testing.assert_close(row_cost, (plan * cost).sum(-1), **tight)

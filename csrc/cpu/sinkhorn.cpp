@@ -4,12 +4,17 @@
 //   v_ij = col_j - C_ij / eps,   col_j = log_w_j + h_j / eps,
 //
 // and fold every row as they go, so nothing of size N x M is stored:
-//   sinkhorn_softmin:    out_i = -eps * log sum_j exp(v_ij)   (running max and rescaled sum)
+//   sinkhorn_softmin:    out_i = -eps * log sum_j exp(v_ij)
 //   sinkhorn_plan_sums:  with P_ij = exp(v_ij + log a_i + f_i / eps) (h = g, log_w = log b),
 //                        mass_i = sum_j P_ij and cost_i = sum_j P_ij C_ij.
+// The kernels work in base 2 (values u = v log2 e, vec_pow2). The log-sum-exp takes one pass when
+// a shift (an estimate of out: the previous potential) is given: sum_j 2^(u_ij - m_i) with
+// m_i = -shift_i log2 e / eps, accepted when the sum is in a range where no term that matters was
+// clamped, else redone exactly (block maximum, then the sum).
 // Online mode computes C_ij = max(|x_i|^2 + |y_j|^2 - 2 x_i.y_j, 0) in register tiles of kRows
 // rows x kCols columns (the dot products over d accumulate in registers); dense mode reads rows
-// of a given C. exp is the vectorisable vec_exp.
+// of a given C, or with transpose its columns (vectorised over the outputs), so one matrix serves
+// both half-steps.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -18,11 +23,12 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "../sinkhorn_common.h"
 #include "grain.h"
-#include "vec_exp.h"
+#include "vec_pow2.h"
 
 namespace pfc_fast {
 namespace {
@@ -52,45 +58,76 @@ inline Vec<T> load_vec(const T* p) {
 template <typename T>
 constexpr T kNegInf = -std::numeric_limits<T>::infinity();
 
-// A Fold consumes the pairs of one row, a block at a time: add(terms, cost, n, inv_eps) with the
-// values v_j = terms_j - cost_j * inv_eps, then finish(args, row) writes the row's result.
+// Sums of 2^(u - m) accepted with a guessed shift m: inside (kLow, kHigh) every term above 2^-60
+// (float) relative to the largest is exact (no clamping in vec_pow2) and none overflowed.
+template <typename T>
+constexpr T kLowSum = sizeof(T) == 4 ? T(1e-20) : T(1e-200);
+template <typename T>
+constexpr T kHighSum = sizeof(T) == 4 ? T(1e20) : T(1e200);
 
-// Row fold of sinkhorn_softmin: a running log-sum-exp of v (maximum and rescaled sum). v is formed
-// twice, for the block maximum and for the sum, rather than stored.
+template <typename T>
+inline bool accepted_sum(T sum) {
+  return sum > kLowSum<T> && sum < kHighSum<T>;
+}
+
+// A Fold consumes the pairs of one row, a block at a time: add(terms, cost, n, scale) with the
+// base-2 values u_j = terms_j - cost_j * scale (terms = col * log2 e, scale = log2 e / eps), then
+// finish(args, row) writes the row's result and returns false when the row must be redone with a
+// Fold constructed with exact = true.
+
+// Row fold of sinkhorn_softmin. With a shift: one pass, sum of 2^(u - m) at the guessed m.
+// Exact: a running log-sum-exp (block maximum, rescaled sum); u is formed twice, for the block
+// maximum and for the sum, rather than stored.
 template <typename T>
 struct SoftminFold {
   struct Args {
     T eps;
     T* out;
+    const T* shift;  // (B * N) or nullptr
   };
-  T max = kNegInf<T>;
+  bool guessed;
+  T max;
   T sum = 0;
 
-  SoftminFold(const Args&, int64_t) {}
+  SoftminFold(const Args& args, int64_t row, bool exact)
+      : guessed(!exact && args.shift != nullptr),
+        max(guessed ? -args.shift[row] * static_cast<T>(kLog2e) / args.eps : kNegInf<T>) {}
 
-  void add(const T* terms, const T* cost, int64_t n, T inv_eps) {
+  void add(const T* terms, const T* cost, int64_t n, T scale) {
+    if (guessed) {
+      const T m = max;
+      T s = 0;
+#pragma omp simd reduction(+ : s)
+      for (int64_t j = 0; j < n; ++j) s += vec_pow2<T>(terms[j] - cost[j] * scale - m);
+      sum += s;
+      return;
+    }
     T block_max = kNegInf<T>;
 #pragma omp simd reduction(max : block_max)
     for (int64_t j = 0; j < n; ++j) {
-      const T v = terms[j] - cost[j] * inv_eps;
-      block_max = v > block_max ? v : block_max;
+      const T u = terms[j] - cost[j] * scale;
+      block_max = u > block_max ? u : block_max;
     }
     if (block_max == kNegInf<T>) return;  // zero weights only
     if (block_max > max) {
-      sum = max == kNegInf<T> ? T(0) : sum * vec_exp<T, true>(max - block_max);
+      sum = max == kNegInf<T> ? T(0) : sum * vec_pow2<T, true>(max - block_max);
       max = block_max;
     }
     const T m = max;
     T s = 0;
 #pragma omp simd reduction(+ : s)
-    for (int64_t j = 0; j < n; ++j) s += vec_exp<T, true>(terms[j] - cost[j] * inv_eps - m);
+    for (int64_t j = 0; j < n; ++j) s += vec_pow2<T, true>(terms[j] - cost[j] * scale - m);
     sum += s;
   }
 
-  void finish(const Args& args, int64_t row) const { args.out[row] = -args.eps * (max + std::log(sum)); }
+  bool finish(const Args& args, int64_t row) const {
+    if (guessed && !accepted_sum(sum)) return false;
+    args.out[row] = -args.eps * static_cast<T>(kLn2) * (max + std::log2(sum));
+    return true;
+  }
 };
 
-// Row fold of sinkhorn_plan_sums: mass and cost of one row of the plan P_ij = exp(v_j + row_term).
+// Row fold of sinkhorn_plan_sums: mass and cost of one row of the plan P_ij = 2^(u_j + row_term).
 template <typename T>
 struct PlanFold {
   struct Args {
@@ -102,14 +139,14 @@ struct PlanFold {
   T mass = 0;
   T cost = 0;
 
-  PlanFold(const Args& args, int64_t row) : row_term(args.row_terms[row]) {}
+  PlanFold(const Args& args, int64_t row, bool) : row_term(args.row_terms[row] * static_cast<T>(kLog2e)) {}
 
-  void add(const T* terms, const T* c, int64_t n, T inv_eps) {
+  void add(const T* terms, const T* c, int64_t n, T scale) {
     T m = 0, k = 0;
     const T r = row_term;
 #pragma omp simd reduction(+ : m, k)
     for (int64_t j = 0; j < n; ++j) {
-      const T p = terms[j] == kNegInf<T> ? T(0) : vec_exp<T>(terms[j] - c[j] * inv_eps + r);
+      const T p = terms[j] == kNegInf<T> ? T(0) : vec_pow2<T>(terms[j] - c[j] * scale + r);
       m += p;
       k += p * c[j];
     }
@@ -117,32 +154,96 @@ struct PlanFold {
     cost += k;
   }
 
-  void finish(const Args& args, int64_t row) const {
+  bool finish(const Args& args, int64_t row) const {
     args.mass[row] = mass;
     args.cost[row] = cost;
+    return true;
   }
 };
 
-// col_j = log_w_j + h_j / eps for every problem of the batch, rows of `stride` (>= cols; the
+// (log_w_j + h_j / eps) log2 e for every problem of the batch, rows of `stride` (>= cols; the
 // padding stays -inf, i.e. weight 0).
 template <typename T>
 std::vector<T> column_terms(const T* h, const T* log_w, int64_t batch, int64_t cols, int64_t stride, T eps) {
   std::vector<T> terms(batch * stride, kNegInf<T>);
   for (int64_t b = 0; b < batch; ++b) {
-    for (int64_t j = 0; j < cols; ++j) terms[b * stride + j] = log_w[b * cols + j] + h[b * cols + j] / eps;
+    for (int64_t j = 0; j < cols; ++j) {
+      terms[b * stride + j] = (log_w[b * cols + j] + h[b * cols + j] / eps) * static_cast<T>(kLog2e);
+    }
   }
   return terms;
+}
+
+// The factor of C_ij in the base-2 values u_ij.
+template <typename T>
+T cost_scale(T eps) {
+  return static_cast<T>(kLog2e) / eps;
 }
 
 template <typename T, typename Fold>
 void sweep_dense(const T* cost, const std::vector<T>& terms, int64_t batch, int64_t rows, int64_t cols, T eps,
                  const typename Fold::Args& args) {
-  const T inv_eps = T(1) / eps;
+  const T scale = cost_scale(eps);
   at::parallel_for(0, batch * rows, grain_for(cols), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      Fold fold(args, r);
-      fold.add(terms.data() + (r / rows) * cols, cost + r * cols, cols, inv_eps);
-      fold.finish(args, r);
+      const T* t = terms.data() + (r / rows) * cols;
+      for (const bool exact : {false, true}) {
+        Fold fold(args, r, exact);
+        fold.add(t, cost + r * cols, cols, scale);
+        if (fold.finish(args, r)) break;
+      }
+    }
+  });
+}
+
+// Dense with transpose, sinkhorn_softmin only: out_j = -eps ln 2 log2 sum_i 2^(t_i - C_ij scale) with
+// cost (B, M, N) read row by row (i) and the outputs j vectorised in blocks of columns. One
+// pass with the shift, else (or when a sum is out of range) a maximum pass and a sum pass.
+template <typename T>
+void softmin_columns(const T* cost, const std::vector<T>& terms, int64_t batch, int64_t outs, int64_t sums, T eps,
+                     const typename SoftminFold<T>::Args& args) {
+  // Wide blocks read whole pages of each row (few TLB misses), but at least one per thread.
+  constexpr int64_t kMaxBlock = 1024;
+  const int64_t per_thread = (outs + at::get_num_threads() - 1) / at::get_num_threads();
+  const int64_t block = std::clamp<int64_t>((per_thread + 15) / 16 * 16, 64, kMaxBlock);
+  const T scale = cost_scale(eps);
+  const int64_t blocks = (outs + block - 1) / block;
+  at::parallel_for(0, batch * blocks, grain_for(block * sums), [&](int64_t t0, int64_t t1) {
+    T m[kMaxBlock], s[kMaxBlock];
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t b = task / blocks, j0 = (task % blocks) * block;
+      const int64_t len = std::min(block, outs - j0);
+      const T* cost_b = cost + b * sums * outs + j0;
+      const T* terms_b = terms.data() + b * sums;
+      auto run = [&](bool exact) {
+        if (exact) {
+          std::fill(m, m + len, kNegInf<T>);
+          for (int64_t i = 0; i < sums; ++i) {
+            const T t = terms_b[i];
+            const T* row = cost_b + i * outs;
+#pragma omp simd
+            for (int64_t j = 0; j < len; ++j) {
+              const T u = t - row[j] * scale;
+              m[j] = u > m[j] ? u : m[j];
+            }
+          }
+        } else {
+          for (int64_t j = 0; j < len; ++j) m[j] = -args.shift[b * outs + j0 + j] * static_cast<T>(kLog2e) / eps;
+        }
+        std::fill(s, s + len, T(0));
+        for (int64_t i = 0; i < sums; ++i) {
+          const T t = terms_b[i];
+          const T* row = cost_b + i * outs;
+#pragma omp simd
+          for (int64_t j = 0; j < len; ++j) s[j] += vec_pow2<T>(t - row[j] * scale - m[j]);
+        }
+        if (!exact && !std::all_of(s, s + len, accepted_sum<T>)) return false;
+        for (int64_t j = 0; j < len; ++j) {
+          args.out[b * outs + j0 + j] = -eps * static_cast<T>(kLn2) * (m[j] + std::log2(s[j]));
+        }
+        return true;
+      };
+      if (!run(args.shift == nullptr)) run(true);
     }
   });
 }
@@ -155,7 +256,7 @@ template <typename T, typename Fold>
 void sweep_online(const T* x, const T* yt, const T* sq_y, const std::vector<T>& terms, int64_t batch, int64_t rows,
                   int64_t cols_padded, int64_t dim, T eps, const typename Fold::Args& args) {
   constexpr int C = kCols<T>;
-  const T inv_eps = T(1) / eps;
+  const T scale = cost_scale(eps);
   const std::vector<T> zero_row(dim, T(0));
   const int64_t row_blocks = (rows + kRows - 1) / kRows;
   at::parallel_for(0, batch * row_blocks, grain_for(kRows * cols_padded * std::max<int64_t>(dim, 1)),
@@ -175,34 +276,40 @@ void sweep_online(const T* x, const T* yt, const T* sq_y, const std::vector<T>& 
       const T* ytb = yt + b * dim * cols_padded;
       const T* sq_yb = sq_y + b * cols_padded;
       const T* terms_b = terms.data() + b * cols_padded;
-      std::vector<Fold> folds;
-      for (int r = 0; r < n_rows; ++r) folds.emplace_back(args, b * rows + i0 + r);
-      for (int64_t s0 = 0; s0 < cols_padded; s0 += kSpan<T>) {
-        const int span = static_cast<int>(std::min<int64_t>(kSpan<T>, cols_padded - s0));  // a multiple of C
-        for (int c0 = 0; c0 < span; c0 += C) {
-          // acc[r][h]: dot products of row r with the kLanes columns s0 + c0 + h * kLanes onwards.
-          Vec<T> acc[kRows][2] = {};
-          const T* yd = ytb + s0 + c0;
-          for (int64_t d = 0; d < dim; ++d, yd += cols_padded) {
-            const Vec<T> y0 = load_vec(yd);
-            const Vec<T> y1 = load_vec(yd + kLanes<T>);
+      // The rows of this block, folded with the guessed shift first; redone exactly if a row asks.
+      auto fold_block = [&](bool exact) {
+        std::vector<Fold> folds;
+        for (int r = 0; r < n_rows; ++r) folds.emplace_back(args, b * rows + i0 + r, exact);
+        for (int64_t s0 = 0; s0 < cols_padded; s0 += kSpan<T>) {
+          const int span = static_cast<int>(std::min<int64_t>(kSpan<T>, cols_padded - s0));  // a multiple of C
+          for (int c0 = 0; c0 < span; c0 += C) {
+            // acc[r][h]: dot products of row r with the kLanes columns s0 + c0 + h * kLanes onwards.
+            Vec<T> acc[kRows][2] = {};
+            const T* yd = ytb + s0 + c0;
+            for (int64_t d = 0; d < dim; ++d, yd += cols_padded) {
+              const Vec<T> y0 = load_vec(yd);
+              const Vec<T> y1 = load_vec(yd + kLanes<T>);
 #pragma GCC unroll 4
-            for (int r = 0; r < kRows; ++r) {
-              acc[r][0] += xr[r][d] * y0;
-              acc[r][1] += xr[r][d] * y1;
+              for (int r = 0; r < kRows; ++r) {
+                acc[r][0] += xr[r][d] * y0;
+                acc[r][1] += xr[r][d] * y1;
+              }
             }
+            for (int r = 0; r < n_rows; ++r) __builtin_memcpy(cost[r] + c0, acc[r], sizeof(acc[r]));
           }
-          for (int r = 0; r < n_rows; ++r) __builtin_memcpy(cost[r] + c0, acc[r], sizeof(acc[r]));
-        }
-        for (int r = 0; r < n_rows; ++r) {
-          T* c = cost[r];
-          const T* sq = sq_yb + s0;
+          for (int r = 0; r < n_rows; ++r) {
+            T* c = cost[r];
+            const T* sq = sq_yb + s0;
 #pragma omp simd
-          for (int j = 0; j < span; ++j) c[j] = std::max(sq_x[r] + sq[j] - T(2) * c[j], T(0));
-          folds[r].add(terms_b + s0, c, span, inv_eps);
+            for (int j = 0; j < span; ++j) c[j] = std::max(sq_x[r] + sq[j] - T(2) * c[j], T(0));
+            folds[r].add(terms_b + s0, c, span, scale);
+          }
         }
-      }
-      for (int r = 0; r < n_rows; ++r) folds[r].finish(args, b * rows + i0 + r);
+        bool done = true;
+        for (int r = 0; r < n_rows; ++r) done = folds[r].finish(args, b * rows + i0 + r) && done;
+        return done;
+      };
+      if (!fold_block(false)) fold_block(true);
     }
   });
 }
@@ -223,7 +330,13 @@ struct CpuBackend {
     if (cost.has_value()) {
       const at::Tensor c = cost->contiguous();
       const auto terms = column_terms<T>(h.data_ptr<T>(), log_w.data_ptr<T>(), shape.batch, shape.cols, shape.cols, eps);
-      sweep_dense<T, Fold>(c.data_ptr<T>(), terms, shape.batch, shape.rows, shape.cols, eps, args);
+      if (!shape.transpose) {
+        sweep_dense<T, Fold>(c.data_ptr<T>(), terms, shape.batch, shape.rows, shape.cols, eps, args);
+      } else if constexpr (std::is_same_v<Fold, SoftminFold<T>>) {
+        softmin_columns<T>(c.data_ptr<T>(), terms, shape.batch, shape.rows, shape.cols, eps, args);
+      } else {
+        TORCH_CHECK(false, "pfc_fast: transpose applies to sinkhorn_softmin only");
+      }
       return;
     }
     constexpr int C = kCols<T>;

@@ -44,12 +44,14 @@ __device__ __forceinline__ double exp_<double>(double v) {
   return exp(v);
 }
 
-// Running log-sum-exp: value = max + log(sum); sum = 0 while empty. Writes -eps * value.
+// Running log-sum-exp: value = max + log(sum); sum = 0 while empty. Writes -eps * value. Exact
+// in one pass already (rescaled when the maximum grows), so the shift of the op is not needed.
 template <typename T>
 struct SoftminFold {
   struct Args {
     T eps;
     T* out;
+    const T* shift;  // unused here
   };
   T max;
   T sum;
@@ -209,6 +211,22 @@ __global__ void sweep_dense_kernel(const T* __restrict__ cost, const T* __restri
   if (lane == 0) fold.finish(args, row);
 }
 
+template <typename T, typename Fold>
+__global__ void sweep_columns_kernel(const T* __restrict__ cost, const T* __restrict__ h,
+                                     const T* __restrict__ log_w, int64_t outs, int64_t sums, T eps,
+                                     typename Fold::Args args) {
+  const int64_t b = blockIdx.y;
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j >= outs) return;
+  const T* c = cost + b * sums * outs + j;
+  const T* hb = h + b * sums;
+  const T* wb = log_w + b * sums;
+  const T inv_eps = T(1) / eps;
+  Fold fold(args, b * outs + j);
+  for (int64_t i = 0; i < sums; ++i) fold.add(wb[i] + (hb[i] - c[i * outs]) * inv_eps, c[i * outs]);
+  fold.finish(args, b * outs + j);
+}
+
 // The backend of sinkhorn_softmin_op and sinkhorn_plan_sums_op (sinkhorn_common.h): sweep runs a
 // Fold over all pairs, online from x and y or dense from cost.
 struct CudaBackend {
@@ -224,6 +242,14 @@ struct CudaBackend {
                     const SoftminShape& shape, const typename Fold::Args& args) {
     TORCH_CHECK(shape.batch <= 65535, "pfc_fast: at most 65535 problems per batch on CUDA");
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    if (cost.has_value() && shape.transpose) {
+      const at::Tensor c = cost->contiguous();
+      const dim3 grid(static_cast<unsigned>((shape.rows + 255) / 256), static_cast<unsigned>(shape.batch));
+      sweep_columns_kernel<T, Fold><<<grid, 256, 0, stream>>>(c.data_ptr<T>(), h.data_ptr<T>(), log_w.data_ptr<T>(),
+                                                              shape.rows, shape.cols, eps, args);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
     if (cost.has_value()) {
       const at::Tensor c = cost->contiguous();
       const int64_t batch_rows = shape.batch * shape.rows;
