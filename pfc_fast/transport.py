@@ -149,8 +149,9 @@ class _Problem:
             self.dtype = torch.float64 if torch.float64 in (x.dtype, y.dtype) else torch.float32
             xb, yb = (x, y) if self.batched else (x.unsqueeze(0), y.unsqueeze(0))
             xb, yb = xb.to(self.dtype), yb.to(self.dtype)
-            if not bool(torch.isfinite(xb).all()) or not bool(torch.isfinite(yb).all()):
-                raise ValueError(f"{'x' if not bool(torch.isfinite(xb).all()) else 'y'} contains NaN or Inf values")
+            for points, name in ((xb, "x"), (yb, "y")):
+                if not bool(torch.isfinite(points).all()):
+                    raise ValueError(f"{name} contains NaN or Inf values")
             # C is translation invariant: centring shrinks |x|^2 + |y|^2 - 2 x.y's cancellation.
             centre = torch.cat([xb, yb], dim=1).mean(dim=1, keepdim=True)
             self.x, self.y = (xb - centre).contiguous(), (yb - centre).contiguous()
