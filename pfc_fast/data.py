@@ -225,18 +225,18 @@ def _stl10(data_dir):
     return _make("stl10", *splits, 10)
 
 
-def balanced_indices(labels, per_class, num_classes, seed):
+def balanced_indices(labels, per_class, num_classes, seed, name="probe_per_class"):
     """``per_class`` indices of every class, drawn without replacement with a seeded generator.
 
-    Returns the indices sorted; raises ``ValueError`` naming ``probe_per_class`` when a class has
-    fewer samples.
+    Returns the indices sorted; raises ``ValueError`` naming ``name`` (the option that set
+    ``per_class``) when a class has fewer samples.
     """
     if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
-        raise ValueError(f"probe_per_class must be a positive integer, got {per_class!r}")
+        raise ValueError(f"{name} must be a positive integer, got {per_class!r}")
     counts = torch.bincount(labels, minlength=num_classes)
     smallest = int(counts.argmin())
     if int(counts[smallest]) < per_class:
-        raise ValueError(f"probe_per_class = {per_class} is larger than the training data allows: class {smallest} "
+        raise ValueError(f"{name} = {per_class} is larger than the training data allows: class {smallest} "
                          f"has {int(counts[smallest])} samples")
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(labels), generator=generator)

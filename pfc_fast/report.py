@@ -9,7 +9,7 @@ Reads ``RUN_DIR/metrics.jsonl`` and writes to ``RUN_DIR/report/`` (or ``--out``)
   the layer (stem, then every residual block), one curve per epoch, coloured by epoch;
 - ``pfc_vs_epoch.png``: the same metrics against the epoch, one curve per layer;
 - ``training.png``: train / test / probe accuracy and train / test loss against the epoch;
-- ``geodesic.png`` (constant-width runs with ``lss``): LSS and the W-path ratio against the epoch;
+- ``geodesic.png`` (constant-width runs with ``lss``): LSS, OTS and the W-path ratio against the epoch;
 - ``summary.md``: the last epoch's numbers and the monotonicity verdict of each PFC metric
   (``shared/spec/pfc.md`` section 2): the Spearman rank correlation of the metric with depth
   (``scipy.stats.spearmanr``; -1 = strictly decreasing in rank) and the fraction of adjacent
@@ -123,11 +123,14 @@ def _training(records, path):
 
 def _geodesic(records, path):
     epochs = [r["epoch"] for r in records]
-    figure = Figure(figsize=(9, 3.4), layout="constrained")
-    axes = figure.subplots(1, 2)
-    for axis, (field, label) in zip(axes, (("lss", "LSS (1 = straight tracks)"),
-                                           ("w_path_ratio", "W-path ratio (1 = geodesic)"))):
-        axis.plot(epochs, [r[field] for r in records], marker=".")
+    fields = [(field, label) for field, label in (("lss", "LSS (1 = straight tracks)"),
+                                                  ("ots", "OTS (1 = moves samples as OT does)"),
+                                                  ("w_path_ratio", "W-path ratio (1 = geodesic)"))
+              if field in records[-1]]
+    figure = Figure(figsize=(4.5 * len(fields), 3.4), layout="constrained")
+    axes = figure.subplots(1, len(fields), squeeze=False)[0]
+    for axis, (field, label) in zip(axes, fields):
+        axis.plot(epochs, [r.get(field, math.nan) for r in records], marker=".")
         axis.set(xlabel="epoch", title=label)
     figure.savefig(path, dpi=90)
 
@@ -172,7 +175,8 @@ def _summary(run_dir, records, figures):
         lines.append(f"| {layer['name']} | {_format(layer['nc1'])} | {_format(layer['nc2_etf'])} | "
                      f"{_format(layer['nc4'])} | {_format(layer['ncc_accuracy'])} | {layer['dim']} |")
     if "lss" in last:
-        lines += ["", f"Geodesic view (constant width): LSS {last['lss']:.4g}, "
+        ots = f"OTS {last['ots']:.4g}, " if "ots" in last else ""
+        lines += ["", f"Geodesic view (constant width): LSS {last['lss']:.4g}, {ots}"
                       f"W-path ratio {last['w_path_ratio']:.4g}."]
     lines += ["", "## Figures", ""] + [f"![{name}]({name})" for name in figures]
     return "\n".join(lines) + "\n"

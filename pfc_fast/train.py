@@ -18,6 +18,7 @@ process on the whole probe set. Rank 0 writes the run directory.
 """
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -45,7 +46,7 @@ SCHEDULES = ("cosine", "step", "constant")
 DEFAULTS = {
     "model": "resnet18", "width": 16, "depth": None, "dataset": "embedded", "data_dir": None, "epochs": 30,
     "batch_size": 128, "lr": 0.05, "momentum": 0.9, "schedule": "cosine", "weight_decay": 5e-4,
-    "augment": "none", "seed": 0, "probe_per_class": 50, "pooling": "flatten", "geodesic_samples": 200,
+    "augment": "none", "seed": 0, "train_per_class": None, "probe_per_class": 50, "pooling": "flatten", "geodesic_samples": 200,
 }
 
 
@@ -104,6 +105,8 @@ def add_arguments(parser):
     parser.add_argument("--augment", choices=AUGMENTATIONS, help=f"training augmentation (default {d['augment']})")
     parser.add_argument("--seed", type=int, help=f"seed of weights, data order, augmentation, probe (default "
                         f"{d['seed']})")
+    parser.add_argument("--train-per-class", type=_positive_int, help="train on a class-balanced subset of the "
+                        "training set with this many samples per class, drawn with --seed (default: all of it)")
     parser.add_argument("--probe-per-class", type=_positive_int, help=f"training samples per class on which PFC "
                         f"is measured (default {d['probe_per_class']})")
     parser.add_argument("--pooling", choices=("flatten", "gap"), help=f"features of a conv layer: flatten "
@@ -259,7 +262,7 @@ def _config(args, ddp):
             if saved[key] != value and key != "data_dir":  # the data may have moved
                 raise UsageError(f"--{key.replace('_', '-')}", f"the run in {out} has {saved[key]!r}, not {value!r}; "
                                  "a resumed run keeps its options (use another --out for a new run)")
-        return out, {**{key: saved[key] for key in DEFAULTS}, **given}
+        return out, {**{key: saved.get(key, DEFAULTS[key]) for key in DEFAULTS}, **given}
     if os.path.exists(config_path):
         raise UsageError("--out", f"{out} already holds a run; pass --resume to continue it, or choose another --out")
     config = {**DEFAULTS, **given}
@@ -283,6 +286,14 @@ class _Run:
         except ValueError as error:  # a file that is not what its name says
             raise UsageError("--dataset", str(error)) from error
         data = self.data
+        if config["train_per_class"] is not None:
+            try:
+                subset = balanced_indices(data.train_labels, config["train_per_class"], data.num_classes,
+                                          config["seed"], name="train_per_class")
+            except ValueError as error:
+                raise UsageError("--train-per-class", str(error)) from error
+            self.data = data = dataclasses.replace(data, train_images=data.train_images[subset],
+                                                   train_labels=data.train_labels[subset])
         try:
             probe = balanced_indices(data.train_labels, config["probe_per_class"], data.num_classes, config["seed"])
         except ValueError as error:
@@ -327,7 +338,8 @@ class _Run:
                                   self.config["seed"])
         return self.probe[chosen.to(self.device)]
 
-    def _inputs(self, images):
+    def inputs(self, images):
+        """uint8 images to the network's input (normalised with the training set's statistics)."""
         return to_float(images, self.mean, self.std)
 
     def sync(self):
@@ -348,7 +360,7 @@ class _Run:
         for step, index in enumerate(bar):
             images = augment(self.train_images[index], self.config["augment"], generator)
             labels = self.train_labels[index]
-            logits = self.model(self._inputs(images))
+            logits = self.model(self.inputs(images))
             loss = F.cross_entropy(logits, labels)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -370,7 +382,7 @@ class _Run:
         shard = torch.arange(self.ddp.rank, len(labels), self.ddp.world, device=self.device)
         with torch.no_grad():
             for index in shard.split(512):
-                logits = self.network(self._inputs(images[index]))
+                logits = self.network(self.inputs(images[index]))
                 loss_sum += float(F.cross_entropy(logits, labels[index], reduction="sum"))
                 correct += float((logits.argmax(1) == labels[index]).sum())
         self.network.train(mode)
@@ -380,16 +392,16 @@ class _Run:
     def measure(self):
         """PFC metrics of every layer on this rank's shard of the probe set, all-reduced."""
         shard = self.probe[self.ddp.rank::self.ddp.world]
-        loader = [(self._inputs(self.train_images[index]), self.train_labels[index]) for index in shard.split(512)]
+        loader = [(self.inputs(self.train_images[index]), self.train_labels[index]) for index in shard.split(512)]
         classifier = self.network.fc if self.config["model"] != "cwresnet" and self.config["pooling"] == "gap" else None
         return self.monitor.measure(loader, classifier=classifier)
 
     def geodesic_scores(self):
-        """LSS and W-path ratio of the globally pooled features of the stem and every block
-        (``pfc_fast.geodesic``), computed on the CPU (a few hundred samples)."""
-        images = self._inputs(self.train_images[self.geodesic])
+        """LSS, OTS (stem against last block) and W-path ratio of the globally pooled features of
+        the stem and every block (``pfc_fast.geodesic``), computed on the CPU (a few hundred samples)."""
+        images = self.inputs(self.train_images[self.geodesic])
         tracks = [t.double().cpu() for t in self.monitor.features(images, pooling="gap").values()]
-        return {"lss": float(geodesic.line_shape_score(tracks)),
+        return {"lss": float(geodesic.line_shape_score(tracks)), "ots": float(geodesic.ot_score(tracks[0], tracks[-1])),
                 "w_path_ratio": float(geodesic.wasserstein_path_ratio(tracks))}
 
     def save_checkpoint(self, epoch):
@@ -408,6 +420,28 @@ class _Run:
         self.scheduler.load_state_dict(state["scheduler"])
         _set_rng_states(state["rng"])
         return state["epoch"]
+
+
+def restore(run_dir, device="cpu", checkpoint=True):
+    """The run in ``run_dir`` rebuilt from its ``config.json``: data, probe set, network, monitor.
+
+    With ``checkpoint`` the network holds the weights of the last saved epoch, else those it was
+    initialised with (the run's seed). Returns ``(run, epoch)`` (epoch 0 without a checkpoint).
+    ``run.network`` (in eval mode), ``run.monitor`` (:class:`PFCMonitor` of every layer),
+    ``run.train_images`` / ``run.train_labels``, ``run.probe`` (indices of the probe set in the
+    training data) and ``run.inputs(images)`` (uint8 images to normalised network input) serve
+    analyses of a finished run.
+    """
+    config_path = os.path.join(run_dir, "config.json")
+    if not os.path.exists(config_path):
+        raise ValueError(f"run_dir {run_dir!r} holds no pfc-fast run (no config.json)")
+    with open(config_path) as handle:
+        saved = json.load(handle)
+    config = {key: saved.get(key, value) for key, value in DEFAULTS.items()}
+    run = _Run(config, run_dir, torch.device(device), _Distributed())
+    epoch = run.load_checkpoint() if checkpoint else 0
+    run.network.eval()
+    return run, epoch
 
 
 def _append_metrics(out, records, record):

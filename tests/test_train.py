@@ -174,6 +174,20 @@ def test_torchrun_two_processes_equal_one_process_on_the_checkpoint(tmp_path):
     _check_against_checkpoint(run, record, probe_per_class=11)  # 110 probe samples, 55 per rank
 
 
+def test_constant_width_run_on_a_training_subset(tmp_path, capsys):
+    run = str(tmp_path / "run")
+    assert train.main(["--dataset", "digits", "--model", "cwresnet", "--width", "4", "--depth", "3", "--epochs", "1",
+                       "--train-per-class", "30", "--probe-per-class", "10", "--geodesic-samples", "40",
+                       "--out", run]) == 0
+    assert "digits (300 train / " in capsys.readouterr().out
+    (record,) = _records(run)
+    assert record["lss"] >= 1.0 and 0.0 <= record["ots"] <= 1.0 and 0.0 < record["w_path_ratio"] <= 1.0 + 1e-9
+    assert [layer["name"] for layer in record["layers"]] == ["stem", "block1", "block2", "block3"]
+    with open(os.path.join(run, "report", "summary.md")) as handle:
+        assert f"OTS {record['ots']:.4g}" in handle.read()
+    assert os.path.exists(os.path.join(run, "report", "geodesic.png"))
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--dataset", "imagenet"], "argument --dataset: invalid choice: 'imagenet'"),
     (["--dataset", "cifar10", "--data-dir", "/nonexistent/dir"], "argument --data-dir: data_dir '/nonexistent/dir' "
@@ -181,6 +195,8 @@ def test_torchrun_two_processes_equal_one_process_on_the_checkpoint(tmp_path):
     (["--dataset", "cifar10"], "argument --data-dir: dataset 'cifar10' is read from a directory"),
     (["--dataset", "digits", "--probe-per-class", "1000"], "argument --probe-per-class: probe_per_class = 1000 is "
                                                            "larger than the training data allows"),
+    (["--dataset", "digits", "--train-per-class", "500"], "argument --train-per-class: train_per_class = 500 is "
+                                                          "larger than the training data allows"),
     (["--epochs", "0"], "argument --epochs: must be a positive integer"),
     (["--lr", "-1"], "argument --lr: must be > 0"),
     (["--device", "cuda:99"], "argument --device:"),

@@ -1,0 +1,1 @@
+"""The experiments of ``docs/reproduction.md``: ``python -m experiments.NAME`` from the repository root."""
