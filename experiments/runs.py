@@ -24,10 +24,13 @@ PRESETS = {
     "digits": (["--dataset", "digits", "--model", "resnet18", "--width", "16", "--epochs", "60",
                 "--probe-per-class", "50"],
                "scikit-learn digits (8x8), ResNet-18 width 16"),
-    "embedded-cwresnet": (["--dataset", "embedded", "--model", "cwresnet", "--width", "16", "--depth", "8",
-                           "--epochs", "30", "--geodesic-samples", "500"],
-                          "the embedded subset, constant-width ResNet (8 pre-activation blocks of 16 channels at "
-                          "28x28): the transparent model's setting"),
+    "embedded-cwresnet": (["--dataset", "embedded", "--model", "cwresnet", "--width", "32", "--depth", "6",
+                           "--train-per-class", "200", "--epochs", "40"],
+                          "200 images per class of the embedded subset, constant-width ResNet (6 pre-activation "
+                          "blocks of 32 channels at 28x28): the transparent model's setting"),
+    "digits-cwresnet": (["--dataset", "digits", "--model", "cwresnet", "--width", "32", "--depth", "8",
+                         "--epochs", "60", "--probe-per-class", "50"],
+                        "scikit-learn digits (8x8), constant-width ResNet (8 pre-activation blocks of 32 channels)"),
     "cifar10-resnet18": (["--dataset", "cifar10", "--model", "resnet18", "--width", "64", "--epochs", "200",
                           "--augment", "crop-flip", "--lr", "0.1", "--probe-per-class", "100"],
                          "the paper's setting: CIFAR-10, ResNet-18 (width 64), 200 epochs; needs a GPU and "

@@ -6,15 +6,16 @@ Front door: :func:`nc_metrics`. Batched data: :class:`NCAccumulator`. Optimal tr
 :mod:`pfc_fast.geodesic`. Every layer of a network:
 :class:`PFCMonitor`; training with it: ``pfc-fast train`` (:mod:`pfc_fast.train`). Definitions:
 README.md ("Metrics") and ``shared/spec/pfc.md``; float64 pure-PyTorch formulas:
-:mod:`pfc_fast.reference`.
+:mod:`pfc_fast.reference`. Multilayer unconstrained feature model: :mod:`pfc_fast.mufm`.
 """
 from ._ops import build_info
 from .metrics import NCAccumulator, NCMetrics, nc_metrics
 from .monitor import PFCMonitor, PFCResult
 from .transport import SinkhornResult, median_cost, sinkhorn, sinkhorn_divergence, wasserstein2
-from . import geodesic, reference
+from . import geodesic, mufm, reference
 
 __version__ = "0.1.0"
 
 __all__ = ["NCAccumulator", "NCMetrics", "PFCMonitor", "PFCResult", "SinkhornResult", "build_info", "geodesic",
-           "median_cost", "nc_metrics", "reference", "sinkhorn", "sinkhorn_divergence", "wasserstein2", "__version__"]
+           "median_cost", "mufm", "nc_metrics", "reference", "sinkhorn", "sinkhorn_divergence", "wasserstein2",
+           "__version__"]

@@ -1,6 +1,7 @@
 """Every experiment of docs/reproduction.md runs end to end on a tiny configuration, and its
 numbers agree with what they summarise."""
 import json
+import math
 import os
 
 import pytest
@@ -75,3 +76,23 @@ def test_transparent_needs_a_constant_width_run(tmp_path):
 def test_unknown_preset():
     with pytest.raises(ValueError, match="preset must be one of"):
         runs.preset_flags("imagenet")
+
+
+def test_mufm_sweep_tiny(tmp_path):
+    from experiments import mufm_sweep
+    out = tmp_path / "out"
+    summary = mufm_sweep.run(per_class=4, layers=2, lots=[0.0, 0.1], sinkhorn_per_class=2, sinkhorn_lots=[1.0],
+                             out=str(out), sinkhorn_steps=5)
+    assert _png(out / "mufm_sweep.png")
+    with open(out / "mufm_sweep.json") as handle:
+        saved = json.load(handle)
+    x, labels = mufm_sweep.digits_features(4)
+    assert saved["inputs"]["matched"]["nc1"] == pytest.approx(pfc_fast.nc_metrics(x, labels).nc1, rel=1e-12)
+    matched = [r for r in saved["solves"] if r["cost"] == "matched"]
+    assert [r["lot"] for r in matched] == [0.0, 0.1] and all(r["converged"] for r in matched)
+    ufm, coupled = matched
+    assert ufm["layers"]["nc2_etf"][-1] < 1e-2 < coupled["layers"]["nc2_etf"][-1]
+    assert coupled["layers"]["nc1"][-1] < saved["inputs"]["matched"]["nc1"]
+    (sinkhorn,) = [r for r in saved["solves"] if r["cost"] == "sinkhorn"]
+    assert sinkhorn["n_iter"] <= 5 and sinkhorn["num_samples"] == 20 and math.isfinite(sinkhorn["loss"])
+    assert summary["solves"][0]["layers"]["nc1"][0] == pytest.approx(saved["inputs"]["matched"]["nc1"])
