@@ -1,38 +1,117 @@
-"""Pure-PyTorch baselines written the way published neural-collapse code computes the metrics.
+"""The baselines pfc_fast is timed against: neural-collapse metrics the way published code computes
+them, in pure PyTorch, and entropic OT by POT and by a plain PyTorch loop.
 
-``published_nc_metrics`` follows Wu & Papyan's ``neural-collapse`` package and the code of Papyan
-et al. / Zhu et al.: a first pass for the class means (a per-class loop), a second pass that
-forms ``Sigma_W = (X - M[y])^T (X - M[y])`` as a ``D x D`` float64 matrix, the pseudo-inverse of
-``Sigma_B``, and the nearest-class-centre decisions from pairwise distances. It is what a user
-pastes today; the benchmarks compare pfc_fast against it and the tests check it computes the same
-numbers as :mod:`pfc_fast.reference`.
+Neural collapse (definitions: ``shared/spec/pfc.md`` section 2; every baseline works through the
+features in batches of ``batch_size`` rows, as the published code does through a data loader,
+accumulates in float64 like pfc_fast, and assumes every class occurs, as that code does):
+
+- :func:`papyan_nc_metrics`, the code of Papyan, Han & Donoho (PNAS 2020, "Prevalence of neural
+  collapse during the terminal phase of deep learning training"): per-class loops within every
+  batch, ``Sigma_W = (1/N) sum_batches sum_c sum_{i in c} (h_i - mu_c)(h_i - mu_c)^T`` formed as a
+  ``(n_c, D, D)`` tensor of outer products summed over its first axis, ``nc1 = Tr(Sigma_W
+  Sigma_B^+) / K`` with ``Sigma_B = (1/K) sum_c (mu_c - mu_G)(mu_c - mu_G)^T``. Their
+  nearest-class-centre loop over single samples is replaced by one ``cdist`` per class and batch
+  (faster than theirs), their ``scipy.sparse.linalg.svds`` by ``torch.linalg.pinv``.
+- :func:`published_nc_metrics`, Wu & Papyan's ``neural-collapse`` package and the code of Zhu et
+  al. (2021): ``Sigma_W = (1/N) sum_batches (X - M[y])^T (X - M[y])``, one GEMM per batch, and
+  the pseudo-inverse of ``Sigma_B``.
+
+Optimal transport (spec section 4; each is given its cost matrix, computed before the timing):
+
+- :func:`pot_sinkhorn_log`: POT's ``ot.bregman.sinkhorn_log`` (log domain, like pfc_fast);
+- :func:`pot_sinkhorn`: POT's ``ot.sinkhorn`` (Sinkhorn-Knopp on the kernel ``exp(-C/eps)``:
+  two matrix-vector products per iteration, and no log-sum-exp, so it underflows for small eps);
+- :func:`torch_sinkhorn_log`: the log-domain iterations of pfc_fast written as a plain PyTorch
+  loop, ``f_i = -eps log sum_j b_j exp((g_j - C_ij)/eps)`` then ``g`` likewise, from ``g = 0``.
+
+``tests/test_bench_baselines.py`` checks that each computes the numbers of
+:mod:`pfc_fast.reference`, so no speed-up is measured against a wrong baseline.
 """
 import torch
 
+try:
+    import ot
+except ImportError:  # the GPU machine has POT only when benchmarks/wheels is carried along
+    ot = None
+
+
+def _batches(feats, labels, batch_size):
+    for start in range(0, feats.shape[0], batch_size):
+        yield feats[start:start + batch_size].double(), labels[start:start + batch_size]
+
+
+def _nc1(sigma_w, means, num_classes):
+    """``Tr(Sigma_W Sigma_B^+) / K`` and ``Sigma_B``, with the eigenvalue cut-off of pfc_fast."""
+    centred = means - means.mean(0)
+    sigma_b = centred.T @ centred / num_classes
+    pinv = torch.linalg.pinv(sigma_b, rtol=1e-10, hermitian=True)
+    return torch.trace(sigma_w @ pinv) / num_classes, sigma_b, centred
+
+
+def papyan_nc_metrics(feats, labels, num_classes, batch_size=1024):
+    """nc1, nc2_equinorm, nc2_equiangle and ncc_accuracy as Papyan et al. (2020) compute them.
+
+    Per-class loops in every batch; ``Sigma_W`` from ``(n_c, D, D)`` outer products (see the module
+    docstring). Memory ``(max n_c in a batch + a few) * D^2`` float64 values.
+    """
+    num_samples, dim = feats.shape
+    device = feats.device
+    means = torch.zeros(num_classes, dim, dtype=torch.float64, device=device)
+    counts = [0] * num_classes
+    for h, y in _batches(feats, labels, batch_size):  # pass 1: class means
+        for c in range(num_classes):
+            idxs = (y == c).nonzero(as_tuple=True)[0]
+            if len(idxs) == 0:
+                continue
+            means[c] += h[idxs].sum(0)
+            counts[c] += len(idxs)
+    means /= torch.tensor(counts, dtype=torch.float64, device=device)[:, None]
+    sigma_w = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+    correct = 0
+    for h, y in _batches(feats, labels, batch_size):  # pass 2: outer products, NCC
+        for c in range(num_classes):
+            idxs = (y == c).nonzero(as_tuple=True)[0]
+            if len(idxs) == 0:
+                continue
+            h_c = h[idxs]
+            z = h_c - means[c].unsqueeze(0)
+            sigma_w += torch.matmul(z.unsqueeze(-1), z.unsqueeze(1)).sum(0)
+            correct += int((torch.cdist(h_c, means).argmin(1) == c).sum())
+    sigma_w /= num_samples
+    nc1, _, centred = _nc1(sigma_w, means, num_classes)
+    norms = centred.norm(dim=1)
+    cosines = centred @ centred.T / (norms[:, None] * norms[None, :])
+    off_diagonal = ~torch.eye(num_classes, dtype=torch.bool, device=device)
+    return {
+        "nc1": float(nc1),
+        "nc2_equinorm": float(norms.std() / norms.mean()),
+        "nc2_equiangle": float((cosines[off_diagonal] + 1.0 / (num_classes - 1)).abs().mean()),
+        "ncc_accuracy": correct / num_samples,
+    }
+
 
 def published_nc_metrics(feats, labels, num_classes, batch_size=4096):
-    """nc1, nc1_quotient, nc2_etf and ncc_accuracy, the published way (float64, D x D)."""
+    """nc1, nc1_quotient, nc2_etf and ncc_accuracy as Wu & Papyan's package computes them.
+
+    A per-class first pass for the means, then ``Sigma_W = (X - M[y])^T (X - M[y])`` one float64
+    GEMM per batch, ``pinv(Sigma_B)``, NCC by ``cdist``. Memory about ``7 D^2`` float64 values.
+    """
     num_samples, dim = feats.shape
     device = feats.device
     # pass 1: class means
     means = torch.zeros(num_classes, dim, dtype=torch.float64, device=device)
     for c in range(num_classes):
         means[c] = feats[labels == c].double().mean(0)
-    global_mean = means.mean(0)
     # pass 2: within-class covariance, one GEMM per batch, and NCC decisions
     sigma_w = torch.zeros(dim, dim, dtype=torch.float64, device=device)
     correct = 0
-    for start in range(0, num_samples, batch_size):
-        x = feats[start:start + batch_size].double()
-        y = labels[start:start + batch_size]
+    for x, y in _batches(feats, labels, batch_size):
         centred = x - means[y]
         sigma_w += centred.T @ centred
         correct += int((torch.cdist(x, means).argmin(1) == y).sum())
     sigma_w /= num_samples
-    m = means - global_mean
-    sigma_b = m.T @ m / num_classes
-    nc1 = torch.trace(sigma_w @ torch.linalg.pinv(sigma_b, rtol=1e-10, hermitian=True)) / num_classes
-    gram = m @ m.T
+    nc1, sigma_b, centred = _nc1(sigma_w, means, num_classes)
+    gram = centred @ centred.T
     etf = (torch.eye(num_classes, dtype=torch.float64, device=device) - 1.0 / num_classes) / (num_classes - 1) ** 0.5
     return {
         "nc1": float(nc1),
@@ -40,3 +119,47 @@ def published_nc_metrics(feats, labels, num_classes, batch_size=4096):
         "nc2_etf": float(torch.linalg.norm(gram / torch.linalg.norm(gram) - etf)),
         "ncc_accuracy": correct / num_samples,
     }
+
+
+def _uniform(cost, a, b):
+    """The weights ``a (..., N)``, ``b (..., M)``, uniform where not given, in ``cost``'s dtype."""
+    n, m = cost.shape[-2:]
+    if a is None:
+        a = torch.full((n,), 1.0 / n, dtype=cost.dtype, device=cost.device)
+    if b is None:
+        b = torch.full((m,), 1.0 / m, dtype=cost.dtype, device=cost.device)
+    return a, b
+
+
+def torch_sinkhorn_log(cost, eps, n_iter, a=None, b=None):
+    """``n_iter`` log-domain Sinkhorn iterations in plain PyTorch; returns the potentials ``(f, g)``.
+
+    ``cost (N, M)`` or a batch ``(B, N, M)`` (then ``a (B, N)``, ``b (B, M)`` or uniform). Same
+    updates and order as :func:`pfc_fast.sinkhorn` and :func:`pfc_fast.reference.sinkhorn`
+    (f first, from ``g = 0``), in the dtype of ``cost``, no stopping test.
+    """
+    a, b = _uniform(cost, a, b)
+    log_a, log_b = a.log(), b.log()
+    g = torch.zeros(cost.shape[:-2] + cost.shape[-1:], dtype=cost.dtype, device=cost.device)
+    for _ in range(n_iter):
+        f = -eps * torch.logsumexp(log_b.unsqueeze(-2) + (g.unsqueeze(-2) - cost) / eps, dim=-1)
+        g = -eps * torch.logsumexp(log_a.unsqueeze(-1) + (f.unsqueeze(-1) - cost) / eps, dim=-2)
+    return f, g
+
+
+def _pot():
+    if ot is None:
+        raise RuntimeError("POT is not installed (pip install pot; the GPU machine needs benchmarks/wheels)")
+    return ot
+
+
+def pot_sinkhorn_log(cost, eps, n_iter, a=None, b=None):
+    """POT's ``ot.bregman.sinkhorn_log`` for ``n_iter`` iterations (``stopThr=0``); returns the plan."""
+    a, b = _uniform(cost, a, b)
+    return _pot().bregman.sinkhorn_log(a, b, cost, eps, numItermax=n_iter, stopThr=0.0, warn=False)
+
+
+def pot_sinkhorn(cost, eps, n_iter, a=None, b=None):
+    """POT's ``ot.sinkhorn`` (Sinkhorn-Knopp) for ``n_iter`` iterations (``stopThr=0``); returns the plan."""
+    a, b = _uniform(cost, a, b)
+    return _pot().sinkhorn(a, b, cost, eps, method="sinkhorn", numItermax=n_iter, stopThr=0.0, warn=False)

@@ -1,40 +1,81 @@
-"""What the benchmark scripts share: wall-clock timing, machine names, measured device rates and
-the command line that writes ``benchmarks/results/<name>-<machine>.json``."""
-import argparse
-import json
+"""What the benchmarks share about the machine: wall-clock timing, the machine's name, the memory
+free for a case, and the device rates that set the floors of the GPU tables."""
+import math
 import os
 import platform
+import statistics
 import time
 
 import torch
 
 
-def timed(fn, device, repeat):
-    """Median wall time of ``fn`` over ``repeat`` runs after one warm-up (synchronised on CUDA)."""
-    fn()
+def sync(device):
+    """Wait for the work queued on ``device`` (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_times(fn, device, repeat, budget=math.inf):
+    """Wall times of up to ``repeat`` runs of ``fn`` after one warm-up run (synchronised on CUDA).
+
+    Runs stop once ``budget`` seconds have gone by, the warm-up included; when the warm-up alone
+    took the budget, its time is the only one returned (slow baselines are run once or twice).
+    """
+    if repeat < 1:
+        raise ValueError(f"repeat must be a positive integer, got {repeat!r}")
     times = []
-    for _ in range(repeat):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    for _ in range(repeat + 1):
+        sync(device)
         start = time.perf_counter()
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+        if sum(times) >= budget:
+            break
+    return times[1:] or times
+
+
+def timed(fn, device, repeat, budget=math.inf):
+    """Median of :func:`run_times`."""
+    return statistics.median(run_times(fn, device, repeat, budget))
+
+
+def cpu_model():
+    """The CPU's model name from /proc/cpuinfo (``platform.processor()`` elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            return next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "cpu"
+
+
+def device_name(device):
+    """The GPU's name, or the CPU's model."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
 
 
 def machine_name(device):
-    """The GPU's name, or the CPU model and the thread count, as a file-name-safe string."""
+    """The GPU's name, or the CPU model and the thread count, as a file-name-safe string
+    (``AMD-EPYC-2t``, ``NVIDIA-H100-80GB-HBM3``)."""
+    name = device_name(device)
+    if device.type != "cuda":
+        name = f"{name}-{torch.get_num_threads()}t"
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name.replace(" ", "-"))
+
+
+def free_memory(device):
+    """Bytes free on ``device``: ``cudaMemGetInfo`` on CUDA, ``MemAvailable`` of /proc/meminfo
+    on the CPU (physical pages when /proc is absent)."""
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device).replace(" ", "-")
-    model = platform.processor() or "cpu"
+        return torch.cuda.mem_get_info(device)[0]
     try:
-        with open("/proc/cpuinfo") as handle:
-            model = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
-    except (OSError, StopIteration):
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
         pass
-    return f"{model.replace(' ', '-')}-{torch.get_num_threads()}t"
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def copy_bandwidth(device):
@@ -65,21 +106,9 @@ def exp_rate(device):
     return 20 * x.numel() / seconds
 
 
-def main(description, run, markdown, name, repeat=3):
-    """Command line of a benchmark script: ``--device --threads --repeat --out``; ``run(device,
-    repeat)`` returns the result dict (with ``machine``), printed with ``markdown`` and written as JSON."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
-    parser.add_argument("--repeat", type=int, default=repeat)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    result = run(torch.device(args.device), args.repeat)
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"{name}-{result['machine']}.json")
-    with open(path, "w") as handle:
-        json.dump(result, handle, indent=2)
-    print(markdown(result))
-    print(f"\nwritten {path}")
+def device_rates(device):
+    """The measured rates the GPU floors are computed from (``None`` on the CPU)."""
+    if device.type != "cuda":
+        return None
+    return {"copy_bytes_per_s": copy_bandwidth(device), "fma_per_s": fp32_fma_rate(device),
+            "exp_per_s": exp_rate(device)}

@@ -1,0 +1,102 @@
+"""The benchmark baselines compute the numbers of pfc_fast.reference, unbalanced classes included,
+so no speed-up is ever measured against a wrong baseline; so do the timed calls of every
+contender of the benchmark cases."""
+import pytest
+import torch
+
+import pfc_fast
+from benchmarks import baselines, nc_metrics_bench, sinkhorn_bench
+from benchmarks.cases import Case
+from pfc_fast import reference
+
+from conftest import make_features
+
+
+@pytest.mark.parametrize("baseline", [baselines.papyan_nc_metrics, baselines.published_nc_metrics],
+                         ids=lambda f: f.__name__)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_nc_baselines_match_reference(device, baseline, dtype):
+    feats, labels = make_features(1200, 24, 5, seed=61, device=device, dtype=dtype)  # unbalanced classes
+    ours = baseline(feats, labels, 5, batch_size=256)
+    expected = reference.nc_metrics(feats.double(), labels)
+    for name, value in ours.items():
+        assert value == pytest.approx(expected[name], rel=1e-9), name
+
+
+def test_nc_contenders_compute_nc1():
+    case = nc_metrics_bench.cases("cpu", "tiny")[0]
+    inputs = nc_metrics_bench.make_inputs(case, torch.device("cpu"))
+    expected = reference.nc_metrics(inputs["feats"].double(), inputs["labels"])["nc1"]
+    for name in case.contenders:
+        output = nc_metrics_bench.runner(case, inputs, name)()
+        nc1 = output["nc1"] if isinstance(output, dict) else output.nc1
+        assert nc1 == pytest.approx(expected, rel=1e-9), name
+
+
+def _problem(device, batch=(), n=40, m=30, seed=62):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch + (n, 3), generator=gen, dtype=torch.float64)
+    y = torch.randn(batch + (m, 3), generator=gen, dtype=torch.float64) + 0.5
+    a = torch.rand(batch + (n,), generator=gen, dtype=torch.float64) + 0.5
+    b = torch.rand(batch + (m,), generator=gen, dtype=torch.float64) + 0.5
+    cost = torch.cdist(x, y).square()
+    return [t.to(device) for t in (cost, a / a.sum(-1, keepdim=True), b / b.sum(-1, keepdim=True))]
+
+
+def test_torch_sinkhorn_log_is_the_reference_loop(device):
+    cost, a, b = _problem(device)
+    f, g = baselines.torch_sinkhorn_log(cost, 0.4, 37, a, b)
+    expected = reference.sinkhorn(cost=cost.cpu(), a=a.cpu(), b=b.cpu(), eps=0.4, max_iter=37, tol=0)
+    torch.testing.assert_close(f.cpu(), expected["f"], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g.cpu(), expected["g"], rtol=1e-12, atol=1e-12)
+    costs, a, b = _problem(device, batch=(3,))
+    f, g = baselines.torch_sinkhorn_log(costs, 0.4, 37, a, b)
+    for k in range(3):
+        single = baselines.torch_sinkhorn_log(costs[k], 0.4, 37, a[k], b[k])
+        torch.testing.assert_close(f[k], single[0], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(g[k], single[1], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.skipif(baselines.ot is None, reason="POT is not installed")
+@pytest.mark.parametrize("solver", [baselines.pot_sinkhorn_log, baselines.pot_sinkhorn], ids=lambda f: f.__name__)
+def test_pot_baselines_match_reference_at_convergence(device, solver):
+    cost, a, b = _problem(device)
+    plan = solver(cost, 0.4, 3000, a, b)
+    expected = reference.sinkhorn(cost=cost.cpu(), a=a.cpu(), b=b.cpu(), eps=0.4, max_iter=100_000, tol=1e-14)
+    torch.testing.assert_close(plan.cpu(), expected["plan"], rtol=1e-8, atol=1e-14)
+    assert float((plan * cost).sum()) == pytest.approx(expected["cost"], rel=1e-8)
+
+
+def _transport_costs(output, cost, eps):
+    """``<P, C>`` of each problem, from whatever a sinkhorn contender returns."""
+    if isinstance(output, list):
+        return torch.stack([_transport_costs(o, c, eps).reshape(()) for o, c in zip(output, cost)])
+    if isinstance(output, pfc_fast.SinkhornResult):
+        return output.cost.double()
+    if isinstance(output, tuple):  # potentials, uniform weights
+        f, g = output
+        n, m = cost.shape[-2:]
+        output = torch.exp((f.unsqueeze(-1) + g.unsqueeze(-2) - cost) / eps) / (n * m)
+    return (output.double() * cost).sum((-2, -1))
+
+
+@pytest.mark.skipif(baselines.ot is None, reason="POT is not installed")
+@pytest.mark.parametrize("table", ["sinkhorn", "sinkhorn-batch"])
+def test_sinkhorn_contenders_compute_the_transport_cost(table):
+    """Every contender, run to convergence in float32 (at 10 times the benchmarks' eps, where 100
+    iterations converge), gives the reference's <P, C> (float64)."""
+    params = {"N": 40, "M": 40, "D": 3, "iterations": 100}
+    params = {"B": 2, **params} if table == "sinkhorn-batch" else params
+    template = next(c for c in sinkhorn_bench.cases("cpu", "tiny") if c.table == table)
+    case = Case("sinkhorn", table, params, (), template.contenders)
+    inputs = sinkhorn_bench.make_inputs(case, torch.device("cpu"))
+    inputs["eps"] *= 10
+    x, y, eps = inputs["x"].double(), inputs["y"].double(), inputs["eps"]
+    batch = x.shape[0] if x.dim() == 3 else None
+    problems = zip(x, y) if batch else [(x, y)]
+    expected = torch.tensor([reference.sinkhorn(xk, yk, eps=eps, max_iter=10_000, tol=1e-10)["cost"]
+                             for xk, yk in problems], dtype=torch.float64)
+    cost = torch.cdist(inputs["x"], inputs["y"]).square()
+    for name in case.contenders:
+        found = _transport_costs(sinkhorn_bench.runner(case, inputs, name)(), cost, eps).reshape(-1)
+        torch.testing.assert_close(found, expected, rtol=2e-4, atol=0, msg=name)
