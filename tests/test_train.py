@@ -150,16 +150,22 @@ def test_interrupt_and_resume_equal_an_uninterrupted_run(tmp_path, monkeypatch, 
 
 
 def test_ctrl_c_waits_for_the_epoch_writes():
+    # Python's handler, as in a terminal, even when the tests were started with SIGINT ignored (a
+    # background job of a non-interactive shell)
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
     finished = []
-    with pytest.raises(KeyboardInterrupt):
-        with train._interrupts_deferred():
-            os.kill(os.getpid(), signal.SIGINT)
-            finished.append("metrics")  # still runs: the interrupt waits for the end of the block
-            finished.append("checkpoint")
-    assert finished == ["metrics", "checkpoint"]
-    with pytest.raises(KeyboardInterrupt):
-        os.kill(os.getpid(), signal.SIGINT)  # the usual handler is back
-        time.sleep(1)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with train._interrupts_deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                finished.append("metrics")  # still runs: the interrupt waits for the end of the block
+                finished.append("checkpoint")
+        assert finished == ["metrics", "checkpoint"]
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # the usual handler is back
+            time.sleep(1)
+    finally:
+        signal.signal(signal.SIGINT, outer)
 
 
 def test_torchrun_two_processes_equal_one_process_on_the_checkpoint(tmp_path):
