@@ -29,6 +29,7 @@ import time
 import torch
 
 import pfc_fast
+from pfc_fast.train import positive_int
 
 from .baselines import ot
 from .cases import GROUPS, SIZES, check_size, group_module, input_skip_reason, skip_reason
@@ -44,20 +45,13 @@ README = os.path.join(os.path.dirname(HERE), "README.md")
 TIMING = {"tiny": (1, 0.0), "quick": (3, 6.0), "full": (5, 20.0)}
 
 
-def _positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
 def add_arguments(parser):
     """The flags of ``pfc-fast bench``."""
     parser.add_argument("--quick", action="store_true", help="the quick subset: acceptance targets and short "
                         "sweeps (minutes on a 2-core CPU)")
     parser.add_argument("--sizes", choices=SIZES, help=argparse.SUPPRESS)
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
-    parser.add_argument("--threads", type=_positive_int, help="CPU threads (torch.set_num_threads)")
+    parser.add_argument("--threads", type=positive_int, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--out", default=RESULTS, help="directory of the results files (default benchmarks/results)")
     parser.add_argument("--only", nargs="+", choices=tuple(GROUPS), help="run these groups only (default: all)")
     parser.add_argument("--readme", action="store_true", help="run nothing; rewrite README.md's performance "

@@ -28,6 +28,7 @@ from matplotlib.figure import Figure
 
 from pfc_fast import mufm, nc_metrics
 from pfc_fast.data import balanced_indices
+from pfc_fast.train import positive_int
 
 from .pfc_depth import write_json
 
@@ -114,14 +115,14 @@ def run(per_class, layers, lots, sinkhorn_per_class, sinkhorn_lots, out, seed=0,
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m experiments.mufm_sweep", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--per-class", type=int, default=30, help="digits per class in X (default 30)")
-    parser.add_argument("--layers", type=int, default=4, help="free layers L (default 4)")
+    parser.add_argument("--per-class", type=positive_int, default=30, help="digits per class in X (default 30)")
+    parser.add_argument("--layers", type=positive_int, default=4, help="free layers L (default 4)")
     parser.add_argument("--lots", type=float, nargs="+", default=list(LOTS), help="coupling weights, matched cost")
-    parser.add_argument("--sinkhorn-per-class", type=int, default=6, help="digits per class in X of the "
+    parser.add_argument("--sinkhorn-per-class", type=positive_int, default=6, help="digits per class in X of the "
                         "Sinkhorn-cost sweep (default 6)")
     parser.add_argument("--sinkhorn-lots", type=float, nargs="*", default=list(SINKHORN_LOTS),
                         help="coupling weights, Sinkhorn cost (none: skip)")
-    parser.add_argument("--sinkhorn-steps", type=int, default=2000, help="most L-BFGS iterations of a "
+    parser.add_argument("--sinkhorn-steps", type=positive_int, default=2000, help="most L-BFGS iterations of a "
                         "Sinkhorn-cost solve (default 2000)")
     parser.add_argument("--seed", type=int, default=0, help="which digits are drawn")
     parser.add_argument("--out", default="docs/reproduction/mufm", help="directory of the figure and JSON")

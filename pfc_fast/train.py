@@ -57,28 +57,28 @@ class UsageError(Exception):
         super().__init__(f"argument {argument}: {message}")
 
 
-def _positive_int(text):
+def positive_int(text):
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
 
 
-def _non_negative_int(text):
+def non_negative_int(text):
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
 
 
-def _positive_float(text):
+def positive_float(text):
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return value
 
 
-def _non_negative_float(text):
+def non_negative_float(text):
     value = float(text)
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
@@ -89,29 +89,29 @@ def add_arguments(parser):
     """The flags of ``pfc-fast train`` (training options default to None here, see ``DEFAULTS``)."""
     d = DEFAULTS
     parser.add_argument("--model", choices=MODELS, help=f"network (default {d['model']}; cwresnet: constant width)")
-    parser.add_argument("--width", type=_positive_int,
+    parser.add_argument("--width", type=positive_int,
                         help=f"channels of the first stage (default {d['width']}; torchvision's is 64)")
-    parser.add_argument("--depth", type=_positive_int, help="number of blocks of cwresnet (default 8)")
+    parser.add_argument("--depth", type=positive_int, help="number of blocks of cwresnet (default 8)")
     parser.add_argument("--dataset", choices=DATASETS, help=f"(default {d['dataset']}: Fashion-MNIST subset "
                         "inside the package)")
     parser.add_argument("--data-dir", help="directory of the dataset (torchvision's layout)")
-    parser.add_argument("--epochs", type=_positive_int, help=f"(default {d['epochs']})")
-    parser.add_argument("--batch-size", type=_positive_int, help=f"global batch size (default {d['batch_size']})")
-    parser.add_argument("--lr", type=_positive_float, help=f"SGD learning rate (default {d['lr']})")
-    parser.add_argument("--momentum", type=_non_negative_float, help=f"SGD momentum (default {d['momentum']})")
+    parser.add_argument("--epochs", type=positive_int, help=f"(default {d['epochs']})")
+    parser.add_argument("--batch-size", type=positive_int, help=f"global batch size (default {d['batch_size']})")
+    parser.add_argument("--lr", type=positive_float, help=f"SGD learning rate (default {d['lr']})")
+    parser.add_argument("--momentum", type=non_negative_float, help=f"SGD momentum (default {d['momentum']})")
     parser.add_argument("--schedule", choices=SCHEDULES, help=f"learning-rate schedule per epoch (default "
                         f"{d['schedule']}; step: x0.1 at 50%% and 75%% of the epochs)")
-    parser.add_argument("--weight-decay", type=_non_negative_float, help=f"(default {d['weight_decay']})")
+    parser.add_argument("--weight-decay", type=non_negative_float, help=f"(default {d['weight_decay']})")
     parser.add_argument("--augment", choices=AUGMENTATIONS, help=f"training augmentation (default {d['augment']})")
     parser.add_argument("--seed", type=int, help=f"seed of weights, data order, augmentation, probe (default "
                         f"{d['seed']})")
-    parser.add_argument("--train-per-class", type=_positive_int, help="train on a class-balanced subset of the "
+    parser.add_argument("--train-per-class", type=positive_int, help="train on a class-balanced subset of the "
                         "training set with this many samples per class, drawn with --seed (default: all of it)")
-    parser.add_argument("--probe-per-class", type=_positive_int, help=f"training samples per class on which PFC "
+    parser.add_argument("--probe-per-class", type=positive_int, help=f"training samples per class on which PFC "
                         f"is measured (default {d['probe_per_class']})")
     parser.add_argument("--pooling", choices=("flatten", "gap"), help=f"features of a conv layer: flatten "
                         f"(D = C*h*w) or global average pooling (D = C) (default {d['pooling']})")
-    parser.add_argument("--geodesic-samples", type=_non_negative_int, help=f"probe samples for LSS and the W-path "
+    parser.add_argument("--geodesic-samples", type=non_negative_int, help=f"probe samples for LSS and the W-path "
                         f"ratio of cwresnet (default {d['geodesic_samples']}; 0: off)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     parser.add_argument("--out", help="run directory (default runs/DATASET-MODEL-wWIDTH-sSEED, then with -2, -3, "
