@@ -422,6 +422,21 @@ class _Run:
         return state["epoch"]
 
 
+def prepare(options=None, device="cpu", out=None):
+    """A run of ``pfc-fast train`` set up as its first epoch finds it, without training.
+
+    ``options``: a dict over ``DEFAULTS`` (same keys). Loads the data, draws the probe set, builds
+    the network (initialised with the seed), optimiser, scheduler and monitor. ``run.train_epoch(
+    epoch, progress)`` and ``run.measure()`` are the epoch and the PFC measurement that ``pfc-fast
+    train`` times; ``out`` is where a checkpoint would be saved. Bad values raise ``UsageError``
+    naming the flag.
+    """
+    unknown = sorted(set(options or {}) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"options: {unknown} are not options of pfc-fast train ({', '.join(DEFAULTS)})")
+    return _Run({**DEFAULTS, **(options or {})}, out, torch.device(device), _Distributed())
+
+
 def restore(run_dir, device="cpu", checkpoint=True):
     """The run in ``run_dir`` rebuilt from its ``config.json``: data, probe set, network, monitor.
 
@@ -437,8 +452,7 @@ def restore(run_dir, device="cpu", checkpoint=True):
         raise ValueError(f"run_dir {run_dir!r} holds no pfc-fast run (no config.json)")
     with open(config_path) as handle:
         saved = json.load(handle)
-    config = {key: saved.get(key, value) for key, value in DEFAULTS.items()}
-    run = _Run(config, run_dir, torch.device(device), _Distributed())
+    run = prepare({key: saved[key] for key in DEFAULTS if key in saved}, device, run_dir)
     epoch = run.load_checkpoint() if checkpoint else 0
     run.network.eval()
     return run, epoch

@@ -251,3 +251,12 @@ def test_existing_run_and_resume_arguments(tmp_path, capsys):
     assert "argument --lr: the run in" in capsys.readouterr().err
     assert train.main(["--out", run, "--resume", "--no-report", "--dataset", "digits"]) == 0  # nothing left to do
     assert len(_records(run)) == 1
+
+
+def test_prepare_is_the_first_epoch_of_a_run():
+    run = train.prepare({"dataset": "digits", "width": 4, "train_per_class": 20, "probe_per_class": 5})
+    assert len(run.train_labels) == 200 and len(run.probe) == 50
+    assert run.config == {**train.DEFAULTS, "dataset": "digits", "width": 4, "train_per_class": 20,
+                          "probe_per_class": 5}
+    with pytest.raises(ValueError, match=r"options: \['widht'\] are not options of pfc-fast train"):
+        train.prepare({"widht": 4})
