@@ -6,6 +6,12 @@ to torch, or when ``FORCE_CUDA=1`` (to compile them on a machine without a GPU, 
 
 ``PFC_FAST_NATIVE=0`` builds the CPU kernels without ``-march=native`` (for a binary that must run
 on another CPU than the one it was built on).
+
+``pfc_fast._simt`` is the CUDA kernels built by the host compiler against the SIMT layer
+(``csrc/simt``), which runs them on CPU tensors: the tests' ``simt`` cases. It needs Boost.Context
+(Debian's ``libboost-context-dev``). ``PFC_FAST_SIMT=1`` builds it (and fails without Boost), ``0``
+skips it, unset builds it where Boost is found. ``PFC_FAST_SIMT_ASAN=1`` builds it with
+AddressSanitizer (run Python with ``LD_PRELOAD`` of libasan; see tools/simt_asan.sh).
 """
 import glob
 import os
@@ -26,9 +32,8 @@ def _with_cuda():
     return torch.cuda.is_available() and CUDA_HOME is not None
 
 
-def _extension():
-    with_cuda = _with_cuda()
-    sources = [os.path.join("csrc", "pfc_fast.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+def _cpu_flags():
+    """Compile and link flags of the host-compiled (CPU and SIMT) code."""
     cxx = ["-O3"]
     link = []
     if sys.platform != "darwin":
@@ -36,6 +41,13 @@ def _extension():
         link.append("-fopenmp")
     if os.getenv("PFC_FAST_NATIVE", "1") == "1":
         cxx.append("-march=native")
+    return cxx, link
+
+
+def _extension():
+    with_cuda = _with_cuda()
+    sources = [os.path.join("csrc", "pfc_fast.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    cxx, link = _cpu_flags()
     macros = []
     kwargs = {}
     if with_cuda:
@@ -56,6 +68,50 @@ def _extension():
     )
 
 
+BOOST_HEADER = os.path.join("boost", "context", "fiber.hpp")
+
+
+def _boost_include():
+    """The include folder that holds Boost.Context, or None."""
+    roots = [os.path.join(os.environ[var], "include") for var in ("BOOST_ROOT", "CONDA_PREFIX") if os.getenv(var)]
+    for root in roots + ["/usr/include", "/usr/local/include", "/opt/homebrew/include"]:
+        if os.path.exists(os.path.join(root, BOOST_HEADER)):
+            return root
+    return None
+
+
+def _simt_extension():
+    """pfc_fast._simt, or None when PFC_FAST_SIMT=0 or (unset) Boost.Context is not found."""
+    wanted = os.getenv("PFC_FAST_SIMT", "")
+    if wanted not in ("", "0", "1"):
+        raise SystemExit(f"PFC_FAST_SIMT must be 0 or 1, got {wanted!r}")
+    boost = _boost_include()
+    if wanted == "0" or (wanted == "" and boost is None):
+        return None
+    if boost is None:
+        raise SystemExit("PFC_FAST_SIMT=1: the SIMT layer needs Boost.Context, and boost/context/fiber.hpp was not "
+                         "found (Debian/Ubuntu: apt-get install libboost-context-dev; or set BOOST_ROOT)")
+    cxx, link = _cpu_flags()
+    cxx += ["-Wno-unknown-pragmas"]  # the kernels' #pragma unroll is for nvcc
+    macros = [("PFC_SIMT", None)]
+    if os.getenv("PFC_FAST_SIMT_ASAN", "0") == "1":
+        # Boost's ucontext fibers tell ASan about each switch (its fcontext ones do not).
+        cxx = [flag for flag in cxx if flag != "-O3"] + ["-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer"]
+        link += ["-fsanitize=address"]
+        macros += [("PFC_SIMT_ASAN", None), ("BOOST_USE_UCONTEXT", None), ("BOOST_USE_ASAN", None)]
+    library_dirs = [os.path.join(os.path.dirname(boost), "lib")] if boost not in ("/usr/include",) else []
+    return CppExtension(
+        "pfc_fast._simt",
+        sorted(glob.glob(os.path.join("csrc", "simt", "*.cpp"))),
+        include_dirs=[os.path.join(HERE, "csrc"), boost],
+        define_macros=macros,
+        library_dirs=library_dirs,
+        libraries=["boost_context"],
+        extra_compile_args={"cxx": cxx},
+        extra_link_args=link,
+    )
+
+
 setup(
     name="pfc_fast",
     version="0.1.0",
@@ -65,7 +121,7 @@ setup(
     package_data={"pfc_fast": ["data/*"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "numpy", "scipy", "matplotlib", "tqdm"],
-    ext_modules=[_extension()],
+    ext_modules=[ext for ext in (_extension(), _simt_extension()) if ext is not None],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     entry_points={"console_scripts": ["pfc-fast=pfc_fast.cli:main"]},
     zip_safe=False,

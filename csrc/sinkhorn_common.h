@@ -72,7 +72,7 @@ at::Tensor sinkhorn_softmin_op(const c10::optional<at::Tensor>& x, const c10::op
   const at::Tensor h = h_in.contiguous(), log_w = log_w_in.contiguous();
   const at::Tensor shift = shift_in.has_value() ? shift_in->contiguous() : at::Tensor();
   at::Tensor out = at::empty({shape.batch, shape.rows}, h.options());
-  if (shape.rows == 0) return out;
+  if (shape.rows == 0 || shape.batch == 0) return out;  // nothing to launch (an empty CUDA grid fails)
   AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "sinkhorn_softmin", [&] {
     using Fold = typename Backend::template SoftminFold<scalar_t>;
     const typename Fold::Args args{static_cast<scalar_t>(eps), out.data_ptr<scalar_t>(),
@@ -94,7 +94,7 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_plan_sums_op(
   const at::Tensor row_terms = (log_a + f / eps).contiguous();
   at::Tensor mass = at::empty({shape.batch, shape.rows}, g.options());
   at::Tensor total = at::empty({shape.batch, shape.rows}, g.options());
-  if (shape.rows == 0) return {mass, total};
+  if (shape.rows == 0 || shape.batch == 0) return {mass, total};
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "sinkhorn_plan_sums", [&] {
     using Fold = typename Backend::template PlanFold<scalar_t>;
     const typename Fold::Args args{row_terms.data_ptr<scalar_t>(), mass.data_ptr<scalar_t>(),

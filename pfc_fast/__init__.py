@@ -8,7 +8,7 @@ Front door: :func:`nc_metrics`. Batched data: :class:`NCAccumulator`. Optimal tr
 README.md ("Metrics") and ``shared/spec/pfc.md``; float64 pure-PyTorch formulas:
 :mod:`pfc_fast.reference`. Multilayer unconstrained feature model: :mod:`pfc_fast.mufm`.
 """
-from ._ops import build_info
+from ._ops import build_info, use_simt
 from .metrics import NCAccumulator, NCMetrics, nc_metrics
 from .monitor import PFCMonitor, PFCResult
 from .transport import SinkhornResult, median_cost, sinkhorn, sinkhorn_divergence, wasserstein2
@@ -17,5 +17,5 @@ from . import geodesic, mufm, reference
 __version__ = "0.1.0"
 
 __all__ = ["NCAccumulator", "NCMetrics", "PFCMonitor", "PFCResult", "SinkhornResult", "build_info", "geodesic",
-           "median_cost", "mufm", "nc_metrics", "reference", "sinkhorn", "sinkhorn_divergence", "wasserstein2",
-           "__version__"]
+           "median_cost", "mufm", "nc_metrics", "reference", "sinkhorn", "sinkhorn_divergence", "use_simt",
+           "wasserstein2", "__version__"]

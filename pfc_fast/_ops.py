@@ -1,9 +1,14 @@
-"""The compiled operators of ``pfc_fast._C`` and their fake kernels.
+"""The compiled operators of ``pfc_fast._C`` (and ``pfc_fast._simt``) and their fake kernels.
 
-Schemas are registered once in ``csrc/pfc_fast.cpp`` (``TORCH_LIBRARY``); CPU and CUDA kernels in
-``csrc/cpu`` and ``csrc/cuda``. The fake kernels below give output shapes without data, so the ops
-trace under ``torch.compile`` and pass ``torch.library.opcheck``.
+Schemas are written once in ``csrc/schemas.h``; CPU and CUDA kernels in ``csrc/cpu`` and
+``csrc/cuda``. ``pfc_fast._simt``, where it is built, registers the same schemas under the
+namespace ``pfc_fast_simt`` with the CUDA kernels run on CPU tensors by the SIMT layer
+(``csrc/simt``); :func:`use_simt` routes the library's calls on CPU tensors there. The fake
+kernels below give output shapes without data, so the ops trace under ``torch.compile`` and pass
+``torch.library.opcheck``.
 """
+import os
+
 import torch
 
 try:
@@ -15,14 +20,31 @@ except ImportError as error:  # pragma: no cover - only without a build
         "checkout that was never built also ends here."
     ) from error
 
+try:
+    from . import _simt
+except ImportError:  # built without the SIMT layer (PFC_FAST_SIMT=0, or no Boost.Context)
+    _simt = None
 
-@torch.library.register_fake("pfc_fast::class_sums")
+#: The operator namespaces with kernels in this build.
+NAMESPACES = ("pfc_fast", "pfc_fast_simt") if _simt is not None else ("pfc_fast",)
+
+
+def _register_fake(name):
+    """Registers the decorated fake kernel for ``name`` in every namespace."""
+    def register(fake):
+        for namespace in NAMESPACES:
+            torch.library.register_fake(f"{namespace}::{name}")(fake)
+        return fake
+    return register
+
+
+@_register_fake("class_sums")
 def _class_sums_fake(feats, labels, num_classes):
     sums = feats.new_empty((num_classes, feats.shape[1]), dtype=torch.float64)
     return sums, labels.new_empty((num_classes,), dtype=torch.int64)
 
 
-@torch.library.register_fake("pfc_fast::residual_stats")
+@_register_fake("residual_stats")
 def _residual_stats_fake(feats, labels, means, proj, ncc_bias, logit_offset, predictions):
     num_classes = means.shape[0]
     gram = feats.new_empty((num_classes, num_classes), dtype=torch.float64)
@@ -30,33 +52,93 @@ def _residual_stats_fake(feats, labels, means, proj, ncc_bias, logit_offset, pre
     return gram, class_sq, feats.new_empty((2,), dtype=torch.int64)
 
 
-@torch.library.register_fake("pfc_fast::sinkhorn_softmin")
+@_register_fake("sinkhorn_softmin")
 def _sinkhorn_softmin_fake(x, y, cost, h, log_w, eps, shift=None, transpose=False):
     rows = cost.shape[2] if transpose else (cost if cost is not None else x).shape[1]
     return h.new_empty((h.shape[0], rows))
 
 
-@torch.library.register_fake("pfc_fast::sinkhorn_plan_sums")
+@_register_fake("sinkhorn_plan_sums")
 def _sinkhorn_plan_sums_fake(x, y, cost, f, g, log_a, log_b, eps):
     return f.new_empty(f.shape), f.new_empty(f.shape)
 
 
-class_sums = torch.ops.pfc_fast.class_sums
-residual_stats = torch.ops.pfc_fast.residual_stats
-sinkhorn_softmin = torch.ops.pfc_fast.sinkhorn_softmin
-sinkhorn_plan_sums = torch.ops.pfc_fast.sinkhorn_plan_sums
+_simt_active = False
+
+
+class use_simt:
+    """Routes the library's kernels on CPU tensors through the SIMT layer: ``nc_metrics``,
+    ``NCAccumulator``, ``PFCMonitor``, ``sinkhorn`` and everything built on them then run the CUDA
+    kernels (``csrc/cuda``), executed on the CPU thread by thread (``torch.ops.pfc_fast_simt``),
+    instead of the C++ CPU kernels. For testing the CUDA code without a GPU; much slower.
+
+    Takes effect when called; as a context manager it restores the previous setting on exit::
+
+        with pfc_fast.use_simt():
+            m = pfc_fast.nc_metrics(feats, labels)      # the CUDA kernels' numbers
+
+    ``PFC_FAST_USE_SIMT=1`` in the environment turns it on at import. Raises ``RuntimeError``
+    where pfc_fast was built without the SIMT layer (``build_info()["simt"]`` is False).
+    """
+
+    def __init__(self, enabled: bool = True):
+        global _simt_active
+        if not isinstance(enabled, bool):
+            raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+        if enabled and _simt is None:
+            raise RuntimeError("pfc_fast was built without the SIMT layer (pfc_fast._simt); rebuild with "
+                               "PFC_FAST_SIMT=1 and Boost.Context installed (README.md, Install)")
+        self._previous = _simt_active
+        _simt_active = enabled
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        global _simt_active
+        _simt_active = self._previous
+
+
+def ops_for(tensor):
+    """The ops that run ``tensor``'s kernels: ``pfc_fast``, or ``pfc_fast_simt`` for a CPU tensor under use_simt."""
+    if _simt_active and tensor.device.type == "cpu":
+        return torch.ops.pfc_fast_simt
+    return torch.ops.pfc_fast
+
+
+def class_sums(feats, labels, num_classes):
+    return ops_for(feats).class_sums(feats, labels, num_classes)
+
+
+def residual_stats(feats, labels, means, proj, ncc_bias, logit_offset, predictions):
+    return ops_for(feats).residual_stats(feats, labels, means, proj, ncc_bias, logit_offset, predictions)
+
+
+def sinkhorn_softmin(x, y, cost, h, log_w, eps, shift=None, transpose=False):
+    return ops_for(h).sinkhorn_softmin(x, y, cost, h, log_w, eps, shift, transpose=transpose)
+
+
+def sinkhorn_plan_sums(x, y, cost, f, g, log_a, log_b, eps):
+    return ops_for(f).sinkhorn_plan_sums(x, y, cost, f, g, log_a, log_b, eps)
+
+
+if os.getenv("PFC_FAST_USE_SIMT", "0") == "1":
+    use_simt()
 
 
 def build_info():
     """What the compiled core was built with.
 
-    Returns a dict: ``cuda`` (CUDA kernels compiled in), ``openmp`` (CPU kernels built with
-    OpenMP), ``torch`` (the torch version the core was compiled against), ``torch_runtime`` (the
-    torch imported now), ``cuda_available`` (a GPU usable now) and ``num_threads`` (CPU threads the
-    kernels use, ``torch.get_num_threads()``).
+    Returns a dict: ``cuda`` (CUDA kernels compiled in), ``simt`` (the CUDA kernels also built for
+    the SIMT layer, ``pfc_fast._simt``), ``simt_active`` (:func:`use_simt` is on), ``openmp`` (CPU
+    kernels built with OpenMP), ``torch`` (the torch version the core was compiled against),
+    ``torch_runtime`` (the torch imported now), ``cuda_available`` (a GPU usable now) and
+    ``num_threads`` (CPU threads the kernels use, ``torch.get_num_threads()``).
     """
     return {
         "cuda": bool(_C.with_cuda),
+        "simt": _simt is not None,
+        "simt_active": _simt_active,
         "openmp": bool(_C.with_openmp),
         "torch": f"{_C.torch_version_major}.{_C.torch_version_minor}.{_C.torch_version_patch}",
         "torch_runtime": torch.__version__,

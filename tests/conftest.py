@@ -1,10 +1,22 @@
-"""Shared fixtures: data generators and the device parameter (CUDA cases skip visibly without a GPU)."""
+"""Shared fixtures: data generators and the device parameter.
+
+``device`` is ``cpu`` (the C++ kernels), ``cuda`` (the CUDA kernels on a GPU; skipped visibly
+without one) and ``simt`` (the same CUDA kernels run on CPU tensors by the SIMT layer, through
+``pfc_fast.use_simt``; skipped visibly where pfc_fast._simt was not built). The simt cases run
+their launches' blocks in an order seeded from ``PFC_FAST_SIMT_SEED`` (random per session unless
+set, shown in the header) and the test's name, so a failure replays with that seed.
+"""
 import math
+import os
+import random
+import zlib
 
 import pytest
 import torch
 
 import pfc_fast
+
+SIMT_SEED = int(os.environ.get("PFC_FAST_SIMT_SEED", random.SystemRandom().randrange(2**32)))
 
 DEVICES = [
     "cpu",
@@ -18,12 +30,38 @@ DEVICES = [
             ),
         ],
     ),
+    pytest.param(
+        "simt",
+        marks=[
+            pytest.mark.simt,
+            pytest.mark.skipif(not pfc_fast.build_info()["simt"],
+                               reason="pfc_fast built without the SIMT layer (pfc_fast._simt): simt case not run"),
+        ],
+    ),
 ]
+
+
+def pytest_report_header(config):
+    if pfc_fast.build_info()["simt"]:
+        return f"SIMT block order: PFC_FAST_SIMT_SEED={SIMT_SEED}"
+    return "SIMT layer not built: simt cases skipped"
+
+
+def seed_simt_block_order(request):
+    """Seeds the SIMT block order from the session seed and the test's name."""
+    from pfc_fast import _simt
+    _simt.set_block_order_seed(zlib.crc32(request.node.nodeid.encode()) ^ SIMT_SEED)
 
 
 @pytest.fixture(params=DEVICES)
 def device(request):
-    return torch.device(request.param)
+    """The device of the test's tensors; for ``simt``, CPU tensors with the library routed through the SIMT layer."""
+    if request.param != "simt":
+        yield torch.device(request.param)
+        return
+    seed_simt_block_order(request)
+    with pfc_fast.use_simt():
+        yield torch.device("cpu")
 
 
 def make_features(n, d, k, *, seed, device="cpu", dtype=torch.float32, spread=1.0, offset=0.0,

@@ -12,6 +12,7 @@ import torchvision
 from torch import nn
 
 import pfc_fast
+from pfc_fast import reference
 from pfc_fast.models import ConstantWidthResNet, small_image_resnet
 
 from conftest import assert_metrics_close
@@ -76,6 +77,25 @@ def test_matches_nc_metrics_by_hand(pooling, cache_bytes):
         expected = pfc_fast.nc_metrics(h, labels, num_classes=6, predictions=predictions, pooling=pooling)
         assert_metrics_close(result.layers[name], expected.to_dict(), rtol=1e-9)
     assert [layer["name"] for layer in result.to_list()] == monitor.layer_names
+
+
+def test_every_layer_against_the_reference(device):
+    """Through the kernels of each device (on simt: the CUDA kernels under the SIMT layer), every
+    layer's metrics against the float64 reference formulas on features computed by hand."""
+    torch.manual_seed(8)
+    images, labels = _data(36, 1, 8, 3, seed=9)
+    model = _trained_a_little(small_image_resnet("resnet18", 3, in_channels=1, width=4), images, labels).to(device)
+    monitor = pfc_fast.PFCMonitor(model, num_classes=3, pooling="gap")
+    result = monitor.measure(_batches(images.to(device), labels.to(device), [20, 16]), classifier=model.fc)
+    model.eval()
+    with torch.no_grad():
+        feats, logits = _resnet_by_hand(model, images.to(device))
+    for name, h in zip(result.layers, feats):
+        matches = h.shape[1] == model.fc.in_features  # the monitor applies the classifier where D fits
+        weight = dict(classifier=model.fc.weight.cpu(), bias=model.fc.bias.cpu()) if matches else {}
+        expected = reference.nc_metrics(h.cpu(), labels, num_classes=3, predictions=logits.argmax(1).cpu(),
+                                        pooling="gap", **weight)
+        assert_metrics_close(result.layers[name], expected, rtol=1e-8)
 
 
 def test_torchvision_resnets_default_hooks():

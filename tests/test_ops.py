@@ -27,15 +27,18 @@ def _residual_args(feats, labels, k, classifier):
 def test_opcheck(device, dtype, with_classifier):
     feats, labels = make_features(300, 40, 6, seed=31, device=device, dtype=dtype)
     classifier = torch.randn(6, 40, device=device) if with_classifier else None
-    torch.library.opcheck(torch.ops.pfc_fast.class_sums.default, (feats, labels, 6))
-    torch.library.opcheck(torch.ops.pfc_fast.residual_stats.default, _residual_args(feats, labels, 6, classifier))
+    ops = _ops.ops_for(feats)  # pfc_fast, or pfc_fast_simt in the simt case
+    torch.library.opcheck(ops.class_sums.default, (feats, labels, 6))
+    torch.library.opcheck(ops.residual_stats.default, _residual_args(feats, labels, 6, classifier))
 
 
 def test_ops_trace_under_compile(device):
     feats, labels = make_features(200, 16, 4, seed=32, device=device)
 
+    ops = _ops.ops_for(feats)
+
     def first_pass(x, y):
-        sums, counts = torch.ops.pfc_fast.class_sums(x, y, 4)
+        sums, counts = ops.class_sums(x, y, 4)
         return sums / counts.unsqueeze(1)
 
     compiled = torch.compile(first_pass, backend="aot_eager", fullgraph=True)

@@ -5,6 +5,10 @@
 #   FORCE_CUDA=1      compile the CUDA kernels even without a GPU (as CI does); the architectures
 #                     come from TORCH_CUDA_ARCH_LIST (default 9.0: H100/H200)
 #   FORCE_ONLY_CPU=1  build the CPU kernels only
+#   PFC_FAST_SIMT=1   also build the CUDA kernels for the SIMT layer (pfc_fast._simt: they run on the
+#                     CPU in the tests' simt cases); the default with FORCE_CUDA=1. Needs
+#                     Boost.Context, which this script installs with apt-get when it runs as root
+#   PFC_FAST_SIMT=0   do not build it (unset and without FORCE_CUDA=1: built where Boost is found)
 #   PYTHON=python3.x  the interpreter that creates .venv
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +27,19 @@ if [ "${FORCE_CUDA:-0}" = "1" ]; then
   nvidia_include=$(.venv/bin/python -c "import os, nvidia; print(os.path.join(list(nvidia.__path__)[0], 'cu13', 'include'))" 2>/dev/null || true)
   if [ -n "$nvidia_include" ] && [ -d "$nvidia_include" ]; then
     export CUDA_INC_PATH="${CUDA_INC_PATH:-$nvidia_include}"
+  fi
+fi
+if [ "${FORCE_CUDA:-0}" = "1" ] && [ -z "${PFC_FAST_SIMT:-}" ]; then
+  export PFC_FAST_SIMT=1
+fi
+if [ "${PFC_FAST_SIMT:-}" = "1" ] && [ -z "${BOOST_ROOT:-}" ] && [ ! -e /usr/include/boost/context/fiber.hpp ]; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get > /dev/null; then
+    echo "setup.sh: installing Boost.Context (libboost-context-dev) for the SIMT layer"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libboost-context-dev > /dev/null
+  else
+    echo "setup.sh: the SIMT layer (PFC_FAST_SIMT=1) needs Boost.Context: install it" \
+      "(sudo apt-get install libboost-context-dev), set BOOST_ROOT, or set PFC_FAST_SIMT=0" >&2
+    exit 1
   fi
 fi
 MAX_JOBS="${MAX_JOBS:-$(nproc)}" .venv/bin/python -m pip install --quiet --disable-pip-version-check \

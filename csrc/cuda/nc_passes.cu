@@ -12,19 +12,17 @@
 // features when P << D); sample_decisions_kernel then takes the nearest-class-centre and
 // classifier decisions and per-class traces, and the K x K accumulation is a cuBLAS product of
 // the scratch with itself.
+//
+// The same source builds for the SIMT layer (device.h); run there, the K x K product is a CPU BLAS
+// call instead of cuBLAS.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
-
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 
 #include <cmath>
 
 #include "../nc_common.h"
+#include "device.h"
 
 namespace pfc_fast {
 namespace {
@@ -49,7 +47,7 @@ template <typename scalar_t>
 __global__ void class_sums_kernel(const scalar_t* __restrict__ x, int64_t row_stride,
                                   const int64_t* __restrict__ labels, int64_t N, int64_t D, int64_t K,
                                   int64_t rows_per_chunk, bool shared_table, double* __restrict__ sums) {
-  extern __shared__ double table[];  // K x blockDim.x when shared_table
+  PFC_DYNAMIC_SHARED(double, table);  // K x blockDim.x when shared_table
   const int tid = threadIdx.x;
   const int64_t d = static_cast<int64_t>(blockIdx.x) * blockDim.x + tid;
   const int64_t i0 = static_cast<int64_t>(blockIdx.y) * rows_per_chunk;
@@ -135,7 +133,7 @@ __global__ void sample_decisions_kernel(const double* __restrict__ proj_out, con
                                         const double* __restrict__ ncc_bias, const double* __restrict__ logit_offset,
                                         const int64_t* __restrict__ predictions, double* __restrict__ class_sq,
                                         unsigned long long* __restrict__ decisions) {
-  __shared__ unsigned long long block_counts[2];
+  PFC_SHARED(unsigned long long, block_counts, [2]);
   if (threadIdx.x < 2) block_counts[threadIdx.x] = 0;
   __syncthreads();
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -175,35 +173,28 @@ __global__ void sample_decisions_kernel(const double* __restrict__ proj_out, con
   if (threadIdx.x < 2 && block_counts[threadIdx.x] != 0) atomicAdd(decisions + threadIdx.x, block_counts[threadIdx.x]);
 }
 
-int multiprocessors(const at::Tensor& t) {
-  int count = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, t.get_device()));
-  return count;
-}
-
 std::tuple<at::Tensor, at::Tensor> class_sums_cuda(const at::Tensor& feats_in, const at::Tensor& labels_in,
                                                    int64_t num_classes) {
   check_feats_labels(feats_in, labels_in);
-  const c10::cuda::CUDAGuard guard(feats_in.device());
+  const device::Guard guard(feats_in.device());
   const at::Tensor feats = with_contiguous_rows(feats_in);
   const at::Tensor labels = labels_in.contiguous();
   at::Tensor counts = class_counts(labels, num_classes);
   at::Tensor sums = at::zeros({num_classes, feats.size(1)}, feats.options().dtype(at::kDouble));
   const int64_t N = feats.size(0), D = feats.size(1);
-  if (N == 0) return {sums, counts};
+  if (N == 0 || D == 0) return {sums, counts};  // (no blocks; D = 0 would also divide by 0 below)
   const bool shared_table = num_classes * kSumThreads * static_cast<int64_t>(sizeof(double)) <= kSharedBytes;
   const int64_t col_blocks = (D + kSumThreads - 1) / kSumThreads;
-  const int64_t wanted = std::max<int64_t>(1, 8 * multiprocessors(feats) / col_blocks);
+  const int64_t wanted = std::max<int64_t>(1, 8 * device::multiprocessor_count(feats) / col_blocks);
   const int64_t chunks = std::min<int64_t>({wanted, (N + 31) / 32, 65535});
   const int64_t rows_per_chunk = (N + chunks - 1) / chunks;
   const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>((N + rows_per_chunk - 1) / rows_per_chunk));
   const size_t shared = shared_table ? num_classes * kSumThreads * sizeof(double) : 0;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = device::current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(), "class_sums_cuda", [&] {
-    class_sums_kernel<scalar_t><<<grid, kSumThreads, shared, stream>>>(
+    device::launch(class_sums_kernel<scalar_t>, grid, kSumThreads, shared, stream)(
         feats.data_ptr<scalar_t>(), feats.stride(0), labels.data_ptr<int64_t>(), N, D, num_classes, rows_per_chunk,
         shared_table, sums.data_ptr<double>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {sums, counts};
 }
@@ -214,7 +205,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stats_cuda(
     const c10::optional<at::Tensor>& predictions_in) {
   const auto [K, num_logits] =
       check_residual_args(feats_in, labels_in, means_in, proj_in, ncc_bias_in, logit_offset_in, predictions_in);
-  const c10::cuda::CUDAGuard guard(feats_in.device());
+  const device::Guard guard(feats_in.device());
   const at::Tensor feats = with_contiguous_rows(feats_in);
   const at::Tensor labels = labels_in.contiguous();
   class_counts(labels, K);  // validates the label range
@@ -231,24 +222,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stats_cuda(
 
   const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(N, kScratchBytes / ((P + 1) * 8)));
   at::Tensor scratch = at::empty({chunk, P + 1}, f64);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = device::current_stream();
   for (int64_t start = 0; start < N; start += chunk) {
     const int64_t rows = std::min(chunk, N - start);
     const at::Tensor part_labels = labels.narrow(0, start, rows);
     const int64_t per_block = kWarps * kWarpSamples;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(), "residual_stats_cuda", [&] {
-      project_residuals_kernel<scalar_t><<<static_cast<unsigned>((rows + per_block - 1) / per_block), kWarps * 32, 0,
-                                           stream>>>(
+      device::launch(project_residuals_kernel<scalar_t>, static_cast<unsigned>((rows + per_block - 1) / per_block),
+                     kWarps * 32, 0, stream)(
           feats.data_ptr<scalar_t>() + start * feats.stride(0), feats.stride(0), part_labels.data_ptr<int64_t>(), rows, D,
           K, means.data_ptr<double>(), proj.data_ptr<double>(), P, scratch.data_ptr<double>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-    sample_decisions_kernel<<<static_cast<unsigned>((rows + 255) / 256), 256, 0, stream>>>(
+    device::launch(sample_decisions_kernel, static_cast<unsigned>((rows + 255) / 256), 256, 0, stream)(
         scratch.data_ptr<double>(), part_labels.data_ptr<int64_t>(), rows, K, num_logits, ncc_bias.data_ptr<double>(),
         logit_offset.defined() ? logit_offset.data_ptr<double>() : nullptr,
         predictions.defined() ? predictions.data_ptr<int64_t>() + start : nullptr, class_sq.data_ptr<double>(),
         reinterpret_cast<unsigned long long*>(decisions.data_ptr<int64_t>()));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
     const at::Tensor z = scratch.narrow(0, 0, rows).narrow(1, 0, K);
     gram.addmm_(z.t(), z);
   }
@@ -257,7 +246,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stats_cuda(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pfc_fast, CUDA, m) {
+PFC_DEVICE_LIBRARY_IMPL(m) {
   m.impl("class_sums", &class_sums_cuda);
   m.impl("residual_stats", &residual_stats_cuda);
 }

@@ -13,14 +13,12 @@
 // each lane folding a strided subset of the columns, combined with shuffles.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <cmath>
 
 #include "../sinkhorn_common.h"
+#include "device.h"
 
 namespace pfc_fast {
 namespace {
@@ -127,8 +125,8 @@ __global__ void sweep_online_kernel(const T* __restrict__ x, const T* __restrict
                                     const T* __restrict__ sq_y, const T* __restrict__ h,
                                     const T* __restrict__ log_w, int64_t rows, int64_t cols, int64_t dim, T eps,
                                     typename Fold::Args args) {
-  __shared__ T xs[kChunk][kTileRows];
-  __shared__ T ys[kChunk][kTileCols];
+  PFC_SHARED(T, xs, [kChunk][kTileRows]);
+  PFC_SHARED(T, ys, [kChunk][kTileCols]);
   const int64_t b = blockIdx.y;
   const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kTileRows;
@@ -234,44 +232,43 @@ struct CudaBackend {
   using SoftminFold = pfc_fast::SoftminFold<T>;
   template <typename T>
   using PlanFold = pfc_fast::PlanFold<T>;
-  static c10::cuda::CUDAGuard guard(const at::Tensor& t) { return c10::cuda::CUDAGuard(t.device()); }
+  static device::Guard guard(const at::Tensor& t) { return device::Guard(t.device()); }
 
   template <typename T, typename Fold>
   static void sweep(const c10::optional<at::Tensor>& x, const c10::optional<at::Tensor>& y,
                     const c10::optional<at::Tensor>& cost, const at::Tensor& h, const at::Tensor& log_w, T eps,
                     const SoftminShape& shape, const typename Fold::Args& args) {
     TORCH_CHECK(shape.batch <= 65535, "pfc_fast: at most 65535 problems per batch on CUDA");
-    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    const cudaStream_t stream = device::current_stream();
     if (cost.has_value() && shape.transpose) {
       const at::Tensor c = cost->contiguous();
       const dim3 grid(static_cast<unsigned>((shape.rows + 255) / 256), static_cast<unsigned>(shape.batch));
-      sweep_columns_kernel<T, Fold><<<grid, 256, 0, stream>>>(c.data_ptr<T>(), h.data_ptr<T>(), log_w.data_ptr<T>(),
-                                                              shape.rows, shape.cols, eps, args);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      device::launch(sweep_columns_kernel<T, Fold>, grid, 256, 0, stream)(c.data_ptr<T>(), h.data_ptr<T>(),
+                                                                         log_w.data_ptr<T>(), shape.rows, shape.cols,
+                                                                         eps, args);
       return;
     }
     if (cost.has_value()) {
       const at::Tensor c = cost->contiguous();
       const int64_t batch_rows = shape.batch * shape.rows;
       constexpr int warps = 8;
-      sweep_dense_kernel<T, Fold><<<static_cast<unsigned>((batch_rows + warps - 1) / warps), warps * 32, 0, stream>>>(
-          c.data_ptr<T>(), h.data_ptr<T>(), log_w.data_ptr<T>(), batch_rows, shape.rows, shape.cols, eps, args);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      device::launch(sweep_dense_kernel<T, Fold>, static_cast<unsigned>((batch_rows + warps - 1) / warps), warps * 32,
+                     0, stream)(c.data_ptr<T>(), h.data_ptr<T>(), log_w.data_ptr<T>(), batch_rows, shape.rows,
+                                shape.cols, eps, args);
       return;
     }
     const at::Tensor xc = x->contiguous(), yc = y->contiguous();
     const at::Tensor sq_x = (xc * xc).sum(2), sq_y = (yc * yc).sum(2);
     const dim3 grid(static_cast<unsigned>((shape.rows + kTileRows - 1) / kTileRows), static_cast<unsigned>(shape.batch));
-    sweep_online_kernel<T, Fold><<<grid, kThreads, 0, stream>>>(
+    device::launch(sweep_online_kernel<T, Fold>, grid, kThreads, 0, stream)(
         xc.data_ptr<T>(), yc.data_ptr<T>(), sq_x.data_ptr<T>(), sq_y.data_ptr<T>(), h.data_ptr<T>(),
         log_w.data_ptr<T>(), shape.rows, shape.cols, shape.dim, eps, args);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pfc_fast, CUDA, m) {
+PFC_DEVICE_LIBRARY_IMPL(m) {
   m.impl("sinkhorn_softmin", &sinkhorn_softmin_op<CudaBackend>);
   m.impl("sinkhorn_plan_sums", &sinkhorn_plan_sums_op<CudaBackend>);
 }

@@ -1,0 +1,43 @@
+// The schemas of pfc_fast's operators, each with its formula. Registered once for the namespace
+// pfc_fast (csrc/pfc_fast.cpp: CPU and CUDA kernels) and, with the same text, for pfc_fast_simt
+// (csrc/simt/module.cpp: the CUDA kernels run on CPU tensors by the SIMT layer).
+#pragma once
+#include <torch/library.h>
+
+namespace pfc_fast {
+
+inline void define_ops(torch::Library& m) {
+  // First pass of the exact NC metrics (spec section 3): per-class feature sums in float64 and
+  // class counts. feats (N, D) floating, labels (N,) int64 in [0, num_classes).
+  m.def("class_sums(Tensor feats, Tensor labels, int num_classes) -> (Tensor sums, Tensor counts)");
+  // Second pass (spec section 3). With r_i = h_i - means[y_i] (float64):
+  //   s_i = proj @ r_i                         (proj (P, D): the K centred class means, then
+  //                                             optionally the K classifier rows)
+  //   gram[a, b]     = sum_i s_i[a] s_i[b]      for a, b < K   (the K x K accumulation)
+  //   class_sq[c]    = sum_{y_i = c} ||r_i||^2 (per-class traces)
+  //   ncc_i          = argmin_c ncc_bias[y_i, c] - 2 s_i[c]   (nearest class centre; ties: lowest c)
+  //   decisions[0]   = #{ncc_i == y_i}
+  //   decisions[1]   = #{ncc_i != argmax_j (s_i[K + j] + logit_offset[y_i, j])} with a classifier,
+  //                    #{ncc_i != predictions[i]} with predictions, else 0.
+  m.def(
+      "residual_stats(Tensor feats, Tensor labels, Tensor means, Tensor proj, Tensor ncc_bias, "
+      "Tensor? logit_offset, Tensor? predictions) -> (Tensor gram, Tensor class_sq, Tensor decisions)");
+  // One half-step of log-domain Sinkhorn (spec section 4), batched over B problems:
+  //   out[b, i] = -eps * log sum_j exp(log_w[b, j] + (h[b, j] - C[b, i, j]) / eps)
+  // with C = max(||x_i||^2 + ||y_j||^2 - 2 x_i . y_j, 0) computed tile by tile from x (B, N, D) and
+  // y (B, M, D) ("online", nothing of size N x M allocated), or read from cost (B, N, M) ("dense";
+  // then x and y are None; with transpose, cost is (B, M, N) and C[b, i, j] = cost[b, j, i], so one
+  // cost matrix serves both half-steps). h, log_w: (B, M). shift (B, N): an estimate of out (the
+  // previous potential) that lets the kernel take the log-sum-exp in one pass; out does not
+  // depend on it beyond rounding. All float32 or all float64.
+  m.def(
+      "sinkhorn_softmin(Tensor? x, Tensor? y, Tensor? cost, Tensor h, Tensor log_w, float eps, Tensor? shift=None, "
+      "bool transpose=False) -> Tensor");
+  // Row sums of the plan P_ij = exp(log_a_i + log_b_j + (f_i + g_j - C_ij) / eps), same cost
+  // conventions: mass[b, i] = sum_j P_ij, cost[b, i] = sum_j P_ij C_ij. f, log_a: (B, N); g, log_b: (B, M).
+  m.def(
+      "sinkhorn_plan_sums(Tensor? x, Tensor? y, Tensor? cost, Tensor f, Tensor g, Tensor log_a, Tensor log_b, "
+      "float eps) -> (Tensor mass, Tensor cost)");
+}
+
+}  // namespace pfc_fast

@@ -1,0 +1,218 @@
+"""The CUDA kernels (csrc/cuda) op by op, on the shapes where their tiles, warps and shared-memory
+tables end: N = 1, D = 1, K = 1,000, rows and columns just past a tile, strided rows, every input
+dtype. Run as ``simt`` (torch.ops.pfc_fast_simt on CPU tensors, every CI run) and as ``cuda`` on a
+GPU, against float64 formulas written here and against the C++ CPU kernels."""
+import pytest
+import torch
+
+from pfc_fast import _ops
+
+from conftest import DEVICES
+
+GPU_KERNELS = [p for p in DEVICES if getattr(p, "values", [p])[0] != "cpu"]
+
+
+@pytest.fixture(params=GPU_KERNELS)
+def kernels(request):
+    """(ops, device): the CUDA kernels' operators and the device of their tensors."""
+    if request.param == "simt":
+        from conftest import seed_simt_block_order
+        seed_simt_block_order(request)
+        return torch.ops.pfc_fast_simt, torch.device("cpu")
+    return torch.ops.pfc_fast, torch.device("cuda")
+
+
+def _problem(n, d, k, seed, dtype=torch.float32, row_stride=None):
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, k, (n,), generator=gen)
+    feats = (torch.randn(k, d, generator=gen, dtype=torch.float64)[labels] * 2
+             + torch.randn(n, d, generator=gen, dtype=torch.float64))
+    feats = feats.to(dtype)
+    if row_stride is not None:  # rows row_stride apart in a wider buffer, columns contiguous
+        wide = torch.randn(n, row_stride, generator=gen).to(dtype)
+        wide[:, :d] = feats
+        feats = wide[:, :d]
+    return feats, labels
+
+
+def _expected_class_sums(feats, labels, k):
+    sums = torch.zeros(k, feats.shape[1], dtype=torch.float64).index_add_(0, labels, feats.double())
+    return sums, torch.bincount(labels, minlength=k)
+
+
+NC_SHAPES = [  # (N, D, K): one sample, one feature, past a warp's 4 samples / a block's 32 / the
+    (1, 1, 2), (1, 7, 3), (5, 1, 4), (33, 129, 5), (37, 3, 1000), (300, 40, 48), (300, 40, 49),  # 48-class table
+    (129, 257, 10), (64, 4096, 3),
+]
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,d,k", NC_SHAPES)
+def test_class_sums(kernels, n, d, k, dtype):
+    ops, device = kernels
+    feats, labels = _problem(n, d, k, seed=n * 7 + d, dtype=dtype)
+    sums, counts = ops.class_sums(feats.to(device), labels.to(device), k)
+    expected_sums, expected_counts = _expected_class_sums(feats, labels, k)
+    torch.testing.assert_close(sums.cpu(), expected_sums, rtol=1e-12, atol=1e-12)
+    assert torch.equal(counts.cpu(), expected_counts)
+    cpu_sums, _ = torch.ops.pfc_fast.class_sums(feats, labels, k)
+    torch.testing.assert_close(sums.cpu(), cpu_sums, rtol=1e-12, atol=1e-12)
+
+
+def _residual_inputs(feats, labels, k, mode, seed):
+    """means, proj, ncc_bias, logit_offset, predictions of residual_stats as nc_metrics forms them."""
+    gen = torch.Generator().manual_seed(seed)
+    sums, counts = _expected_class_sums(feats, labels, k)
+    means = sums / counts.clamp_min(1).unsqueeze(1)
+    centred = means - means.mean(0)
+    gram = centred @ centred.T
+    sq = torch.diagonal(gram)
+    ncc_bias = (sq[:, None] + sq[None, :] - 2 * gram).clamp_min(0)
+    if mode == "classifier":
+        weight = torch.randn(k, feats.shape[1], generator=gen, dtype=torch.float64)
+        bias = torch.randn(k, generator=gen, dtype=torch.float64)
+        return means, torch.cat([centred, weight]), ncc_bias, means @ weight.T + bias, None
+    predictions = torch.randint(0, k, (feats.shape[0],), generator=gen) if mode == "predictions" else None
+    return means, centred, ncc_bias, None, predictions
+
+
+def _expected_residual_stats(feats, labels, means, proj, ncc_bias, logit_offset, predictions):
+    """The schema's formulas (csrc/schemas.h) in float64."""
+    k = means.shape[0]
+    r = feats.double() - means[labels]
+    s = r @ proj.T
+    gram = s[:, :k].T @ s[:, :k]
+    class_sq = torch.zeros(k, dtype=torch.float64).index_add_(0, labels, (r * r).sum(1))
+    ncc = torch.argmin(ncc_bias[labels] - 2 * s[:, :k], dim=1)
+    correct = int((ncc == labels).sum())
+    if logit_offset is not None:
+        disagree = int((ncc != torch.argmax(s[:, k:] + logit_offset[labels], dim=1)).sum())
+    elif predictions is not None:
+        disagree = int((ncc != predictions).sum())
+    else:
+        disagree = 0
+    return gram, class_sq, torch.tensor([correct, disagree])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", ["classifier", "predictions", "none"])
+@pytest.mark.parametrize("n,d,k", NC_SHAPES)
+def test_residual_stats(kernels, n, d, k, mode, dtype):
+    if k == 1000 and (dtype != torch.float32 or mode == "none"):
+        pytest.skip("K = 1,000 once per mode (the emulated warps take a while)")
+    ops, device = kernels
+    feats, labels = _problem(n, d, k, seed=n + 11 * d, dtype=dtype)
+    inputs = _residual_inputs(feats, labels, k, mode, seed=k)
+    on_device = [t.to(device) if t is not None else None for t in (feats, labels) + inputs]
+    gram, class_sq, decisions = (t.cpu() for t in ops.residual_stats(*on_device))
+    expected = _expected_residual_stats(feats, labels, *inputs)
+    scale = float(expected[0].abs().max()) + 1.0
+    torch.testing.assert_close(gram, expected[0], rtol=1e-10, atol=1e-12 * scale)
+    torch.testing.assert_close(class_sq, expected[1], rtol=1e-10, atol=1e-12)
+    assert decisions.tolist() == expected[2].tolist()
+    cpu = torch.ops.pfc_fast.residual_stats(feats, labels, *inputs)
+    torch.testing.assert_close(gram, cpu[0], rtol=1e-10, atol=1e-12 * scale)
+    assert decisions.tolist() == cpu[2].tolist()
+
+
+def test_strided_rows(kernels):
+    """Rows 100 values apart in a wider buffer (a view with contiguous columns), read in place."""
+    ops, device = kernels
+    feats, labels = _problem(70, 33, 6, seed=3, row_stride=100)
+    assert feats.stride() == (100, 1)
+    inputs = _residual_inputs(feats, labels, 6, "classifier", seed=4)
+    sums, _ = ops.class_sums(feats.to(device), labels.to(device), 6)
+    torch.testing.assert_close(sums.cpu(), _expected_class_sums(feats, labels, 6)[0], rtol=1e-12, atol=1e-12)
+    on_device = [t.to(device) if t is not None else None for t in (feats, labels) + inputs]
+    gram, class_sq, decisions = (t.cpu() for t in ops.residual_stats(*on_device))
+    expected = _expected_residual_stats(feats, labels, *inputs)
+    torch.testing.assert_close(gram, expected[0], rtol=1e-10, atol=1e-9)
+    assert decisions.tolist() == expected[2].tolist()
+
+
+def test_empty_and_featureless_inputs(kernels):
+    """N = 0 and D = 0 give zeros, as on the CPU (D = 0 once divided by zero on the host)."""
+    ops, device = kernels
+    labels = torch.zeros(5, dtype=torch.int64, device=device)
+    sums, counts = ops.class_sums(torch.randn(5, 0, device=device), labels, 3)
+    assert sums.shape == (3, 0) and counts.tolist() == [5, 0, 0]
+    sums, counts = ops.class_sums(torch.randn(0, 4, device=device), labels[:0], 3)
+    assert bool((sums == 0).all()) and counts.tolist() == [0, 0, 0]
+
+
+SINKHORN_SHAPES = [  # (B, N, M, D): one point, past a 64-row / 64-column tile, past a 16-coordinate chunk
+    (1, 1, 1, 1), (1, 1, 70, 3), (2, 65, 1, 2), (1, 64, 64, 16), (3, 63, 65, 17), (1, 130, 129, 33), (2, 40, 300, 5),
+]
+
+
+def _softmin_inputs(b, n, m, d, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, n, d, generator=gen, dtype=torch.float64)
+    y = torch.randn(b, m, d, generator=gen, dtype=torch.float64) + 0.5
+    h = torch.randn(b, m, generator=gen, dtype=torch.float64)
+    log_w = torch.log_softmax(torch.randn(b, m, generator=gen, dtype=torch.float64), dim=1)
+    cost = ((x[:, :, None] - y[:, None]) ** 2).sum(-1)
+    return [t.to(dtype) for t in (x, y, h, log_w)], cost
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("b,n,m,d", SINKHORN_SHAPES)
+def test_sinkhorn_softmin(kernels, b, n, m, d, dtype):
+    ops, device = kernels
+    (x, y, h, log_w), cost64 = _softmin_inputs(b, n, m, d, dtype, seed=n + m + d)
+    eps = 0.4
+    expected = -eps * torch.logsumexp(log_w.double()[:, None] + (h.double()[:, None] - cost64) / eps, dim=-1)
+    tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-10)
+    cost = cost64.to(dtype)
+    dev = [t.to(device) for t in (x, y, h, log_w, cost)]
+    xd, yd, hd, wd, cd = dev
+    online = ops.sinkhorn_softmin(xd, yd, None, hd, wd, eps)
+    dense = ops.sinkhorn_softmin(None, None, cd, hd, wd, eps)
+    columns = ops.sinkhorn_softmin(None, None, cd.transpose(1, 2).contiguous(), hd, wd, eps, None, True)
+    for name, result in (("online", online), ("dense", dense), ("columns", columns)):
+        torch.testing.assert_close(result.cpu().double(), expected, **tol, msg=name)
+    cpu = torch.ops.pfc_fast.sinkhorn_softmin(x, y, None, h, log_w, eps)
+    torch.testing.assert_close(online.cpu(), cpu, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("b,n,m,d", SINKHORN_SHAPES)
+def test_sinkhorn_plan_sums(kernels, b, n, m, d, dtype):
+    ops, device = kernels
+    (x, y, g, log_b), cost64 = _softmin_inputs(b, n, m, d, dtype, seed=3 * n + m)
+    gen = torch.Generator().manual_seed(d)
+    f = torch.randn(b, n, generator=gen, dtype=torch.float64).to(dtype)
+    log_a = torch.full((b, n), -float(torch.tensor(n).log()), dtype=dtype)
+    eps = 0.7
+    plan = torch.exp(log_a.double()[:, :, None] + log_b.double()[:, None]
+                     + (f.double()[:, :, None] + g.double()[:, None] - cost64) / eps)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-14)
+    xd, yd, fd, gd, ad, bd, cd = (t.to(device) for t in (x, y, f, g, log_a, log_b, cost64.to(dtype)))
+    for name, (mass, row_cost) in (("online", ops.sinkhorn_plan_sums(xd, yd, None, fd, gd, ad, bd, eps)),
+                                   ("dense", ops.sinkhorn_plan_sums(None, None, cd, fd, gd, ad, bd, eps))):
+        torch.testing.assert_close(mass.cpu().double(), plan.sum(-1), **tol, msg=name)
+        torch.testing.assert_close(row_cost.cpu().double(), (plan * cost64).sum(-1), **tol, msg=name)
+
+
+def test_sinkhorn_empty_batch(kernels):
+    """B = 0 problems give empty results, as on the CPU (an empty CUDA grid once failed to launch)."""
+    ops, device = kernels
+    x, y, h, w = (torch.randn(0, *shape, device=device) for shape in ((5, 3), (4, 3), (4,), (4,)))
+    assert ops.sinkhorn_softmin(x, y, None, h, w, 0.5).shape == (0, 5)
+    assert ops.sinkhorn_softmin(None, None, torch.randn(0, 5, 4, device=device), h, w, 0.5).shape == (0, 5)
+    assert ops.sinkhorn_softmin(None, None, torch.randn(0, 4, 5, device=device), h, w, 0.5, None, True).shape == (0, 5)
+    f = torch.randn(0, 5, device=device)
+    mass, cost = ops.sinkhorn_plan_sums(x, y, None, f, h, f, w, 0.5)
+    assert mass.shape == cost.shape == (0, 5)
+
+
+def test_ops_for_routes_cpu_tensors_only_under_use_simt():
+    import pfc_fast
+
+    cpu = torch.zeros(1)
+    assert _ops.ops_for(cpu) is torch.ops.pfc_fast
+    if pfc_fast.build_info()["simt"]:
+        with pfc_fast.use_simt():
+            assert _ops.ops_for(cpu) is torch.ops.pfc_fast_simt
+            assert _ops.ops_for(torch.zeros(1, device="meta")) is torch.ops.pfc_fast
