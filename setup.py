@@ -95,10 +95,9 @@ def _simt_extension():
     cxx += ["-Wno-unknown-pragmas"]  # the kernels' #pragma unroll is for nvcc
     macros = [("PFC_SIMT", None)]
     if os.getenv("PFC_FAST_SIMT_ASAN", "0") == "1":
-        # Boost's ucontext fibers tell ASan about each switch (its fcontext ones do not).
         cxx = [flag for flag in cxx if flag != "-O3"] + ["-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer"]
         link += ["-fsanitize=address"]
-        macros += [("PFC_SIMT_ASAN", None), ("BOOST_USE_UCONTEXT", None), ("BOOST_USE_ASAN", None)]
+        macros += [("PFC_SIMT_ASAN", None)]
     library_dirs = [os.path.join(os.path.dirname(boost), "lib")] if boost not in ("/usr/include",) else []
     return CppExtension(
         "pfc_fast._simt",

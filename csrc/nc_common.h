@@ -1,4 +1,4 @@
-// What the CPU and CUDA kernels of the NC passes share (schemas in pfc_fast.cpp): argument checks
+// What the CPU and CUDA kernels of the NC passes share (schemas in schemas.h): argument checks
 // and the class counts.
 // The Python front door validates user input with clearer messages; these checks guard the ops
 // themselves against calls that would read out of bounds.

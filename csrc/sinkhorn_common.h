@@ -1,4 +1,4 @@
-// What the CPU and CUDA Sinkhorn kernels share (schemas in pfc_fast.cpp): argument checks and
+// What the CPU and CUDA Sinkhorn kernels share (schemas in schemas.h): argument checks and
 // the host side of the two ops, which hand a per-row Fold to the backend's sweep over all pairs.
 #pragma once
 #include <ATen/ATen.h>

@@ -6,7 +6,8 @@ Front door: :func:`nc_metrics`. Batched data: :class:`NCAccumulator`. Optimal tr
 :mod:`pfc_fast.geodesic`. Every layer of a network:
 :class:`PFCMonitor`; training with it: ``pfc-fast train`` (:mod:`pfc_fast.train`). Definitions:
 README.md ("Metrics") and ``shared/spec/pfc.md``; float64 pure-PyTorch formulas:
-:mod:`pfc_fast.reference`. Multilayer unconstrained feature model: :mod:`pfc_fast.mufm`.
+:mod:`pfc_fast.reference`. Multilayer unconstrained feature model: :mod:`pfc_fast.mufm`. The CUDA
+kernels run on the CPU by the SIMT layer, for testing without a GPU: :class:`use_simt`.
 """
 from ._ops import build_info, use_simt
 from .metrics import NCAccumulator, NCMetrics, nc_metrics

@@ -2,9 +2,11 @@
 
 ``device`` is ``cpu`` (the C++ kernels), ``cuda`` (the CUDA kernels on a GPU; skipped visibly
 without one) and ``simt`` (the same CUDA kernels run on CPU tensors by the SIMT layer, through
-``pfc_fast.use_simt``; skipped visibly where pfc_fast._simt was not built). The simt cases run
-their launches' blocks in an order seeded from ``PFC_FAST_SIMT_SEED`` (random per session unless
-set, shown in the header) and the test's name, so a failure replays with that seed.
+``pfc_fast.use_simt``; skipped visibly where pfc_fast._simt was not built).
+
+``SESSION_SEED`` (``PFC_FAST_TEST_SEED``, random per session unless set, shown in pytest's header)
+seeds, with the test's name or parameters, the simt cases' block order and the fresh data of the
+tests that draw it (``seed_for``), so a failure replays with the seed the header showed.
 """
 import math
 import os
@@ -16,7 +18,12 @@ import torch
 
 import pfc_fast
 
-SIMT_SEED = int(os.environ.get("PFC_FAST_SIMT_SEED", random.SystemRandom().randrange(2**32)))
+SESSION_SEED = int(os.environ.get("PFC_FAST_TEST_SEED", random.SystemRandom().randrange(2**32)))
+
+
+def seed_for(*params):
+    """A data seed for these test parameters in this session (replayable with PFC_FAST_TEST_SEED)."""
+    return (zlib.crc32(repr(params).encode()) ^ SESSION_SEED) % 2**31
 
 DEVICES = [
     "cpu",
@@ -42,15 +49,14 @@ DEVICES = [
 
 
 def pytest_report_header(config):
-    if pfc_fast.build_info()["simt"]:
-        return f"SIMT block order: PFC_FAST_SIMT_SEED={SIMT_SEED}"
-    return "SIMT layer not built: simt cases skipped"
+    simt = "" if pfc_fast.build_info()["simt"] else " (SIMT layer not built: simt cases skipped)"
+    return f"data and SIMT block order: PFC_FAST_TEST_SEED={SESSION_SEED}{simt}"
 
 
 def seed_simt_block_order(request):
     """Seeds the SIMT block order from the session seed and the test's name."""
     from pfc_fast import _simt
-    _simt.set_block_order_seed(zlib.crc32(request.node.nodeid.encode()) ^ SIMT_SEED)
+    _simt.set_block_order_seed(zlib.crc32(request.node.nodeid.encode()) ^ SESSION_SEED)
 
 
 @pytest.fixture(params=DEVICES)
@@ -80,7 +86,7 @@ def make_features(n, d, k, *, seed, device="cpu", dtype=torch.float32, spread=1.
     return feats.to(device=device, dtype=dtype), labels.to(device)
 
 
-def assert_metrics_close(ours, ref, rtol, exact_decisions=True):
+def assert_metrics_close(ours, ref, rtol, exact_decisions=True, abs_tol=1e-14):
     """Every field of ``ours`` (NCMetrics) against the reference dict."""
     ours = ours.to_dict()
     assert set(ours) == set(ref)
@@ -89,6 +95,6 @@ def assert_metrics_close(ours, ref, rtol, exact_decisions=True):
         if expected is None or value is None:
             assert value is None and expected is None, f"{name}: {value} vs {expected}"
         elif isinstance(expected, float) and not (exact_decisions and name in ("nc4", "ncc_accuracy")):
-            assert math.isclose(value, expected, rel_tol=rtol, abs_tol=1e-14), f"{name}: {value} vs {expected}"
+            assert math.isclose(value, expected, rel_tol=rtol, abs_tol=abs_tol), f"{name}: {value} vs {expected}"
         else:
             assert value == expected, f"{name}: {value} vs {expected}"

@@ -116,6 +116,23 @@ def test_residual_stats(kernels, n, d, k, mode, dtype):
     assert decisions.tolist() == cpu[2].tolist()
 
 
+def test_exact_ties_go_to_the_lowest_class(kernels):
+    """Samples exactly halfway between two class means, and a classifier whose two logits are always
+    equal: the nearest class centre and the classifier's decision are the lowest index, as
+    torch.argmin / argmax and the CPU kernels choose (every value here is exact in float64)."""
+    ops, device = kernels
+    feats = torch.tensor([[-3.0], [0.0], [0.0], [1.0]], dtype=torch.float64)
+    labels = torch.tensor([0, 0, 0, 1])  # class means -1 and 1: the samples at 0 are a tie
+    means, centred, ncc_bias, _, _ = _residual_inputs(feats, labels, 2, "none", seed=0)
+    weight, bias = torch.ones(2, 1, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+    inputs = (means, torch.cat([centred, weight]), ncc_bias, means @ weight.T + bias, None)
+    on_device = [t.to(device) if t is not None else None for t in (feats, labels) + inputs]
+    decisions = ops.residual_stats(*on_device)[2].cpu()
+    assert decisions.tolist() == [4, 1]  # all nearest to their own class; the sample at 1 disagrees with logit 0
+    assert decisions.tolist() == _expected_residual_stats(feats, labels, *inputs)[2].tolist()
+    assert decisions.tolist() == torch.ops.pfc_fast.residual_stats(feats, labels, *inputs)[2].tolist()
+
+
 def test_strided_rows(kernels):
     """Rows 100 values apart in a wider buffer (a view with contiguous columns), read in place."""
     ops, device = kernels

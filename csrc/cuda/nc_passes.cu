@@ -43,6 +43,9 @@ __device__ __forceinline__ double as_double<double>(double v) {
   return v;
 }
 
+// The float64 atomicAdds into sums arrive in a different order on every GPU run, so the last bits of
+// the sums vary; the SIMT layer shuffles the blocks but runs a block's threads in order, so it
+// reproduces only the block-order part of that variation (the tests compare at 1e-12, not bitwise).
 template <typename scalar_t>
 __global__ void class_sums_kernel(const scalar_t* __restrict__ x, int64_t row_stride,
                                   const int64_t* __restrict__ labels, int64_t N, int64_t D, int64_t K,
@@ -127,7 +130,8 @@ __global__ void project_residuals_kernel(const scalar_t* __restrict__ x, int64_t
   }
 }
 
-// Per-sample decisions from the projections (the schema of residual_stats in csrc/pfc_fast.cpp).
+// Per-sample decisions from the projections (the schema of residual_stats in csrc/schemas.h). As in
+// class_sums_kernel, the order of the atomicAdds into class_sq is the GPU's, not reproduced exactly.
 __global__ void sample_decisions_kernel(const double* __restrict__ proj_out, const int64_t* __restrict__ labels,
                                         int64_t rows, int64_t K, int64_t num_logits,
                                         const double* __restrict__ ncc_bias, const double* __restrict__ logit_offset,

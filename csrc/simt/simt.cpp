@@ -7,12 +7,16 @@
 // that must wait (at a barrier, or at a warp operation its mask's lanes have not all reached)
 // yields to the scheduler; the thread that completes the operation marks the others runnable and
 // goes on. Fiber switches cost about 6 ns with Boost.Context's fcontext and 220 ns with ucontext
-// (benchmarks/simt_context_switch.cpp), hence fcontext; the AddressSanitizer build
-// (PFC_FAST_SIMT_ASAN=1) uses Boost's ucontext fibers, which tell ASan about every switch.
+// (benchmarks/simt_context_switch.cpp), hence fcontext. The AddressSanitizer build
+// (PFC_FAST_SIMT_ASAN=1, PFC_SIMT_ASAN) tells ASan about every switch between stacks. A block that
+// fails is torn down by resuming each unfinished thread with an Abort that unwinds its stack.
 #include "simt.h"
 
 #include <boost/context/fiber.hpp>
 #include <sys/mman.h>
+#ifdef PFC_SIMT_ASAN
+#include <sanitizer/common_interface_defs.h>
+#endif
 #include <unistd.h>
 
 #include <algorithm>
@@ -73,12 +77,16 @@ class StackPool {
   std::vector<void*> free_;
 };
 
-// The StackAllocator that Boost.Context copies into each fiber.
+// The StackAllocator that Boost.Context copies into each fiber; it notes the stack it handed out.
 struct PooledStack {
   StackPool* pool;
-  ctx::stack_context allocate() { return pool->take(); }
+  ctx::stack_context* given;
+  ctx::stack_context allocate() { return *given = pool->take(); }
   void deallocate(ctx::stack_context& stack) { pool->give(stack); }
 };
+
+// Thrown in the threads of a failed block, to unwind them.
+struct Abort {};
 
 thread_local StackPool stack_pool;
 
@@ -87,8 +95,10 @@ enum class Wait { none, barrier, warp, exited };
 struct Thread {
   ctx::fiber fiber;  // this thread
   ctx::fiber sink;   // the scheduler, while this thread runs
+  ctx::stack_context stack;
+  void* asan_fake_stack;
   uint3 idx;
-  unsigned linear, lane, warp;
+  unsigned lane, warp;
   bool runnable;
   Wait wait;
   Site site;  // where it waits
@@ -135,7 +145,9 @@ std::string where(const Site& site) {
   return std::string(site.what) + " at " + file + ":" + std::to_string(site.line);
 }
 
-bool same_site(const Site& a, const Site& b) { return a.line == b.line && std::strcmp(a.file, b.file) == 0; }
+bool same_site(const Site& a, const Site& b) {
+  return a.line == b.line && (a.file == b.file || std::strcmp(a.file, b.file) == 0);
+}
 
 std::string lanes_text(unsigned lanes) {
   std::ostringstream text;
@@ -171,7 +183,6 @@ class Block {
     for (unsigned t = 0; t < count; ++t) {
       Thread& thread = threads_[t];
       thread.idx = uint3{t % b.x, t / b.x % b.y, t / (b.x * b.y)};
-      thread.linear = t;
       thread.lane = t % 32;
       thread.warp = t / 32;
       warps_[thread.warp].lanes |= 1u << thread.lane;
@@ -179,23 +190,24 @@ class Block {
     dynamic_.reset(new unsigned char[std::max<std::size_t>(config.shared_bytes, 1)]);  // 16-byte aligned
   }
 
-  // Runs the block to its end (blockIdx is set by the caller).
-  void run() {
+  // Runs the block to its end (blockIdx is set by the caller), resuming its threads round robin
+  // from thread `first` (drawn with the block order, so that which thread runs ahead varies).
+  void run(unsigned first) {
     std::memset(dynamic_.get(), 0xff, config_.shared_bytes);  // what a block finds in shared memory: NaN, -1
     live_ = static_cast<unsigned>(threads_.size());
     for (Thread& thread : threads_) {
       thread.runnable = true;
       thread.wait = Wait::none;
-      thread.fiber = ctx::fiber(std::allocator_arg, PooledStack{&stack_pool},
+      thread.fiber = ctx::fiber(std::allocator_arg, PooledStack{&stack_pool, &thread.stack},
                                 [this, &thread](ctx::fiber&& scheduler) { return enter(thread, std::move(scheduler)); });
     }
+    const std::size_t count = threads_.size();
     for (;;) {
       bool progressed = false;
-      for (Thread& thread : threads_) {
+      for (std::size_t k = 0, t = first % count; k < count; ++k, t = t + 1 == count ? 0 : t + 1) {
+        Thread& thread = threads_[t];
         if (!thread.runnable) continue;
-        current_ = &thread;
-        threadIdx = thread.idx;
-        thread.fiber = std::move(thread.fiber).resume();
+        resume(thread);
         ++switches_;
         progressed = true;
         if (error_) abort_block();
@@ -338,16 +350,45 @@ class Block {
   void* dynamic() const { return dynamic_.get(); }
 
  private:
+  // The scheduler's side of a switch to `thread` and back.
+  void resume(Thread& thread) {
+    current_ = &thread;
+    threadIdx = thread.idx;
+#ifdef PFC_SIMT_ASAN
+    void* fake_stack = nullptr;
+    __sanitizer_start_switch_fiber(&fake_stack, static_cast<char*>(thread.stack.sp) - thread.stack.size,
+                                   thread.stack.size);
+#endif
+    thread.fiber = std::move(thread.fiber).resume();
+#ifdef PFC_SIMT_ASAN
+    __sanitizer_finish_switch_fiber(fake_stack, nullptr, nullptr);
+#endif
+  }
+
+  // The thread's side: after it gains control, and before it gives control back (for good when finished).
+  void arrived(Thread& thread) {
+#ifdef PFC_SIMT_ASAN
+    __sanitizer_finish_switch_fiber(thread.asan_fake_stack, &scheduler_stack_bottom_, &scheduler_stack_size_);
+#endif
+  }
+  void leaving(Thread& thread, bool finished) {
+#ifdef PFC_SIMT_ASAN
+    __sanitizer_start_switch_fiber(finished ? nullptr : &thread.asan_fake_stack, scheduler_stack_bottom_,
+                                   scheduler_stack_size_);
+#endif
+  }
+
   ctx::fiber enter(Thread& thread, ctx::fiber&& scheduler) {
     thread.sink = std::move(scheduler);
+    arrived(thread);
     try {
-      body_();
-    } catch (const ctx::detail::forced_unwind&) {
-      throw;  // the block is being torn down: let Boost unwind this fiber
+      if (!aborting_) body_();
+    } catch (const Abort&) {
     } catch (...) {
       if (!error_) error_ = std::current_exception();
     }
-    exit(thread);
+    if (!aborting_) exit(thread);
+    leaving(thread, true);
     return std::move(thread.sink);
   }
 
@@ -375,7 +416,10 @@ class Block {
     self.runnable = false;
     self.wait = what;
     self.site = site;
+    leaving(self, false);
     self.sink = std::move(self.sink).resume();
+    arrived(self);
+    if (aborting_) throw Abort{};
   }
 
   void release_barrier() {
@@ -399,11 +443,15 @@ class Block {
 
   [[noreturn]] void fail(const std::string& message) const { throw Error("SIMT: " + message); }
 
-  // Tears the block down (Boost unwinds the fibers that have not finished) and rethrows its error.
+  // Tears the block down (each unfinished thread unwinds its stack) and rethrows its error.
   [[noreturn]] void abort_block() {
     const std::exception_ptr error = error_;
     error_ = nullptr;
-    for (Thread& thread : threads_) thread.fiber = ctx::fiber();
+    aborting_ = true;
+    for (Thread& thread : threads_) {
+      if (thread.fiber) resume(thread);
+    }
+    aborting_ = false;
     for (Warp& warp : warps_) {
       warp.pending.clear();
       warp.exited = 0;
@@ -448,7 +496,10 @@ class Block {
   Site barrier_site_{};
   Thread* current_ = nullptr;
   std::exception_ptr error_;
+  bool aborting_ = false;
   std::uint64_t switches_ = 0;
+  const void* scheduler_stack_bottom_ = nullptr;
+  std::size_t scheduler_stack_size_ = 0;
 };
 
 thread_local Block* running = nullptr;
@@ -488,9 +539,11 @@ void run_grid(const LaunchConfig& config, const std::function<void()>& thread) {
   const unsigned long long count = 1ull * config.grid.x * config.grid.y * config.grid.z;
   std::vector<unsigned long long> order(count);
   std::iota(order.begin(), order.end(), 0ull);
+  std::vector<unsigned> first_thread(count);
   {
     const std::lock_guard<std::mutex> lock(engine_mutex);
     std::shuffle(order.begin(), order.end(), block_order_engine);
+    for (unsigned& first : first_thread) first = static_cast<unsigned>(block_order_engine());
   }
   Block block(config, thread);
   struct Running {
@@ -504,11 +557,12 @@ void run_grid(const LaunchConfig& config, const std::function<void()>& thread) {
     Block& block;
     ~Count() { total_switches += block.switches(); }
   } count_switches{block};
-  for (const unsigned long long linear : order) {
+  for (unsigned long long k = 0; k < count; ++k) {
+    const unsigned long long linear = order[k];
     blockIdx = uint3{static_cast<unsigned>(linear % config.grid.x),
                      static_cast<unsigned>(linear / config.grid.x % config.grid.y),
                      static_cast<unsigned>(linear / (1ull * config.grid.x * config.grid.y))};
-    block.run();
+    block.run(first_thread[k]);
     ++total_blocks;
     total_threads += 1ull * config.block.x * config.block.y * config.block.z;
   }

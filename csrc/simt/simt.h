@@ -4,7 +4,8 @@
 // A launch runs the blocks of the grid one at a time, in a shuffled order drawn from a seeded
 // generator (set_block_order_seed), and the blockDim threads of a block as cooperatively scheduled
 // fibers (Boost.Context). A thread runs until it reaches a barrier (__syncthreads), a warp
-// operation (__syncwarp, __shfl_*_sync) or its end; then the next thread that can go on runs.
+// operation (__syncwarp, __shfl_*_sync) or its end; then the next thread that can go on runs,
+// round robin from a thread drawn with the block order (so which thread runs ahead varies).
 // The semantics are CUDA's (Programming Guide, "Warp Shuffle Functions", "Synchronization
 // Functions", "Atomic Functions"; PTX ISA "shfl.sync"), with independent thread scheduling:
 //   - a barrier releases when every live (not yet exited) thread of the block waits at it;
