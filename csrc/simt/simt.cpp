@@ -6,7 +6,7 @@
 // until all have exited; a round in which none could go on is a deadlock and raises. A thread
 // that must wait (at a barrier, or at a warp operation its mask's lanes have not all reached)
 // yields to the scheduler; the thread that completes the operation marks the others runnable and
-// goes on. Fiber switches cost about 6 ns with Boost.Context's fcontext and 220 ns with ucontext
+// goes on. Fiber switches cost about 6 ns with Boost.Context's fcontext and 230 ns with ucontext
 // (benchmarks/simt_context_switch.cpp), hence fcontext. The AddressSanitizer build
 // (PFC_FAST_SIMT_ASAN=1, PFC_SIMT_ASAN) tells ASan about every switch between stacks. A block that
 // fails is torn down by resuming each unfinished thread with an Abort that unwinds its stack.
