@@ -1,7 +1,7 @@
 """The baselines pfc_fast is timed against: neural-collapse metrics the way published code computes
 them, in pure PyTorch, and entropic OT by POT and by a plain PyTorch loop.
 
-Neural collapse (definitions: ``shared/spec/pfc.md`` section 2; every baseline works through the
+Neural collapse (definitions: ``docs/spec.md`` section 2; every baseline works through the
 features in batches of ``batch_size`` rows, as the published code does through a data loader,
 accumulates in float64 like pfc_fast, and assumes every class occurs, as that code does):
 
@@ -16,7 +16,7 @@ accumulates in float64 like pfc_fast, and assumes every class occurs, as that co
   al. (2021): ``Sigma_W = (1/N) sum_batches (X - M[y])^T (X - M[y])``, one GEMM per batch, and
   the pseudo-inverse of ``Sigma_B``.
 
-Optimal transport (spec section 4; each is given its cost matrix, computed before the timing):
+Optimal transport (docs/spec.md section 4; each is given its cost matrix, computed before the timing):
 
 - :func:`pot_sinkhorn_log`: POT's ``ot.bregman.sinkhorn_log`` (log domain, like pfc_fast);
 - :func:`pot_sinkhorn`: POT's ``ot.sinkhorn`` (Sinkhorn-Knopp on the kernel ``exp(-C/eps)``:

@@ -7,10 +7,10 @@
 namespace pfc_fast {
 
 inline void define_ops(torch::Library& m) {
-  // First pass of the exact NC metrics (spec section 3): per-class feature sums in float64 and
+  // First pass of the exact NC metrics (docs/spec.md section 3): per-class feature sums in float64 and
   // class counts. feats (N, D) floating, labels (N,) int64 in [0, num_classes).
   m.def("class_sums(Tensor feats, Tensor labels, int num_classes) -> (Tensor sums, Tensor counts)");
-  // Second pass (spec section 3). With r_i = h_i - means[y_i] (float64):
+  // Second pass (docs/spec.md section 3). With r_i = h_i - means[y_i] (float64):
   //   s_i = proj @ r_i                         (proj (P, D): the K centred class means, then
   //                                             optionally the K classifier rows)
   //   gram[a, b]     = sum_i s_i[a] s_i[b]      for a, b < K   (the K x K accumulation)
@@ -22,7 +22,7 @@ inline void define_ops(torch::Library& m) {
   m.def(
       "residual_stats(Tensor feats, Tensor labels, Tensor means, Tensor proj, Tensor ncc_bias, "
       "Tensor? logit_offset, Tensor? predictions) -> (Tensor gram, Tensor class_sq, Tensor decisions)");
-  // One half-step of log-domain Sinkhorn (spec section 4), batched over B problems:
+  // One half-step of log-domain Sinkhorn (docs/spec.md section 4), batched over B problems:
   //   out[b, i] = -eps * log sum_j exp(log_w[b, j] + (h[b, j] - C[b, i, j]) / eps)
   // with C = max(||x_i||^2 + ||y_j||^2 - 2 x_i . y_j, 0) computed tile by tile from x (B, N, D) and
   // y (B, M, D) ("online", nothing of size N x M allocated), or read from cost (B, N, M) ("dense";

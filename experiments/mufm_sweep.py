@@ -5,7 +5,7 @@
                                      [--out docs/reproduction/mufm]
 
 Solves the multilayer unconstrained feature model (:mod:`pfc_fast.mufm`, the reconstruction of
-``shared/spec/pfc.md`` section 6) on real input features ``X``: a class-balanced subset of
+``docs/spec.md`` section 6) on real input features ``X``: a class-balanced subset of
 scikit-learn's digits (8x8 pixels, ``D = 64``, scaled to [0, 1]), for every coupling weight
 ``lot`` of the sweep with the sample-matched cost, and for a few with the Sinkhorn-divergence
 cost on a smaller subset (every evaluation of that objective runs ``3 L`` Sinkhorn solves, so

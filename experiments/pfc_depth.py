@@ -5,7 +5,7 @@
 
 Trains every preset of :mod:`experiments.runs` with ``pfc-fast train`` (or reuses its finished
 run), which measures PFC1 = ``nc1``, PFC2 = ``nc2_etf`` and PFC3 = ``nc4`` (against the network's
-own predictions) at the stem and every residual block after every epoch (``shared/spec/pfc.md``
+own predictions) at the stem and every residual block after every epoch (``docs/spec.md``
 section 2). The terminal phase is the epochs whose training accuracy (running over the epoch) is
 at least ``TERMINAL_ACCURACY``. Writes to ``--out``:
 

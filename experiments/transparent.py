@@ -5,7 +5,7 @@
 
 Trains (or reuses) a constant-width ResNet with ``pfc-fast train``, which records every epoch the
 line-shape score (LSS), the OT score (OTS, stem against the last block) and the W-path ratio of
-the globally pooled features (``shared/spec/pfc.md`` section 5). Then, on the probe set of the
+the globally pooled features (``docs/spec.md`` section 5). Then, on the probe set of the
 finished run, with the flattened features of the stem (``x``) and of every block:
 
 - the network's per-layer PFC1 = ``nc1`` and PFC2 = ``nc2_etf``;

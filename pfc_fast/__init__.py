@@ -5,7 +5,7 @@ Front door: :func:`nc_metrics`. Batched data: :class:`NCAccumulator`. Optimal tr
 :func:`sinkhorn`, :func:`sinkhorn_divergence`, :func:`wasserstein2`; geodesic checks:
 :mod:`pfc_fast.geodesic`. Every layer of a network:
 :class:`PFCMonitor`; training with it: ``pfc-fast train`` (:mod:`pfc_fast.train`). Definitions:
-README.md ("Metrics") and ``shared/spec/pfc.md``; float64 pure-PyTorch formulas:
+README.md ("Metrics") and ``docs/spec.md``; float64 pure-PyTorch formulas:
 :mod:`pfc_fast.reference`. Multilayer unconstrained feature model: :mod:`pfc_fast.mufm`. The CUDA
 kernels run on the CPU by the SIMT layer, for testing without a GPU: :class:`use_simt`.
 """

@@ -1,4 +1,4 @@
-"""Checks of the transparent model: a ResNet as a Wasserstein geodesic (spec section 5).
+"""Checks of the transparent model: a ResNet as a Wasserstein geodesic (docs/spec.md section 5).
 
 For blocks that keep the dimension, ``x_{l+1} = x_l + v_l(x_l)``; a network trained with weight
 decay should move its data along a geodesic of Wasserstein space, i.e. every sample along a
@@ -145,7 +145,7 @@ class TransparentModel:
 
 
 def transparent_model(x0, labels, target="etf", ts=None, num_layers=8):
-    """Features and PFC metrics along the displacement interpolation from ``x0`` (spec section 5).
+    """Features and PFC metrics along the displacement interpolation from ``x0`` (docs/spec.md section 5).
 
     ``target``: an ``(N, D)`` tensor (e.g. the network's last-layer features of the same samples;
     ``T`` is then the exact optimal assignment between the two point sets), or ``"etf"``: the

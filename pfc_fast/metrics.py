@@ -1,6 +1,6 @@
 """Exact neural-collapse metrics in two fused passes, without a ``D x D`` matrix.
 
-Definitions: ``shared/spec/pfc.md`` section 2 (README "Metrics"). Method (section 3): the first
+Definitions: ``docs/spec.md`` section 2 (README "Metrics"). Method (section 3): the first
 pass gives the class sums and counts; the second gives, with ``r_i = h_i - mu_{y_i}`` formed in
 float64 and the centred class means ``M = [mu_c - mu_G]`` (``K x D`` here, rows),
 
@@ -26,7 +26,7 @@ PINV_RTOL = 1e-10
 
 @dataclass(frozen=True)
 class NCMetrics:
-    """Neural-collapse metrics of one set of features (spec section 2; lower = more collapsed).
+    """Neural-collapse metrics of one set of features (docs/spec.md section 2; lower = more collapsed).
 
     ``num_classes`` is the number of classes present (the ``K`` of every formula);
     ``class_counts`` has one entry per class index ``0..num_classes_total-1``, zeros included.
@@ -300,7 +300,7 @@ class _SecondPass:
 
 def nc_metrics(feats, labels, num_classes=None, classifier=None, bias=None, predictions=None,
                global_mean="unweighted", pooling="flatten"):
-    """Exact neural-collapse metrics of one set of features (spec sections 2-3).
+    """Exact neural-collapse metrics of one set of features (docs/spec.md sections 2-3).
 
     Args:
         feats: ``(N, D)`` features, or ``(N, C, h, w)`` maps (``pooling="flatten"`` gives

@@ -9,7 +9,7 @@ constant-width ResNet whose blocks all keep the feature dimension.
 - :class:`ConstantWidthResNet`: a pre-activation ResNet (He et al. 2016b) without downsampling,
   ``x_{l+1} = x_l + v_l(x_l)`` with ``v_l = conv(relu(bn(conv(relu(bn(x))))))``: every block
   output has the shape of its input, the setting of the Wasserstein-geodesic view of
-  ``shared/spec/pfc.md`` section 5 (LSS, W-path ratio).
+  ``docs/spec.md`` section 5 (LSS, W-path ratio).
 
 Both expose their PFC layers (stem output, then every residual block output) to
 :class:`pfc_fast.PFCMonitor`: torchvision ResNets by their module names, the constant-width

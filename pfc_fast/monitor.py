@@ -1,6 +1,6 @@
 """PFCMonitor: the neural-collapse metrics of every layer of a network, from the same forward passes.
 
-Progressive feedforward collapse (Wang, Gai & Zhang, arXiv:2405.00985; ``shared/spec/pfc.md``
+Progressive feedforward collapse (Wang, Gai & Zhang, arXiv:2405.00985; ``docs/spec.md``
 section 2): for layer ``l`` (the stem output, then every residual block output, in forward order)
 
     PFC1(l) = nc1 = Tr(Sigma_W Sigma_B^+) / K,   PFC2(l) = nc2_etf,   PFC3(l) = nc4,

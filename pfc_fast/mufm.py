@@ -1,7 +1,7 @@
-"""Multilayer unconstrained feature model (MUFM), solved to a stationary point (spec section 6).
+"""Multilayer unconstrained feature model (MUFM), solved to a stationary point (docs/spec.md section 6).
 
 The paper (Wang, Gai & Zhang, arXiv:2405.00985) proposes the MUFM but its objective could not be
-recovered; this module implements the reconstruction fixed by ``shared/spec/pfc.md`` section 6,
+recovered; this module implements the reconstruction fixed by ``docs/spec.md`` section 6,
 not the paper's own formula. Free features ``H_1..H_L`` ``(N, D)``, fixed input ``H_0 = X``,
 classifier ``W (K, D)``, ``b (K,)``:
 
@@ -12,7 +12,7 @@ with the layer cost ``c`` either
 
 - ``"matched"``: ``(1/N) sum_i ||h_{l,i} - h_{l-1,i}||^2`` (sample i moves from layer to layer), or
 - ``"sinkhorn"``: the debiased Sinkhorn divergence ``S(H_{l-1}, H_l)`` between the uniform
-  empirical measures (spec section 4, :func:`pfc_fast.sinkhorn_divergence`), with
+  empirical measures (docs/spec.md section 4, :func:`pfc_fast.sinkhorn_divergence`), with
   ``eps = sinkhorn_eps * median_i,j ||x_i - x_j||^2`` (a fraction of the median squared
   distance between input points, fixed for the whole solve so that ``F`` is one function).
 
@@ -347,7 +347,7 @@ def _initial_point(init, x, num_classes, num_layers):
 def solve(X, labels, num_layers, lot, cost="matched", *, num_classes=None, lw=5e-3, lb=5e-3, lh=5e-3,
           steps=5000, lr=1.0, tol=1e-10, history_size=20, eliminate_path=True, sinkhorn_eps=0.2,
           sinkhorn_tol=1e-12, init=None, device=None):
-    """Solves the MUFM of spec section 6 (module docstring) to a stationary point.
+    """Solves the MUFM of docs/spec.md section 6 (module docstring) to a stationary point.
 
     Args:
         X: input features ``H_0`` ``(N, D)``, torch or numpy, any float dtype (used in float64).

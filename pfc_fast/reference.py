@@ -1,6 +1,6 @@
 """Direct float64 pure-PyTorch formulas: the reference the tests and benchmarks compare against.
 
-These follow the definitions of spec section 2 literally: explicit ``D x D`` matrices ``Sigma_W``
+These follow the definitions of docs/spec.md section 2 literally: explicit ``D x D`` matrices ``Sigma_W``
 and ``Sigma_B``, a per-class loop for the means, the pseudo-inverse of ``Sigma_B`` from its
 eigendecomposition, pairwise distances for the nearest class centre. They share no code with the
 kernels or with :mod:`pfc_fast.metrics`, and are meant for D up to a few thousand.
@@ -24,7 +24,7 @@ def _class_means(feats, labels, classes):
 
 def nc_metrics(feats, labels, num_classes=None, classifier=None, bias=None, predictions=None,
                global_mean="unweighted", pooling="flatten"):
-    """The metrics of spec section 2 as a dict, computed directly in float64."""
+    """The metrics of docs/spec.md section 2 as a dict, computed directly in float64."""
     feats = _as_features(feats, pooling)
     labels = torch.as_tensor(labels).to(feats.device).long()
     num_samples, dim = feats.shape
@@ -113,7 +113,7 @@ def nc1_projection(feats, labels):
 
 
 def sinkhorn(x=None, y=None, a=None, b=None, eps=0.05, cost=None, max_iter=1000, tol=1e-6):
-    """Plain log-domain Sinkhorn in float64 with an explicit cost matrix (spec section 4).
+    """Plain log-domain Sinkhorn in float64 with an explicit cost matrix (docs/spec.md section 4).
 
     Same update order as :func:`pfc_fast.sinkhorn` (f from g = 0, then g), the marginal error
     ``||P 1 - a||_1`` checked after every g update. Returns a dict with ``f``, ``g``, ``plan``,

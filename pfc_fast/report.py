@@ -11,7 +11,7 @@ Reads ``RUN_DIR/metrics.jsonl`` and writes to ``RUN_DIR/report/`` (or ``--out``)
 - ``training.png``: train / test / probe accuracy and train / test loss against the epoch;
 - ``geodesic.png`` (constant-width runs with ``lss``): LSS, OTS and the W-path ratio against the epoch;
 - ``summary.md``: the last epoch's numbers and the monotonicity verdict of each PFC metric
-  (``shared/spec/pfc.md`` section 2): the Spearman rank correlation of the metric with depth
+  (``docs/spec.md`` section 2): the Spearman rank correlation of the metric with depth
   (``scipy.stats.spearmanr``; -1 = strictly decreasing in rank) and the fraction of adjacent
   layer pairs where the metric strictly decreases (1 = monotone decrease, the paper's claim).
 """
@@ -26,7 +26,7 @@ from matplotlib.figure import Figure
 from scipy.stats import spearmanr
 
 
-#: (field, label, log scale) of the PFC metrics, spec section 2.
+#: (field, label, log scale) of the PFC metrics, docs/spec.md section 2.
 PFC_METRICS = (("nc1", "PFC1 = NC1  Tr(Σ_W Σ_B⁺)/K", True),
                ("nc2_etf", "PFC2 = NC2 (distance to simplex ETF)", False),
                ("nc4", "PFC3 = NC4 (NCC ≠ network prediction)", False))

@@ -4,7 +4,7 @@ Each epoch: one pass of SGD (momentum, weight decay) over the training data with
 the test accuracy and loss; the neural-collapse metrics of every layer (:class:`PFCMonitor`) on a
 class-balanced probe set drawn from the training data (``--probe-per-class`` samples per class,
 fixed for the run); for constant-width models, the line-shape score and the W-path ratio of the
-blocks (``shared/spec/pfc.md`` section 5) on a class-balanced subset of the probe set. One JSON
+blocks (``docs/spec.md`` section 5) on a class-balanced subset of the probe set. One JSON
 object per epoch is appended to ``OUT/metrics.jsonl`` and ``OUT/checkpoint.pt`` is saved, both
 written atomically (temporary file, then ``os.replace``), so Ctrl-C at any moment leaves a
 consistent run directory that ``--resume`` continues exactly: data order and augmentation depend

@@ -1,4 +1,4 @@
-"""Entropic optimal transport by log-domain Sinkhorn iterations (spec section 4).
+"""Entropic optimal transport by log-domain Sinkhorn iterations (docs/spec.md section 4).
 
 For point clouds ``x (N, D)``, ``y (M, D)`` with weights ``a``, ``b`` and cost
 ``C_ij = ||x_i - y_j||^2`` (or a given cost matrix), the problem

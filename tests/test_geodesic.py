@@ -1,4 +1,4 @@
-"""Geodesic checks on constructed cases with known answers (spec section 5)."""
+"""Geodesic checks on constructed cases with known answers (docs/spec.md section 5)."""
 import pytest
 import torch
 from scipy.stats import spearmanr

@@ -1,4 +1,4 @@
-"""MUFM (spec section 6): the UFM's ETF optimum, the coupled optimum, the straight path, and
+"""MUFM (docs/spec.md section 6): the UFM's ETF optimum, the coupled optimum, the straight path, and
 stationarity checked by an independent autograd implementation of the objective."""
 import math
 

@@ -1,5 +1,8 @@
 """The compiled operators: torch.library.opcheck (schema, fake kernels, dispatch), torch.compile,
-and the build switches reported by build_info()."""
+the build switches reported by build_info(), and that ``import pfc_fast`` loads the library only."""
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -59,3 +62,16 @@ def test_build_info():
     assert info["torch"] == torch.__version__.split("+")[0]
     assert info["openmp"] is True
     assert isinstance(info["cuda"], bool)
+
+
+def test_import_loads_the_library_only():
+    """``import pfc_fast`` brings in none of the application (pfc-fast's commands, data, models, loop,
+    plots) and none of its dependencies (torchvision, matplotlib, scikit-learn)."""
+    script = ("import sys, pfc_fast; print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in "
+              "('pfc_fast', 'torchvision', 'matplotlib', 'sklearn'))))")
+    loaded = set(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                                check=True).stdout.split())
+    application = {"pfc_fast.cli", "pfc_fast.train", "pfc_fast.data", "pfc_fast.models", "pfc_fast.report"}
+    assert not loaded & application, f"import pfc_fast loaded {sorted(loaded & application)}"
+    assert not {m for m in loaded if not m.startswith("pfc_fast")}, f"import pfc_fast loaded {sorted(loaded)}"
+    assert "pfc_fast.metrics" in loaded  # the check itself sees the library

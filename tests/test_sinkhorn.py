@@ -107,7 +107,7 @@ def test_small_eps_far_apart(device, mode, dtype):
         assert bool(torch.isfinite(value).all())
     assert result.marginal_error < tol
     plan = result.plan().double()
-    assert float((plan.sum(0) - b.double()).abs().sum()) < 1e-3 if dtype == torch.float32 else 1e-8
+    assert float((plan.sum(0) - b.double()).abs().sum()) < (1e-3 if dtype == torch.float32 else 1e-8)
 
 
 def test_gradients_finite_differences():

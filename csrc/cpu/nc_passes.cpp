@@ -1,4 +1,4 @@
-// CPU kernels of the two passes of the exact NC metrics (spec section 3), vectorised with
+// CPU kernels of the two passes of the exact NC metrics (docs/spec.md section 3), vectorised with
 // `omp simd` and parallelised with at::parallel_for (so torch.set_num_threads applies).
 //
 // Pass 1, class_sums:   sums[c] = sum_{y_i = c} h_i                      (float64)

@@ -1,4 +1,4 @@
-// CPU kernels of the Sinkhorn ops (spec section 4; schemas in schemas.h). Both sweep the
+// CPU kernels of the Sinkhorn ops (docs/spec.md section 4; schemas in schemas.h). Both sweep the
 // pairs (i, j) once, forming
 //
 //   v_ij = col_j - C_ij / eps,   col_j = log_w_j + h_j / eps,

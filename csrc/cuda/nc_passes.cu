@@ -1,4 +1,4 @@
-// CUDA kernels of the two passes of the exact NC metrics (spec section 3); the CPU twins and the
+// CUDA kernels of the two passes of the exact NC metrics (docs/spec.md section 3); the CPU twins and the
 // formulas are in csrc/cpu/nc_passes.cpp.
 //
 // Pass 1 (class_sums_kernel): a block owns blockDim.x feature columns and a chunk of rows; each

@@ -1,4 +1,4 @@
-// CUDA kernels of the Sinkhorn ops (spec section 4; schemas in schemas.h; the CPU twin, with
+// CUDA kernels of the Sinkhorn ops (docs/spec.md section 4; schemas in schemas.h; the CPU twin, with
 // the formulas, is csrc/cpu/sinkhorn.cpp). Both ops sweep the pairs (i, j) once, forming
 // v_ij = log_w_j + (h_j - C_ij) / eps and folding each row: a running log-sum-exp
 // (sinkhorn_softmin) or the plan's row mass and cost (sinkhorn_plan_sums).
