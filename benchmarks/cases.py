@@ -6,7 +6,7 @@ Each group of benchmarks is a module (``GROUPS``) that defines ``TABLES`` (``{na
 ``cases(device_type, size)`` (a list of :class:`Case`), ``make_inputs(case, device)``,
 ``runner(case, inputs, name)`` (the zero-argument callable that is timed) and
 ``floor(case, name, rates)`` (the least time the device's measured rates allow, or ``None``).
-``pfc-fast bench`` (:mod:`benchmarks.report`) and the pytest-benchmark suite
+``python -m benchmarks`` (:mod:`benchmarks.report`) and the pytest-benchmark suite
 (``benchmarks/test_benchmarks.py``) both run them.
 
 A contender is skipped, with the reason recorded, when its inputs or working memory would take
@@ -22,7 +22,7 @@ import torch
 
 from .timing import free_memory
 
-#: Size presets: ``tiny`` (seconds, for the tests), ``quick`` (``pfc-fast bench --quick``: the
+#: Size presets: ``tiny`` (seconds, for the tests), ``quick`` (``python -m benchmarks --quick``: the
 #: acceptance targets and short sweeps), ``full`` (the whole sweep of the device).
 SIZES = ("tiny", "quick", "full")
 #: The groups of benchmarks and their modules.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check: on a machine with a GPU and its own python3 + torch (no network), build pfc_fast
 # from source with the CUDA kernels, run the test suite (its CUDA cases run there) and the CUDA
-# cases of the benchmark suite at the tiny size, the GPU benchmarks (pfc-fast bench --quick
+# cases of the benchmark suite at the tiny size, the GPU benchmarks (python -m benchmarks --quick
 # --device cuda: Sinkhorn at N = M = 10,000 and 50,000 against POT, nc_metrics at N = 50,000,
 # D = 512 against the time to read the features, ...), then compute-sanitizer memcheck on the CUDA
 # tests of tests/test_ops.py and the tiny CUDA cases of ours (where compute-sanitizer exists).
@@ -48,7 +48,7 @@ else
   step tests "$PY" -m pytest -q -p no:cacheprovider tests || status=1
   step benchmark-suite "$PY" -m pytest -q -p no:cacheprovider benchmarks -k cuda --bench-size tiny \
     --benchmark-disable || status=1
-  step bench "$PY" -m benchmarks.report --quick --device cuda --out "$RESULTS" || status=1
+  step bench "$PY" -m benchmarks --quick --device cuda --out "$RESULTS" --replace || status=1
 
   sanitizer=$(command -v compute-sanitizer || true)
   if [ -z "$sanitizer" ] && [ -x "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" ]; then

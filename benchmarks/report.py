@@ -1,4 +1,4 @@
-"""``pfc-fast bench`` (also ``python -m benchmarks.report``): time pfc_fast against its baselines.
+"""``python -m benchmarks`` (run in the repository root): time pfc_fast against its baselines.
 
 Runs the benchmark groups (``nc``: :mod:`benchmarks.nc_metrics_bench`, ``sinkhorn``:
 :mod:`benchmarks.sinkhorn_bench`, ``monitor``: :mod:`benchmarks.monitor_bench`) at a size preset
@@ -8,7 +8,9 @@ params, the median time of ours and of every baseline (speed-up = baseline / fas
 run), and on a GPU the fraction of the floor (memory bandwidth or arithmetic) ours reached. On the
 CPU it states whether the acceptance targets pass. Writes ``bench-<machine>.json``, ``.md`` and
 ``.png`` (time against size, log-log) to ``--out`` (default ``benchmarks/results/``), the machine
-being the GPU's name or the CPU's model and thread count; a new run replaces that machine's files.
+being the GPU's name or the CPU's model and thread count. Where that machine's files exist (the
+committed results), a run writes new ones beside them, ``bench-<machine>-<date>``, unless
+``--replace`` says to overwrite them.
 
 ``--readme`` runs nothing: it rewrites README.md's generated performance section from the
 ``bench-*.json`` files of ``--out`` (:mod:`benchmarks.readme`).
@@ -46,7 +48,7 @@ TIMING = {"tiny": (1, 0.0), "quick": (3, 6.0), "full": (5, 20.0)}
 
 
 def add_arguments(parser):
-    """The flags of ``pfc-fast bench``."""
+    """The flags of ``python -m benchmarks``."""
     parser.add_argument("--quick", action="store_true", help="the quick subset: acceptance targets and short "
                         "sweeps (minutes on a 2-core CPU)")
     parser.add_argument("--sizes", choices=SIZES, help=argparse.SUPPRESS)
@@ -54,13 +56,15 @@ def add_arguments(parser):
     parser.add_argument("--threads", type=positive_int, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--out", default=RESULTS, help="directory of the results files (default benchmarks/results)")
     parser.add_argument("--only", nargs="+", choices=tuple(GROUPS), help="run these groups only (default: all)")
+    parser.add_argument("--replace", action="store_true", help="overwrite this machine's bench-<machine> files in "
+                        "--out (default: write bench-<machine>-<date> files beside them)")
     parser.add_argument("--readme", action="store_true", help="run nothing; rewrite README.md's performance "
                         "section from the bench-*.json files of --out")
     return parser
 
 
 def _command(sizes, device, groups):
-    words = ["pfc-fast bench"]
+    words = ["python -m benchmarks"]
     words += ["--quick"] if sizes == "quick" else ([] if sizes == "full" else [f"--sizes {sizes}"])
     words.append(f"--device {device.type}")
     if device.type == "cpu":
@@ -166,10 +170,18 @@ def run(device, sizes, groups=None):
     return result
 
 
-def write(result, out):
-    """Write ``bench-<machine>.json``, ``.md`` and ``.png`` to ``out``; returns their paths."""
+def write(result, out, replace=False):
+    """Write ``bench-<machine>.json``, ``.md`` and ``.png`` to ``out``; returns their paths. Where
+    that machine's JSON exists and not ``replace``, the files are ``bench-<machine>-<date>`` (with
+    ``-2``, ``-3``, ... where that exists too)."""
     os.makedirs(out, exist_ok=True)
     stem = os.path.join(out, f"bench-{result['machine']}")
+    if not replace and os.path.exists(stem + ".json"):
+        dated = stem + "-" + "".join(c for c in result["date"] if c.isdigit())
+        stem, copy = dated, 1
+        while os.path.exists(stem + ".json"):
+            copy += 1
+            stem = f"{dated}-{copy}"
     with open(stem + ".json", "w") as handle:
         json.dump(result, handle, indent=1)
         handle.write("\n")
@@ -180,7 +192,7 @@ def write(result, out):
 
 
 def run_cli(args, parser):
-    """``pfc-fast bench`` with parsed ``args``; errors go through ``parser.error``."""
+    """``python -m benchmarks`` with parsed ``args``; errors go through ``parser.error``."""
     if args.readme:
         changed = update_readme(README, args.out)
         _say(f"{README}: performance section {'rewritten' if changed else 'unchanged'} from {args.out}/bench-*.json")
@@ -197,14 +209,14 @@ def run_cli(args, parser):
     if device.type == "cuda" and not pfc_fast.build_info()["cuda"]:
         parser.error("argument --device: pfc_fast was built without its CUDA kernels (build with FORCE_CUDA=1)")
     result = run(device, sizes, args.only)
-    paths = write(result, args.out)
+    paths = write(result, args.out, args.replace)
     _say("")
     _say(report_markdown(result))
     _say("written " + ", ".join(paths))
     return 0
 
 
-def main(argv=None, prog="python -m benchmarks.report"):
+def main(argv=None, prog="python -m benchmarks"):
     """The command line; ``argv`` defaults to ``sys.argv[1:]``."""
     parser = add_arguments(argparse.ArgumentParser(
         prog=prog, description="Time pfc_fast against its baselines; write bench-<machine>.{json,md,png}."))

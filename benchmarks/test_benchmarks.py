@@ -1,6 +1,6 @@
 """pytest-benchmark suite: ``python -m pytest benchmarks/ [--bench-size tiny|quick|full]``.
 
-One test per device, case and contender of :mod:`benchmarks.cases` (the cases ``pfc-fast bench``
+One test per device, case and contender of :mod:`benchmarks.cases` (the cases ``python -m benchmarks``
 runs at the same size preset), grouped by case so pytest-benchmark shows ours beside the
 baselines. CUDA cases are listed and skipped, with the reason, where there is no GPU; contenders
 that would not fit in memory or would take minutes are skipped with the recorded reason.

@@ -4,15 +4,14 @@
 (:mod:`pfc_fast.train`). ``pfc-fast report RUN_DIR``: figures and summary of a run
 (:mod:`pfc_fast.report`).
 
-``pfc-fast bench``: time pfc_fast against the published baselines, POT and pure PyTorch
-(``benchmarks/report.py`` of a source checkout; ``pfc-fast bench --help`` lists its flags).
+The benchmarks are not part of the installed package: ``python -m benchmarks`` in the repository
+root runs them.
 
 ``pfc-fast demo``: neural-collapse metrics of every layer of a small residual MLP trained on
 scikit-learn's digits (1,797 8x8 images, shipped inside scikit-learn: no download), printed per
 epoch. It shows the front door, :func:`pfc_fast.nc_metrics`, on real data in a few seconds.
 """
 import argparse
-import os
 import sys
 import time
 
@@ -79,23 +78,6 @@ def demo(args):
     print(f"input pixels: nc1 {raw.nc1:.3e}; done in {time.perf_counter() - start:.1f} s")
 
 
-def bench(args):
-    """``pfc-fast bench``: ``benchmarks.report.main`` of the source checkout with the arguments.
-
-    ``benchmarks/`` is not installed with the package; it is looked for beside this package (an
-    editable install, ``pip install -e .``) and then in the working directory.
-    """
-    for root in (os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.getcwd()):
-        if os.path.isfile(os.path.join(root, "benchmarks", "report.py")):
-            if root not in sys.path:
-                sys.path.insert(0, root)
-            from benchmarks import report as bench_report
-            return bench_report.main(args.options, prog="pfc-fast bench")
-    raise SystemExit("pfc-fast bench runs the benchmarks/ folder of a source checkout, which is not installed with "
-                     "the package: clone the repository, install it with `pip install -e .` and run `pfc-fast bench` "
-                     "(or `python -m benchmarks.report`) in its root")
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="pfc-fast", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -114,12 +96,6 @@ def main(argv=None):
     report_parser = report.add_arguments(commands.add_parser(
         "report", help="figures and summary of a pfc-fast train run", description=report.__doc__.split("\n\n")[0]))
     report_parser.set_defaults(run=lambda args: report.run_cli(args, report_parser))
-    # bench's flags belong to benchmarks/report.py, read only when it runs: a prefix no argument
-    # can start with ("\0") hands every word after "bench" (--help included) to it
-    bench_parser = commands.add_parser("bench", add_help=False, prefix_chars="\0",
-                                       help="time pfc_fast against its baselines (pfc-fast bench --help)")
-    bench_parser.add_argument("options", nargs=argparse.REMAINDER)
-    bench_parser.set_defaults(run=bench)
     args = parser.parse_args(argv)
     return args.run(args) or 0
 

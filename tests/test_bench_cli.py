@@ -1,14 +1,16 @@
-"""``pfc-fast bench`` end to end on the tiny preset (JSON, markdown and PNG written), its argument
-errors, the acceptance-target verdicts, and the README generator (idempotent, text outside the
-markers kept, the committed README equal to what the committed results give)."""
+"""``python -m benchmarks`` end to end on the tiny preset (JSON, markdown and PNG written; new files
+beside existing ones unless --replace), its argument errors, the acceptance-target verdicts, and
+the README generator (idempotent, text outside the markers kept, the committed README equal to
+what the committed results give)."""
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 
 from benchmarks import nc_metrics_bench, readme, report
-from pfc_fast import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -16,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    assert cli.main(["bench", "--sizes", "tiny", "--device", "cpu", "--out", str(out)]) == 0
+    assert report.main(["--sizes", "tiny", "--device", "cpu", "--out", str(out)]) == 0
     return out
 
 
@@ -44,9 +46,28 @@ def test_bench_writes_json_markdown_and_plot(tiny_run, capsys):
                                   ["--quick", "--sizes", "tiny"], ["--device", "tpu"]])
 def test_bench_rejects_bad_arguments(argv, capsys):
     with pytest.raises(SystemExit) as error:
-        cli.main(["bench", *argv])
+        report.main(argv)
     assert error.value.code == 2
     assert "argument --" in capsys.readouterr().err
+
+
+def test_a_run_keeps_existing_results_unless_told_to_replace(tiny_run, tmp_path):
+    [first] = [p for p in os.listdir(tiny_run) if p.endswith(".json")]
+    with open(os.path.join(tiny_run, first)) as handle:
+        result = json.load(handle)
+    shutil.copy(os.path.join(tiny_run, first), tmp_path / first)
+    committed = (tmp_path / first).read_text()
+    new = report.write(result, str(tmp_path))
+    again = report.write(result, str(tmp_path))
+    assert os.path.basename(new[0]) != first and os.path.basename(again[0]) not in (first, os.path.basename(new[0]))
+    assert (tmp_path / first).read_text() == committed
+    assert report.write(result, str(tmp_path), replace=True)[0] == str(tmp_path / first)
+
+
+def test_module_entry_point():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-m", "benchmarks", "--help"], cwd=root, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith("usage: python -m benchmarks") and "--replace" in out.stdout
 
 
 def test_targets_pass_or_fail():
@@ -85,4 +106,4 @@ def test_committed_readme_is_generated_from_committed_results():
         text = handle.read()
     body = text[text.index(readme.START) + len(readme.START):text.index(readme.END)]
     expected = readme.section(readme.load_results(os.path.join(ROOT, "benchmarks", "results")), ROOT)
-    assert body == "\n" + expected + "\n", "README.md is stale: run python -m benchmarks.report --readme"
+    assert body == "\n" + expected + "\n", "README.md is stale: run python -m benchmarks --readme"
