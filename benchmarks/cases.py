@@ -20,7 +20,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from .timing import free_memory
+from pfc_fast._memory import free_bytes
 
 #: Size presets: ``tiny`` (seconds, for the tests), ``quick`` (``python -m benchmarks --quick``: the
 #: acceptance targets and short sweeps), ``full`` (the whole sweep of the device).
@@ -143,7 +143,7 @@ def skip_reason(case, contender, device):
             return reason
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    limit = MEMORY_FRACTION[device.type] * free_memory(device)
+    limit = MEMORY_FRACTION[device.type] * free_bytes(device)
     need = contender.memory(case.params) if contender.memory else 0.0
     if need > limit:
         return (f"needs ~{_gigabytes(need)} ({contender.memory_text}), over {_gigabytes(limit)} "
@@ -157,7 +157,7 @@ def skip_reason(case, contender, device):
 
 def input_skip_reason(case, device):
     """Why the inputs of ``case`` are not even made on ``device``, or ``None``."""
-    limit = MEMORY_FRACTION[device.type] * free_memory(device)
+    limit = MEMORY_FRACTION[device.type] * free_bytes(device)
     if case.input_bytes > limit:
         return (f"its inputs need ~{_gigabytes(case.input_bytes)}, over {_gigabytes(limit)} "
                 f"({MEMORY_FRACTION[device.type]:.0%} of the free {device.type} memory)")

@@ -1,7 +1,6 @@
 """What the benchmarks share about the machine: wall-clock timing, the machine's name, the memory
 free for a case, and the device rates that set the floors of the GPU tables."""
 import math
-import os
 import platform
 import statistics
 import time
@@ -61,21 +60,6 @@ def machine_name(device):
     if device.type != "cuda":
         name = f"{name}-{torch.get_num_threads()}t"
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in name.replace(" ", "-"))
-
-
-def free_memory(device):
-    """Bytes free on ``device``: ``cudaMemGetInfo`` on CUDA, ``MemAvailable`` of /proc/meminfo
-    on the CPU (physical pages when /proc is absent)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def copy_bandwidth(device):

@@ -27,12 +27,12 @@ Gradients: ``value`` is differentiable with respect to ``x``, ``y``, ``a``, ``b`
 ``d value / d x_i = 2 sum_j P_ij (x_i - y_j)``, ``d value / d a = f``, ``d value / d C = P``.
 """
 import math
-import os
 from dataclasses import dataclass, field
 
 import torch
 
 from . import _inputs, _ops
+from ._memory import free_bytes
 
 MODES = ("auto", "online", "dense")
 #: Dense mode ("auto") when the cost matrix takes at most this many bytes.
@@ -63,7 +63,7 @@ class SinkhornResult:
         """The transport plan ``P`` ``(N, M)`` (or ``(B, N, M)``); raises MemoryError if it cannot fit."""
         p = self._problem
         needed = p.batch * p.rows * p.cols * p.dtype.itemsize
-        available = _available_memory(p.device)
+        available = free_bytes(p.device)
         if needed > available // 2:
             raise MemoryError(
                 f"the plan needs {needed / 2**30:.1f} GiB ({p.batch} x {p.rows} x {p.cols} "
@@ -72,15 +72,6 @@ class SinkhornResult:
         f, g = _batched(self.f, p), _batched(self.g, p)
         plan = torch.cat([chunk for _, chunk, _ in p.plan_chunks(f, g, self.eps)], dim=1)
         return plan if p.batched else plan[0]
-
-
-def _available_memory(device):
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
-        return 1 << 34
 
 
 def _batched(tensor, problem):

@@ -188,7 +188,7 @@ def test_online_mode_memory(tmp_path):
 def test_plan_too_large(monkeypatch):
     x, y, _, _ = _clouds(30, 30, 2, seed=11)
     result = pfc_fast.sinkhorn(x, y, eps=0.5)
-    monkeypatch.setattr(transport, "_available_memory", lambda device: 1000)
+    monkeypatch.setattr(transport, "free_bytes", lambda device: 1000)
     with pytest.raises(MemoryError, match="the plan needs"):
         result.plan()
 
