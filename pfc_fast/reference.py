@@ -18,6 +18,15 @@ def _as_features(feats, pooling):
     return feats
 
 
+def _pinv(matrix):
+    """Pseudo-inverse of a symmetric PSD matrix from its eigendecomposition, eigenvalues below
+    ``PINV_RTOL`` times the largest dropped (written here, apart from pfc_fast.metrics, so that the
+    tests compare two independent implementations)."""
+    evals, evecs = torch.linalg.eigh(matrix)
+    keep = evals > PINV_RTOL * evals.max()
+    return evecs[:, keep] @ torch.diag(1.0 / evals[keep]) @ evecs[:, keep].T
+
+
 def _class_means(feats, labels, classes):
     return torch.stack([feats[labels == c].mean(0) for c in classes])
 
@@ -41,9 +50,7 @@ def nc_metrics(feats, labels, num_classes=None, classifier=None, bias=None, pred
     residuals = feats - full_means[labels]
     sigma_w = residuals.T @ residuals / num_samples
     sigma_b = m @ m.T / k
-    evals, evecs = torch.linalg.eigh(sigma_b)
-    keep = evals > PINV_RTOL * evals.max()
-    sigma_b_pinv = evecs[:, keep] @ torch.diag(1.0 / evals[keep]) @ evecs[:, keep].T
+    sigma_b_pinv = _pinv(sigma_b)
 
     variances = [float(((feats[labels == c] - means[j]) ** 2).sum(1).mean()) for j, c in enumerate(classes)]
     cdnv_terms = [
@@ -106,9 +113,7 @@ def nc1_projection(feats, labels):
     full_means[classes] = means
     z = (feats - full_means[labels]) @ m
     a = z.T @ z / feats.shape[0]
-    evals, evecs = torch.linalg.eigh(m.T @ m)
-    keep = evals > PINV_RTOL * evals.max()
-    g_pinv = evecs[:, keep] @ torch.diag(1.0 / evals[keep]) @ evecs[:, keep].T
+    g_pinv = _pinv(m.T @ m)
     return float(torch.trace(g_pinv @ a @ g_pinv))
 
 
