@@ -27,7 +27,7 @@ import torch
 from matplotlib.figure import Figure
 
 from pfc_fast import mufm, nc_metrics
-from pfc_fast.data import balanced_indices
+from pfc_fast.data import balanced_indices, digits_pixels
 from pfc_fast.train import positive_int
 
 from .pfc_depth import write_json
@@ -39,11 +39,10 @@ FIELDS = ("nc1", "nc1_quotient", "nc2_etf", "nc4")
 
 def digits_features(per_class, seed=0):
     """``per_class`` digits of every class: ``X (10 per_class, 64)`` float64 in [0, 1], labels."""
-    from sklearn.datasets import load_digits
-    data = load_digits()
-    labels = torch.tensor(data.target, dtype=torch.long)
+    pixels, target = digits_pixels()
+    labels = torch.tensor(target, dtype=torch.long)
     index = balanced_indices(labels, per_class, 10, seed, name="per_class")
-    return torch.tensor(data.data, dtype=torch.float64)[index] / 16.0, labels[index]
+    return torch.tensor(pixels, dtype=torch.float64)[index] / 16.0, labels[index]
 
 
 def _record(result, seconds):

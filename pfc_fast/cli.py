@@ -18,17 +18,13 @@ import time
 import torch
 
 from . import report, train
+from .data import digits_pixels
 from .metrics import nc_metrics
 
 
 def _digits():
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as error:  # pragma: no cover - scikit-learn is a dependency
-        raise SystemExit("pfc-fast demo needs scikit-learn (pip install scikit-learn)") from error
-    data = load_digits()
-    feats = torch.tensor(data.data, dtype=torch.float32) / 16.0
-    return feats, torch.tensor(data.target, dtype=torch.long)
+    pixels, labels = digits_pixels()
+    return torch.tensor(pixels, dtype=torch.float32) / 16.0, torch.tensor(labels, dtype=torch.long)
 
 
 class _ResidualMLP(torch.nn.Module):

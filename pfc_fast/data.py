@@ -130,14 +130,24 @@ def _embedded():
                      arrays["test_labels"], 10)
 
 
+def digits_pixels():
+    """scikit-learn's digits, shipped inside its wheel (no download): ``pixels (1797, 64)`` float64
+    with values 0..16 (8x8 images, row by row) and ``labels (1797,)`` int64."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as error:  # pragma: no cover - scikit-learn is a dependency
+        raise SystemExit("the digits data needs scikit-learn (pip install scikit-learn)") from error
+    digits = load_digits()
+    return digits.data, digits.target
+
+
 def _digits():
-    from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
-    digits = load_digits()
-    images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)  # 0..16 -> 0..255
-    train_x, test_x, train_y, test_y = train_test_split(images, digits.target, test_size=0.2,
-                                                        stratify=digits.target, random_state=0)
+    pixels, labels = digits_pixels()
+    images = np.rint(pixels.reshape(-1, 8, 8) * (255.0 / 16.0)).astype(np.uint8)  # 0..16 -> 0..255
+    train_x, test_x, train_y, test_y = train_test_split(images, labels, test_size=0.2, stratify=labels,
+                                                        random_state=0)
     return _make("digits", train_x, train_y, test_x, test_y, 10)
 
 

@@ -260,3 +260,13 @@ def test_prepare_is_the_first_epoch_of_a_run():
                           "probe_per_class": 5}
     with pytest.raises(ValueError, match=r"options: \['widht'\] are not options of pfc-fast train"):
         train.prepare({"widht": 4})
+
+
+def test_demo_prints_every_layer(capsys):
+    """``pfc-fast demo`` on the digits: one line per measured epoch with nc1 of each layer."""
+    from pfc_fast import cli
+
+    assert cli.main(["demo", "--epochs", "2", "--every", "1", "--width", "16", "--depth", "2"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch")]
+    assert [line.split()[1] for line in lines] == ["1", "2"]
+    assert all(len(line.split("[")[1].split("]")[0].split()) == 3 for line in lines)  # stem + 2 blocks
