@@ -98,3 +98,15 @@ def assert_metrics_close(ours, ref, rtol, exact_decisions=True, abs_tol=1e-14):
             assert math.isclose(value, expected, rel_tol=rtol, abs_tol=abs_tol), f"{name}: {value} vs {expected}"
         else:
             assert value == expected, f"{name}: {value} vs {expected}"
+
+
+def resnet_by_hand(model, x):
+    """Stem output and every block output of a torchvision ResNet, and its logits, computed
+    explicitly (torchvision's ``_forward_impl`` step by step)."""
+    h = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+    feats = [h]
+    for stage in (model.layer1, model.layer2, model.layer3, model.layer4):
+        for block in stage:
+            h = block(h)
+            feats.append(h)
+    return feats, model.fc(torch.flatten(model.avgpool(h), 1))

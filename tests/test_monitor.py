@@ -15,19 +15,7 @@ import pfc_fast
 from pfc_fast import reference
 from pfc_fast.models import ConstantWidthResNet, small_image_resnet
 
-from conftest import assert_metrics_close
-
-
-def _resnet_by_hand(model, x):
-    """Stem output and every block output of a torchvision ResNet, and its logits, computed
-    explicitly (torchvision's ``_forward_impl`` step by step)."""
-    h = model.maxpool(model.relu(model.bn1(model.conv1(x))))
-    feats = [h]
-    for stage in (model.layer1, model.layer2, model.layer3, model.layer4):
-        for block in stage:
-            h = block(h)
-            feats.append(h)
-    return feats, model.fc(torch.flatten(model.avgpool(h), 1))
+from conftest import assert_metrics_close, resnet_by_hand
 
 
 def _data(n, channels, size, classes, seed):
@@ -68,7 +56,7 @@ def test_matches_nc_metrics_by_hand(pooling, cache_bytes):
     assert result.forward_passes == (1 if cache_bytes else 2)
     model.eval()
     with torch.no_grad():
-        feats, logits = _resnet_by_hand(model, images)
+        feats, logits = resnet_by_hand(model, images)
     predictions = logits.argmax(1)
     assert result.accuracy == pytest.approx(float((predictions == labels).double().mean()))
     assert monitor.layer_names == list(result.layers) == ["stem"] + [f"layer{s}.{b}" for s in range(1, 5)
@@ -89,7 +77,7 @@ def test_every_layer_against_the_reference(device):
     result = monitor.measure(_batches(images.to(device), labels.to(device), [20, 16]), classifier=model.fc)
     model.eval()
     with torch.no_grad():
-        feats, logits = _resnet_by_hand(model, images.to(device))
+        feats, logits = resnet_by_hand(model, images.to(device))
     for name, h in zip(result.layers, feats):
         matches = h.shape[1] == model.fc.in_features  # the monitor applies the classifier where D fits
         weight = dict(classifier=model.fc.weight.cpu(), bias=model.fc.bias.cpu()) if matches else {}
@@ -105,7 +93,7 @@ def test_torchvision_resnets_default_hooks():
     model = torchvision.models.resnet18(num_classes=4).eval()
     result = pfc_fast.PFCMonitor(model, num_classes=4).measure(_batches(images, labels, [25, 15]))
     with torch.no_grad():
-        feats, logits = _resnet_by_hand(model, images)
+        feats, logits = resnet_by_hand(model, images)
     assert feats[0].shape[-1] == 8  # 32 -> conv stride 2 -> max-pool stride 2
     for name, h in zip(result.layers, feats):
         expected = pfc_fast.nc_metrics(h, labels, predictions=logits.argmax(1))
@@ -141,7 +129,7 @@ def test_classifier_gives_nc3_at_the_matching_layer():
     result = pfc_fast.PFCMonitor(model, num_classes=4, pooling="gap").measure([(images, labels)],
                                                                               classifier=model.fc)
     with torch.no_grad():
-        feats, logits = _resnet_by_hand(model, images)
+        feats, logits = resnet_by_hand(model, images)
     expected = pfc_fast.nc_metrics(feats[-1], labels, classifier=model.fc.weight, bias=model.fc.bias,
                                    predictions=logits.argmax(1), pooling="gap")
     assert_metrics_close(result.layers["layer4.1"], expected.to_dict(), rtol=1e-9)

@@ -18,7 +18,7 @@ from pfc_fast.data import balanced_indices, load_dataset, to_float
 from pfc_fast.models import build_model
 from pfc_fast.report import monotonicity
 
-from conftest import assert_metrics_close
+from conftest import assert_metrics_close, resnet_by_hand
 
 TINY = ["--dataset", "digits", "--width", "4", "--probe-per-class", "10"]
 TIMING = ("train_seconds", "measure_seconds", "test_seconds", "geodesic_seconds")
@@ -41,13 +41,8 @@ def _check_against_checkpoint(run, record, probe_per_class, pooling="flatten"):
     mean, std = data.normalization()
     probe = balanced_indices(data.train_labels, probe_per_class, 10, seed=0)
     with torch.no_grad():
-        h = model.maxpool(model.relu(model.bn1(model.conv1(to_float(data.train_images[probe], mean, std)))))
-        feats = [h]
-        for stage in (model.layer1, model.layer2, model.layer3, model.layer4):
-            for block in stage:
-                h = block(h)
-                feats.append(h)
-        predictions = model.fc(torch.flatten(model.avgpool(h), 1)).argmax(1)
+        feats, logits = resnet_by_hand(model, to_float(data.train_images[probe], mean, std))
+        predictions = logits.argmax(1)
         test_predictions = model(to_float(data.test_images, mean, std)).argmax(1)
     labels = data.train_labels[probe]
     assert record["probe_acc"] == pytest.approx(float((predictions == labels).double().mean()))
