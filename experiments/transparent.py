@@ -47,12 +47,6 @@ def layer_features(run, pooling="flatten"):
     return run.train_labels[run.probe].cpu(), predictions, feats
 
 
-def geodesic_scores(tracks):
-    """LSS, OTS (first against last) and W-path ratio of a list of ``(N, D)`` layers."""
-    return {"lss": float(geodesic.line_shape_score(tracks)), "ots": float(geodesic.ot_score(tracks[0], tracks[-1])),
-            "w_path_ratio": float(geodesic.wasserstein_path_ratio(tracks))}
-
-
 def _curve(metrics):
     return {field: [getattr(m, field) for m in metrics] for field, _, _ in CURVES}
 
@@ -72,7 +66,7 @@ def compare(run):
             "monotonicity": {name: {field: monotonicity(values) for field, values in curve.items()}
                              for name, curve in curves.items()},
             "max_abs_log10_nc1_gap_to_network": gaps,
-            "geodesic_flatten": geodesic_scores(layers)}
+            "geodesic_flatten": geodesic.scores(layers)}
 
 
 def _plot_curves(result, path):
@@ -115,8 +109,8 @@ def run(preset, runs_dir, out, device="auto"):
     result = {"preset": preset, "description": PRESETS[preset][1], "run_dir": run_dir, "epoch": epoch,
               "train_acc": records[-1]["train_acc"], "test_acc": records[-1]["test_acc"], **compare(trained)}
     initial, _ = restore(run_dir, checkpoint=False)
-    result["geodesic_flatten_at_initialisation"] = geodesic_scores(list(layer_features(initial)[2].values()))
-    initial_pooled = geodesic_scores(list(layer_features(initial, pooling="gap")[2].values()))
+    result["geodesic_flatten_at_initialisation"] = geodesic.scores(list(layer_features(initial)[2].values()))
+    initial_pooled = geodesic.scores(list(layer_features(initial, pooling="gap")[2].values()))
     result["geodesic_pooled_by_epoch"] = {field: [initial_pooled[field]] + [r[field] for r in records]
                                           for field, _ in GEODESIC}
     os.makedirs(out, exist_ok=True)

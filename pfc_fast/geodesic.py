@@ -123,6 +123,15 @@ def wasserstein_path_ratio(layers, eps=None, **sinkhorn_kwargs):
     return float(total) / path
 
 
+def scores(layers):
+    """The three geodesic scores of a list of ``(N, D)`` layers (a network's tracks):
+    ``{"lss": line_shape_score, "ots": ot_score of the first against the last layer,
+    "w_path_ratio": wasserstein_path_ratio}``, as floats."""
+    tracks = _tracks(layers)
+    return {"lss": float(line_shape_score(tracks)), "ots": float(ot_score(tracks[0], tracks[-1])),
+            "w_path_ratio": float(wasserstein_path_ratio(tracks))}
+
+
 def simplex_etf(num_classes, dim, scale=1.0, dtype=torch.float64):
     """``(K, D)`` vertices of a simplex equiangular tight frame of norm ``scale`` (needs D >= K - 1)."""
     if dim < num_classes - 1:

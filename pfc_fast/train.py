@@ -400,9 +400,7 @@ class _Run:
         """LSS, OTS (stem against last block) and W-path ratio of the globally pooled features of
         the stem and every block (``pfc_fast.geodesic``), computed on the CPU (a few hundred samples)."""
         images = self.inputs(self.train_images[self.geodesic])
-        tracks = [t.double().cpu() for t in self.monitor.features(images, pooling="gap").values()]
-        return {"lss": float(geodesic.line_shape_score(tracks)), "ots": float(geodesic.ot_score(tracks[0], tracks[-1])),
-                "w_path_ratio": float(geodesic.wasserstein_path_ratio(tracks))}
+        return geodesic.scores([t.double().cpu() for t in self.monitor.features(images, pooling="gap").values()])
 
     def save_checkpoint(self, epoch):
         state = {"epoch": epoch, "model": self.network.state_dict(), "optimizer": self.optimizer.state_dict(),

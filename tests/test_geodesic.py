@@ -50,6 +50,14 @@ def test_path_ratio_geodesic_and_detour():
     assert geodesic.wasserstein_path_ratio(detour) < 0.8
 
 
+def test_scores_are_the_three_scores():
+    x0 = _points(80, 3, 7)
+    layers = _interpolation(x0, 1.5 * x0 + 2.0, 3)
+    assert geodesic.scores(layers) == {"lss": float(geodesic.line_shape_score(layers)),
+                                       "ots": float(geodesic.ot_score(layers[0], layers[-1])),
+                                       "w_path_ratio": float(geodesic.wasserstein_path_ratio(layers))}
+
+
 def test_transparent_model_towards_etf():
     gen = torch.Generator().manual_seed(7)
     labels = torch.arange(5).repeat_interleave(60)
