@@ -113,9 +113,29 @@ def test_warp_operation_errors(case, kwargs, match):
         _shuffle(_values(32, torch.float64, seed=11), op, args, **kwargs)
 
 
-def test_exited_lane_with_sync():
-    with pytest.raises(RuntimeError, match=r"exited"):
-        _shuffle(_values(32, torch.int32, seed=12), "sync", torch.zeros(32, dtype=torch.int64), exit_mask=1 << 31)
+@pytest.mark.parametrize("exit_mask", [1 << 31, 1, 0x0000FF00])
+def test_syncwarp_waits_only_for_lanes_that_have_not_exited(exit_mask):
+    """Programming Guide: all non-exited threads named in mask must execute a __syncwarp."""
+    values = _values(32, torch.int32, seed=12)
+    out = _shuffle(values, "sync", torch.zeros(32, dtype=torch.int64), exit_mask=exit_mask)
+    assert torch.equal(out, values)  # exited lanes keep the value out started with: their own
+
+
+def test_syncwarp_at_different_calls_meets():
+    """On sm_70 and later a __syncwarp meets any __syncwarp of the same mask."""
+    values = _values(32, torch.int64, seed=13)
+    out = _shuffle(values, "sync", torch.zeros(32, dtype=torch.int64), diverge_mask=0xFFFF0000)
+    assert torch.equal(out, values)
+
+
+def test_syncwarp_in_a_partial_warp():
+    values = _values(20, torch.float32, seed=14)
+    assert torch.equal(_shuffle(values, "sync", torch.zeros(20, dtype=torch.int64)), values)
+
+
+def test_shared_variables_stay_distinct():
+    """Two __shared__ arrays on one line, one declaration in two template instances of one size."""
+    assert probe.shared_variables().tolist() == [12, 3, 4]
 
 
 def _ring_expected(values, rounds):
@@ -196,7 +216,7 @@ def test_dynamic_shared_memory_up_to_the_limit():
 @pytest.mark.parametrize("grid,block,shared,match", [
     ([1, 1, 1], [1025, 1, 1], 0, r"1025 threads per block; CUDA allows 1024"),
     ([1, 1, 1], [32, 32, 2], 0, r"2048 threads per block"),
-    ([1, 1, 1], [1, 1, 65], 0, r"blockDim.z at most 64"),
+    ([1, 1, 1], [1, 1, 65], 0, r"blockDim.z = 65; CUDA allows at most 64"),
     ([1, 65536, 1], [1, 1, 1], 0, r"gridDim.y and gridDim.z are at most 65535"),
     ([1, 1, 65536], [1, 1, 1], 0, r"gridDim.y and gridDim.z are at most 65535"),
     ([0, 1, 1], [1, 1, 1], 0, r"an empty grid or block"),
@@ -206,6 +226,13 @@ def test_dynamic_shared_memory_up_to_the_limit():
 def test_launch_limits(grid, block, shared, match):
     with pytest.raises(RuntimeError, match=match):
         probe.indices(grid, block, shared)
+
+
+def test_grids_larger_than_the_layer_emulates():
+    """2^24 + 1 blocks: a legal CUDA grid that this layer refuses, saying so (not a CUDA error)."""
+    with pytest.raises(RuntimeError, match=r"16777217 blocks: CUDA allows this grid, but the SIMT layer emulates "
+                                           r"at most 2\^24$"):
+        probe.ring(torch.zeros(2**24 + 1, 1, dtype=torch.float64), 1, False, "none")
 
 
 def test_static_and_dynamic_shared_memory_together_over_the_limit():

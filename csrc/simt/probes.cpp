@@ -200,6 +200,36 @@ std::tuple<at::Tensor, at::Tensor> atomics(int64_t blocks, int64_t threads) {
   return {old, totals};
 }
 
+template <typename T>
+__device__ T* shared_buffer() {
+  PFC_SHARED(T, buffer, [8]);
+  return buffer;
+}
+
+// Distinct __shared__ variables stay distinct: two declared on one line, and one declaration in
+// two template instances of the same size. One warp; out = [10 a + b, int buffer, float buffer].
+__global__ void shared_variables_kernel(int64_t* out) {
+  PFC_SHARED(int, a, [4]); PFC_SHARED(int, b, [4]);
+  if (threadIdx.x == 0) {
+    a[0] = 1;
+    b[0] = 2;
+    shared_buffer<int>()[0] = 3;
+    shared_buffer<float>()[0] = 4.0f;
+  }
+  __syncwarp();
+  if (threadIdx.x == 31) {
+    out[0] = 10 * a[0] + b[0];
+    out[1] = shared_buffer<int>()[0];
+    out[2] = static_cast<int64_t>(shared_buffer<float>()[0]);
+  }
+}
+
+at::Tensor shared_variables() {
+  at::Tensor out = at::zeros({3}, at::kLong);
+  device::launch(shared_variables_kernel, 1, 32, 0, nullptr)(out.data_ptr<int64_t>());
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(pfc_simt_probe, m) {
@@ -207,6 +237,7 @@ TORCH_LIBRARY(pfc_simt_probe, m) {
   m.def("ring(Tensor values, int rounds, bool dynamic, str fault) -> Tensor");
   m.def("indices(int[] grid, int[] block, int shared_bytes) -> Tensor");
   m.def("atomics(int blocks, int threads) -> (Tensor old, Tensor totals)");
+  m.def("shared_variables() -> Tensor");
 }
 
 // CompositeExplicitAutograd: indices and atomics take no tensor to dispatch on.
@@ -215,6 +246,7 @@ TORCH_LIBRARY_IMPL(pfc_simt_probe, CompositeExplicitAutograd, m) {
   m.impl("ring", &ring);
   m.impl("indices", &indices);
   m.impl("atomics", &atomics);
+  m.impl("shared_variables", &shared_variables);
 }
 
 }  // namespace pfc_fast

@@ -40,11 +40,8 @@ namespace {
 
 namespace ctx = boost::context;
 
-#ifdef PFC_SIMT_ASAN
-constexpr std::size_t kStackBytes = 512 << 10;  // ASan's redzones make frames larger
-#else
-constexpr std::size_t kStackBytes = 64 << 10;
-#endif
+constexpr std::size_t kStackBytes = 512 << 10;  // CUDA's most local memory per thread (mapped as used)
+constexpr unsigned long long kMaxBlocks = 1ull << 24;  // the grids this layer emulates
 
 std::mutex engine_mutex;  // launches from several host threads draw their block orders in turn
 std::mt19937_64 block_order_engine(0x5eed);
@@ -59,8 +56,7 @@ class StackPool {
     if (free_.empty()) {
       const std::size_t page = static_cast<std::size_t>(sysconf(_SC_PAGESIZE));
       void* base = mmap(nullptr, kStackBytes + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-      if (base == MAP_FAILED) throw std::bad_alloc();
-      mprotect(base, page, PROT_NONE);
+      if (base == MAP_FAILED || mprotect(base, page, PROT_NONE) != 0) throw std::bad_alloc();
       top = static_cast<char*>(base) + page + kStackBytes;
     } else {
       top = free_.back();
@@ -122,7 +118,7 @@ struct Warp {
 };
 
 struct SharedVariable {
-  Site site;
+  const void* key;  // the declaration (see PFC_SHARED)
   std::size_t bytes;
   std::unique_ptr<unsigned char[]> memory;
 };
@@ -258,20 +254,21 @@ class Block {
     if (width < 1 || width > 32 || (width & (width - 1)) != 0) {
       fail(where(site) + ": width must be a power of 2 from 1 to 32, got " + std::to_string(width));
     }
-    if (mask & ~warp.lanes) {
+    const bool shuffle = op != WarpOp::sync;
+    if (shuffle && (mask & ~warp.lanes)) {
       fail(where(site) + " in warp " + std::to_string(self.warp) + " of block " + block_text() + ": mask " +
            mask_text(mask) + " names lanes " + lanes_text(mask & ~warp.lanes) + " that this block of " +
-           std::to_string(threads_.size()) + " threads does not have");
+           std::to_string(threads_.size()) + " threads does not have (what a shuffle reads from them is undefined)");
     }
-    if (mask & warp.exited) {
+    if (shuffle && (mask & warp.exited)) {
       fail(where(site) + " in warp " + std::to_string(self.warp) + " of block " + block_text() + ": mask " +
            mask_text(mask) + " names lanes " + lanes_text(mask & warp.exited) +
-           " that have exited (a GPU hangs or returns undefined values)");
+           " that have exited (what a shuffle reads from them is undefined)");
     }
     PendingOp* pending = nullptr;
     for (PendingOp& other : warp.pending) {
       if (!(other.mask & mask)) continue;
-      if (other.mask != mask || other.op != op || !same_site(other.site, site)) {
+      if (other.mask != mask || other.op != op || (shuffle && !same_site(other.site, site))) {
         fail("lanes of warp " + std::to_string(self.warp) + " of block " + block_text() + " diverged: lanes " +
              lanes_text(other.arrived) + " wait in " + where(other.site) + " (mask " + mask_text(other.mask) +
              "), lane " + std::to_string(self.lane) + " reached " + where(site) + " (mask " + mask_text(mask) + ")");
@@ -282,7 +279,7 @@ class Block {
       // A lane of the mask already waiting at a barrier never comes (one that goes there later
       // is caught by syncthreads).
       for (unsigned lane = 0; lane < 32; ++lane) {
-        if (!(mask >> lane & 1u)) continue;
+        if (!((mask & warp.lanes) >> lane & 1u)) continue;
         const Thread* other = lane_thread(self.warp, lane);
         if (other->wait == Wait::barrier) {
           fail(where(site) + " in warp " + std::to_string(self.warp) + " of block " + block_text() + ": lane " +
@@ -296,52 +293,61 @@ class Block {
     pending->arg[self.lane] = arg;
     pending->width[self.lane] = width;
     pending->arrived |= bit;
-    if (pending->arrived != mask) {
+    if (!complete(warp, *pending)) {
       wait(Wait::warp, site);
       return self.received;
     }
-    // The last lane of the mask: every lane's result, by the PTX pseudocode of shfl.sync.
-    const PendingOp& done = *pending;
+    finish(self.warp, warp, pending - warp.pending.data(), &self);
+    return self.received;
+  }
+
+  // Whether every lane the operation waits for has arrived: for __syncwarp the mask's lanes that
+  // exist and have not exited, for a shuffle all of the mask's lanes.
+  static bool complete(const Warp& warp, const PendingOp& op) {
+    const unsigned waited = op.op == WarpOp::sync ? op.mask & warp.lanes & ~warp.exited : op.mask;
+    return (op.arrived & waited) == waited;
+  }
+
+  // Completes pending operation `index` of warp `w`: every arrived lane's result, by the PTX
+  // pseudocode of shfl.sync, and the waiting lanes (all but `self`) made runnable.
+  void finish(unsigned w, Warp& warp, std::ptrdiff_t index, const Thread* self) {
+    const PendingOp& done = warp.pending[static_cast<std::size_t>(index)];
     for (unsigned lane = 0; lane < 32; ++lane) {
-      if (!(done.mask >> lane & 1u)) continue;
+      if (!(done.arrived >> lane & 1u)) continue;
       const unsigned b = done.arg[lane] & 31u;
-      const unsigned last = (lane & ~unsigned(done.width[lane] - 1)) + unsigned(done.width[lane]) - 1;
-      int source = static_cast<int>(lane);
+      const unsigned first = lane & ~unsigned(done.width[lane] - 1);
+      const unsigned last = first + unsigned(done.width[lane]) - 1;
+      unsigned source = lane;
       switch (done.op) {
         case WarpOp::sync: break;
-        case WarpOp::idx: source = static_cast<int>((lane & ~unsigned(done.width[lane] - 1)) | (b & unsigned(done.width[lane] - 1))); break;
-        case WarpOp::up: {
-          const int j = static_cast<int>(lane) - static_cast<int>(b);
-          if (j >= static_cast<int>(lane & ~unsigned(done.width[lane] - 1))) source = j;
-          break;
-        }
-        case WarpOp::down: if (lane + b <= last) source = static_cast<int>(lane + b); break;
-        case WarpOp::bfly: if ((lane ^ b) <= last) source = static_cast<int>(lane ^ b); break;
+        case WarpOp::idx: source = first | (b & unsigned(done.width[lane] - 1)); break;
+        case WarpOp::up: if (lane >= first + b) source = lane - b; break;
+        case WarpOp::down: if (lane + b <= last) source = lane + b; break;
+        case WarpOp::bfly: if ((lane ^ b) <= last) source = lane ^ b; break;
       }
       if (!(done.mask >> source & 1u)) {
-        fail(where(done.site) + " in warp " + std::to_string(self.warp) + " of block " + block_text() + ": lane " +
+        fail(where(done.site) + " in warp " + std::to_string(w) + " of block " + block_text() + ": lane " +
              std::to_string(lane) + " reads lane " + std::to_string(source) + ", which is not in the mask " +
              mask_text(done.mask) + " (its value is undefined)");
       }
-      Thread& receiver = *lane_thread(self.warp, lane);
+      Thread& receiver = *lane_thread(w, lane);
       receiver.received = done.value[source];
-      if (&receiver != &self) {
+      if (&receiver != self) {
         receiver.runnable = true;
         receiver.wait = Wait::none;
       }
     }
-    warp.pending.erase(warp.pending.begin() + (pending - warp.pending.data()));
-    return self.received;
+    warp.pending.erase(warp.pending.begin() + index);
   }
 
-  void* static_shared(const Site& site, std::size_t bytes, std::size_t align) {
+  void* static_shared(const void* key, const Site& site, std::size_t bytes, std::size_t align) {
     for (SharedVariable& variable : shared_) {
-      if (same_site(variable.site, site) && variable.bytes == bytes) return variable.memory.get();
+      if (variable.key == key) return variable.memory.get();
     }
     if (align > alignof(std::max_align_t)) fail(where(site) + ": alignment over 16 bytes is not supported");
     static_bytes_ += bytes;
     check_shared_total(site);
-    SharedVariable variable{site, bytes, std::unique_ptr<unsigned char[]>(new unsigned char[std::max<std::size_t>(bytes, 1)])};
+    SharedVariable variable{key, bytes, std::unique_ptr<unsigned char[]>(new unsigned char[std::max<std::size_t>(bytes, 1)])};
     std::memset(variable.memory.get(), 0xff, bytes);
     shared_.push_back(std::move(variable));
     return shared_.back().memory.get();
@@ -398,12 +404,19 @@ class Block {
     --live_;
     Warp& warp = warps_[thread.warp];
     warp.exited |= 1u << thread.lane;
-    for (const PendingOp& op : warp.pending) {
-      if ((op.mask >> thread.lane & 1u) && !error_) {
+    for (std::size_t index = 0; index < warp.pending.size();) {
+      const PendingOp& op = warp.pending[index];
+      if (!(op.mask >> thread.lane & 1u) || error_) {
+        ++index;
+      } else if (op.op != WarpOp::sync) {
         error_ = std::make_exception_ptr(
             Error("SIMT: lane " + std::to_string(thread.lane) + " of warp " + std::to_string(thread.warp) +
                   " of block " + block_text() + " exited while lanes " + lanes_text(op.arrived) + " wait for it in " +
-                  where(op.site) + " (mask " + mask_text(op.mask) + "; a GPU hangs or returns undefined values)"));
+                  where(op.site) + " (mask " + mask_text(op.mask) + "; what a shuffle reads from it is undefined)"));
+      } else if (complete(warp, op)) {
+        finish(thread.warp, warp, static_cast<std::ptrdiff_t>(index), &thread);  // a __syncwarp waits no more for it
+      } else {
+        ++index;
       }
     }
     if (barrier_waiting_ > 0 && barrier_waiting_ == live_) release_barrier();
@@ -512,23 +525,29 @@ Block& running_block(const char* what) {
 void check_launch(const LaunchConfig& config) {
   const dim3 g = config.grid, b = config.block;
   std::ostringstream problem;
+  bool cuda_rejects = true;
   const unsigned long long threads = 1ull * b.x * b.y * b.z;
   if (g.x == 0 || g.y == 0 || g.z == 0 || threads == 0) {
     problem << "an empty grid or block";
-  } else if (threads > kMaxThreadsPerBlock || b.x > kMaxThreadsPerBlock || b.y > kMaxThreadsPerBlock ||
-             b.z > kMaxBlockDimZ) {
-    problem << threads << " threads per block; CUDA allows 1024 (blockDim.z at most 64)";
+  } else if (threads > kMaxThreadsPerBlock) {
+    problem << threads << " threads per block; CUDA allows 1024";
+  } else if (b.z > kMaxBlockDimZ) {
+    problem << "blockDim.z = " << b.z << "; CUDA allows at most 64";
   } else if (g.x > 2147483647u || g.y > kMaxGridDimYZ || g.z > kMaxGridDimYZ) {
     problem << "gridDim.y and gridDim.z are at most 65535, gridDim.x at most 2^31 - 1";
   } else if (config.shared_bytes > kSharedBytesWithoutOptIn) {
     problem << config.shared_bytes << " bytes of dynamic shared memory, more than the 49152 a kernel gets without "
             << "opting in (cudaFuncSetAttribute)";
+  } else if (1ull * g.x * g.y * g.z > kMaxBlocks) {
+    problem << 1ull * g.x * g.y * g.z << " blocks: CUDA allows this grid, but the SIMT layer emulates at most 2^24";
+    cuda_rejects = false;
   } else {
     return;
   }
   throw Error("SIMT: " + where(config.site) + " with grid (" + std::to_string(g.x) + "," + std::to_string(g.y) + "," +
               std::to_string(g.z) + ") and block (" + std::to_string(b.x) + "," + std::to_string(b.y) + "," +
-              std::to_string(b.z) + "): " + problem.str() + " (cudaErrorInvalidConfiguration on a GPU)");
+              std::to_string(b.z) + "): " + problem.str() +
+              (cuda_rejects ? " (cudaErrorInvalidConfiguration on a GPU)" : ""));
 }
 
 }  // namespace
@@ -574,8 +593,8 @@ std::uint64_t warp_exchange(Site site, WarpOp op, unsigned mask, std::uint64_t v
   return running_block(op_name(op)).warp_exchange(site, op, mask, value, arg, width);
 }
 
-void* static_shared(Site site, std::size_t bytes, std::size_t align) {
-  return running_block("__shared__").static_shared(site, bytes, align);
+void* static_shared(const void* key, Site site, std::size_t bytes, std::size_t align) {
+  return running_block("__shared__").static_shared(key, site, bytes, align);
 }
 
 void* dynamic_shared() { return running_block("extern __shared__").dynamic(); }

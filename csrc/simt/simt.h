@@ -9,22 +9,30 @@
 // The semantics are CUDA's (Programming Guide, "Warp Shuffle Functions", "Synchronization
 // Functions", "Atomic Functions"; PTX ISA "shfl.sync"), with independent thread scheduling:
 //   - a barrier releases when every live (not yet exited) thread of the block waits at it;
-//   - a warp operation completes when every lane of its mask has reached it, at the same call;
+//   - a __syncwarp completes when every lane of its mask that has not exited has reached one
+//     (any __syncwarp with that mask, as on sm_70 and later);
+//   - a shuffle completes when every lane of its mask has reached it, at the same call (stricter
+//     than PTX on sm_70+, which lets corresponding shfl.sync instructions meet);
 //   - shuffles move any 4- or 8-byte value; an out-of-range source lane gives the lane's own value,
 //     exactly as the PTX pseudocode of shfl.sync (low 5 bits of the lane argument) says.
 // Where a GPU hangs or returns undefined values, a pfc_simt::Error (a std::runtime_error, so a
 // RuntimeError in Python) names the kernel's file and line instead:
 //   - a __syncthreads that the other live threads do not reach (they wait at another barrier or
 //     in a warp operation, or the block cannot go on);
-//   - a warp operation whose mask names an exited, missing or diverged lane (one at another call),
-//     or whose source lane is not in the mask;
+//   - a shuffle whose mask names a lane that has exited or that the block does not have (what it
+//     reads from such a lane is undefined), or a diverged lane (one at another call), or whose
+//     source lane is not in the mask; a warp operation whose mask leaves out the calling lane;
 //   - a launch outside CUDA's limits: more than 1024 threads per block (or blockDim.z > 64), a grid
 //     with gridDim.y or gridDim.z over 65535, an empty grid or block, or more than the 48 KiB of
-//     shared memory (static + dynamic) that a kernel gets without opting in.
+//     shared memory (static + dynamic) that a kernel gets without opting in; and a grid of more
+//     than 2^24 blocks, which this layer does not emulate.
 // Shared memory is one allocation per block, filled with 0xFF bytes (NaN, -1) when the block
-// starts, so a read before the first write shows. What this layer does not reproduce: timing and
-// the hardware warp scheduler (threads interleave only at the operations above), memory ordering
-// between threads (every access is seen at once), and concurrency between blocks.
+// starts, so a read before the first write shows. Each thread has a 512 KiB stack (CUDA's most
+// local memory per thread) with a guard page. Accesses out of bounds (of a tensor, of shared
+// memory) are not checked in this build; the AddressSanitizer build (tools/simt_asan.sh) reports
+// them. What this layer does not reproduce: timing and the hardware warp scheduler (threads
+// interleave only at the operations above), memory ordering between threads (every access is seen
+// at once), and concurrency between blocks.
 #pragma once
 
 #include <cmath>
@@ -94,7 +102,7 @@ struct Error : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-// Where in a kernel an operation is (its file and line) and what it is.
+// Where in a kernel an operation is (its file and line: two calls on one line count as one) and what it is.
 struct Site {
   const char* file;
   int line;
@@ -110,8 +118,6 @@ enum class WarpOp { sync, idx, up, down, bfly };
 // Lane `value`s meet at the warp operation; returns the value this lane receives (for sync: its own).
 std::uint64_t warp_exchange(Site site, WarpOp op, unsigned mask, std::uint64_t value, unsigned arg, int width);
 
-inline void syncwarp(Site site, unsigned mask = 0xffffffffu) { warp_exchange(site, WarpOp::sync, mask, 0, 0, 32); }
-
 template <typename T>
 T shuffle(Site site, WarpOp op, unsigned mask, T var, unsigned arg, int width = warpSize) {
   static_assert(std::is_trivially_copyable_v<T> && (sizeof(T) == 4 || sizeof(T) == 8),
@@ -123,6 +129,30 @@ T shuffle(Site site, WarpOp op, unsigned mask, T var, unsigned arg, int width = 
   std::memcpy(&out, &bits, sizeof(T));
   return out;
 }
+
+// The warp operations as callables, so that __syncwarp() and __syncwarp(mask), and shuffles with or
+// without a width, are one macro each: __shfl_sync(mask, v, lane) is ShuffleCall<idx>(site)(mask, v, lane).
+class SyncWarpCall {
+ public:
+  explicit SyncWarpCall(Site site) : site_(site) {}
+  void operator()(unsigned mask = 0xffffffffu) const { warp_exchange(site_, WarpOp::sync, mask, 0, 0, 32); }
+
+ private:
+  Site site_;
+};
+
+template <WarpOp Op>
+class ShuffleCall {
+ public:
+  explicit ShuffleCall(Site site) : site_(site) {}
+  template <typename T>
+  T operator()(unsigned mask, T var, unsigned lane_or_delta, int width = warpSize) const {
+    return shuffle(site_, Op, mask, var, lane_or_delta, width);
+  }
+
+ private:
+  Site site_;
+};
 
 // ---- atomics: read-modify-write of the value at address, returning the old value -----------------
 
@@ -147,8 +177,9 @@ T atomic_add(T* address, T value) {
 
 // ---- shared memory ----------------------------------------------------------------------------
 
-// The block's copy of the __shared__ variable declared at `site` (allocated by its first user).
-void* static_shared(Site site, std::size_t bytes, std::size_t align);
+// The block's copy of the __shared__ variable whose declaration owns `key` (allocated by its first
+// user; `site` names it in errors).
+void* static_shared(const void* key, Site site, std::size_t bytes, std::size_t align);
 // The block's dynamic shared memory (the launch's shared-memory bytes, 16-byte aligned).
 void* dynamic_shared();
 
@@ -197,15 +228,11 @@ Stats stats();
 }  // namespace pfc_simt
 
 #define __syncthreads() ::pfc_simt::syncthreads(PFC_SIMT_SITE("__syncthreads"))
-#define __syncwarp(...) ::pfc_simt::syncwarp(PFC_SIMT_SITE("__syncwarp"), ##__VA_ARGS__)
-#define __shfl_sync(mask, var, lane, ...) \
-  ::pfc_simt::shuffle(PFC_SIMT_SITE("__shfl_sync"), ::pfc_simt::WarpOp::idx, mask, var, lane, ##__VA_ARGS__)
-#define __shfl_up_sync(mask, var, delta, ...) \
-  ::pfc_simt::shuffle(PFC_SIMT_SITE("__shfl_up_sync"), ::pfc_simt::WarpOp::up, mask, var, delta, ##__VA_ARGS__)
-#define __shfl_down_sync(mask, var, delta, ...) \
-  ::pfc_simt::shuffle(PFC_SIMT_SITE("__shfl_down_sync"), ::pfc_simt::WarpOp::down, mask, var, delta, ##__VA_ARGS__)
-#define __shfl_xor_sync(mask, var, lane_mask, ...) \
-  ::pfc_simt::shuffle(PFC_SIMT_SITE("__shfl_xor_sync"), ::pfc_simt::WarpOp::bfly, mask, var, lane_mask, ##__VA_ARGS__)
+#define __syncwarp ::pfc_simt::SyncWarpCall(PFC_SIMT_SITE("__syncwarp"))
+#define __shfl_sync ::pfc_simt::ShuffleCall<::pfc_simt::WarpOp::idx>(PFC_SIMT_SITE("__shfl_sync"))
+#define __shfl_up_sync ::pfc_simt::ShuffleCall<::pfc_simt::WarpOp::up>(PFC_SIMT_SITE("__shfl_up_sync"))
+#define __shfl_down_sync ::pfc_simt::ShuffleCall<::pfc_simt::WarpOp::down>(PFC_SIMT_SITE("__shfl_down_sync"))
+#define __shfl_xor_sync ::pfc_simt::ShuffleCall<::pfc_simt::WarpOp::bfly>(PFC_SIMT_SITE("__shfl_xor_sync"))
 
 inline int atomicAdd(int* address, int value) { return pfc_simt::atomic_add(address, value); }
 inline unsigned atomicAdd(unsigned* address, unsigned value) { return pfc_simt::atomic_add(address, value); }
@@ -215,8 +242,10 @@ inline unsigned long long atomicAdd(unsigned long long* address, unsigned long l
 inline float atomicAdd(float* address, float value) { return pfc_simt::atomic_add(address, value); }
 inline double atomicAdd(double* address, double value) { return pfc_simt::atomic_add(address, value); }
 
-// __shared__ T name[dims] and extern __shared__ T name[] (see csrc/cuda/device.h).
-#define PFC_SHARED(type, name, dims)                                                                   \
-  type(&name) dims = *static_cast<type(*) dims>(::pfc_simt::static_shared(PFC_SIMT_SITE("__shared__ " #name), \
-                                                                          sizeof(type dims), alignof(type dims)))
+// __shared__ T name[dims] and extern __shared__ T name[] (see csrc/cuda/device.h). The static
+// char's address tells this declaration (in this template instance) from every other one.
+#define PFC_SHARED(type, name, dims)                                                                  \
+  static const char pfc_simt_shared_##name = 0;                                                       \
+  type(&name) dims = *static_cast<type(*) dims>(::pfc_simt::static_shared(                            \
+      &pfc_simt_shared_##name, PFC_SIMT_SITE("__shared__ " #name), sizeof(type dims), alignof(type dims)))
 #define PFC_DYNAMIC_SHARED(type, name) type* name = static_cast<type*>(::pfc_simt::dynamic_shared())
