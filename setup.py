@@ -46,12 +46,13 @@ def _cpu_flags():
 
 def _extension():
     with_cuda = _with_cuda()
-    sources = [os.path.join("csrc", "pfc_fast.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    # csrc/<op family>/: <family>_cpu.cpp always, <family>_cuda.cu with CUDA (csrc/simt builds those too)
+    sources = [os.path.join("csrc", "pfc_fast.cpp")] + sorted(glob.glob(os.path.join("csrc", "*", "*_cpu.cpp")))
     cxx, link = _cpu_flags()
     macros = []
     kwargs = {}
     if with_cuda:
-        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+        sources += sorted(glob.glob(os.path.join("csrc", "*", "*_cuda.cu")))
         macros.append(("WITH_CUDA", None))
         kwargs["extra_compile_args"] = {"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]}
         extension = CUDAExtension

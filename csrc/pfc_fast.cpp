@@ -1,8 +1,8 @@
 // The Python module pfc_fast._C and the registration of the operator schemas (csrc/schemas.h).
 //
-// The kernels live in csrc/cpu (always built) and csrc/cuda (built with WITH_CUDA); each file
-// registers its implementations with TORCH_LIBRARY_IMPL. Fake (meta) kernels for torch.compile are
-// registered in Python (pfc_fast/_ops.py).
+// The kernels live in csrc/<op family>/: <family>_cpu.cpp (always built) and <family>_cuda.cu
+// (built with WITH_CUDA); each file registers its implementations with TORCH_LIBRARY_IMPL. Fake
+// (meta) kernels for torch.compile are registered in Python (pfc_fast/_ops.py).
 #include <Python.h>
 #include <torch/library.h>
 #include <torch/version.h>

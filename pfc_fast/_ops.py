@@ -1,7 +1,7 @@
 """The compiled operators of ``pfc_fast._C`` (and ``pfc_fast._simt``) and their fake kernels.
 
-Schemas are written once in ``csrc/schemas.h``; CPU and CUDA kernels in ``csrc/cpu`` and
-``csrc/cuda``. ``pfc_fast._simt``, where it is built, registers the same schemas under the
+Schemas are written once in ``csrc/schemas.h``; CPU and CUDA kernels in ``csrc/<family>/*_cpu.cpp`` and
+``csrc/<family>/*_cuda.cu``. ``pfc_fast._simt``, where it is built, registers the same schemas under the
 namespace ``pfc_fast_simt`` with the CUDA kernels run on CPU tensors by the SIMT layer
 (``csrc/simt``); :func:`use_simt` routes the library's calls on CPU tensors there. The fake
 kernels below give output shapes without data, so the ops trace under ``torch.compile`` and pass
@@ -69,7 +69,7 @@ _simt_active = False
 class use_simt:
     """Routes the library's kernels on CPU tensors through the SIMT layer: ``nc_metrics``,
     ``NCAccumulator``, ``PFCMonitor``, ``sinkhorn`` and everything built on them then run the CUDA
-    kernels (``csrc/cuda``), executed on the CPU thread by thread (``torch.ops.pfc_fast_simt``),
+    kernels (``csrc/*/*_cuda.cu``), executed on the CPU thread by thread (``torch.ops.pfc_fast_simt``),
     instead of the C++ CPU kernels. For testing the CUDA code without a GPU; much slower.
 
     Takes effect when called; as a context manager it restores the previous setting on exit::

@@ -1,4 +1,4 @@
-"""The CUDA kernels (csrc/cuda) op by op, on the shapes where their tiles, warps and shared-memory
+"""The CUDA kernels (csrc/*/*_cuda.cu) op by op, on the shapes where their tiles, warps and shared-memory
 tables end: N = 1, D = 1, K = 1,000, rows and columns just past a tile, strided rows, every input
 dtype. Run as ``simt`` (torch.ops.pfc_fast_simt on CPU tensors, every CI run) and as ``cuda`` on a
 GPU, against float64 formulas written here and against the C++ CPU kernels."""

@@ -8,7 +8,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
-#include "../schemas.h"
+#include "schemas.h"
 #include "simt.h"
 
 namespace {

@@ -1,5 +1,5 @@
 // Small CUDA kernels with known answers that test the SIMT layer itself (tests/test_simt.py), as
-// the operators pfc_simt_probe::*. Written against csrc/cuda/device.h like the real kernels, so
+// the operators pfc_simt_probe::*. Written against csrc/common/device.h like the real kernels, so
 // each uses a primitive the way CUDA code does; the tests compute the expected answers from
 // CUDA's documented semantics.
 #include <ATen/ATen.h>
@@ -9,7 +9,7 @@
 #include <string>
 #include <type_traits>
 
-#include "../cuda/device.h"
+#include "common/device.h"
 
 namespace pfc_fast {
 namespace {

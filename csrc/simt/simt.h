@@ -1,4 +1,4 @@
-// SIMT execution of CUDA kernels on the CPU: what csrc/cuda/*.cu use of CUDA, for the host
+// SIMT execution of CUDA kernels on the CPU: what csrc/*/*_cuda.cu use of CUDA, for the host
 // compiler (g++), so that the same kernel sources that nvcc builds for the GPU run in every CI run.
 //
 // A launch runs the blocks of the grid one at a time, in a shuffled order drawn from a seeded
@@ -242,7 +242,7 @@ inline unsigned long long atomicAdd(unsigned long long* address, unsigned long l
 inline float atomicAdd(float* address, float value) { return pfc_simt::atomic_add(address, value); }
 inline double atomicAdd(double* address, double value) { return pfc_simt::atomic_add(address, value); }
 
-// __shared__ T name[dims] and extern __shared__ T name[] (see csrc/cuda/device.h). The static
+// __shared__ T name[dims] and extern __shared__ T name[] (see csrc/common/device.h). The static
 // char's address tells this declaration (in this template instance) from every other one.
 #define PFC_SHARED(type, name, dims)                                                                  \
   static const char pfc_simt_shared_##name = 0;                                                       \

@@ -26,9 +26,9 @@
 #include <type_traits>
 #include <vector>
 
-#include "../sinkhorn_common.h"
-#include "grain.h"
-#include "vec_pow2.h"
+#include "sinkhorn/sinkhorn_common.h"
+#include "common/grain.h"
+#include "sinkhorn/vec_pow2.h"
 
 namespace pfc_fast {
 namespace {

@@ -17,8 +17,8 @@
 #include <mutex>
 #include <vector>
 
-#include "../nc_common.h"
-#include "grain.h"
+#include "nc/nc_common.h"
+#include "common/grain.h"
 
 namespace pfc_fast {
 namespace {

@@ -1,5 +1,5 @@
 // CUDA kernels of the Sinkhorn ops (docs/spec.md section 4; schemas in schemas.h; the CPU twin, with
-// the formulas, is csrc/cpu/sinkhorn.cpp). Both ops sweep the pairs (i, j) once, forming
+// the formulas, is sinkhorn_cpu.cpp). Both ops sweep the pairs (i, j) once, forming
 // v_ij = log_w_j + (h_j - C_ij) / eps and folding each row: a running log-sum-exp
 // (sinkhorn_softmin) or the plan's row mass and cost (sinkhorn_plan_sums).
 //
@@ -17,8 +17,8 @@
 
 #include <cmath>
 
-#include "../sinkhorn_common.h"
-#include "device.h"
+#include "sinkhorn/sinkhorn_common.h"
+#include "common/device.h"
 
 namespace pfc_fast {
 namespace {

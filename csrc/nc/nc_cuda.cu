@@ -1,5 +1,5 @@
 // CUDA kernels of the two passes of the exact NC metrics (docs/spec.md section 3); the CPU twins and the
-// formulas are in csrc/cpu/nc_passes.cpp.
+// formulas are in nc_cpu.cpp.
 //
 // Pass 1 (class_sums_kernel): a block owns blockDim.x feature columns and a chunk of rows; each
 // thread owns one column, so it accumulates into its own slot of a shared-memory K x blockDim
@@ -21,8 +21,8 @@
 
 #include <cmath>
 
-#include "../nc_common.h"
-#include "device.h"
+#include "nc/nc_common.h"
+#include "common/device.h"
 
 namespace pfc_fast {
 namespace {

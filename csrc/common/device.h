@@ -1,4 +1,4 @@
-// What the CUDA kernels (csrc/cuda/*.cu) need of the device, in one place, so that the same
+// What the CUDA kernels (csrc/*/*_cuda.cu) need of the device, in one place, so that the same
 // sources build with nvcc for the GPU and, with PFC_SIMT defined, with the host compiler against
 // the SIMT layer (csrc/simt/simt.h) for CPU tensors:
 //   device::launch(kernel, grid, block, shared_bytes, stream)(args...)
@@ -18,7 +18,7 @@
 
 #ifdef PFC_SIMT
 
-#include "../simt/simt.h"
+#include "simt/simt.h"
 
 namespace pfc_fast::device {
 struct Guard {
