@@ -99,7 +99,7 @@ def _simt_extension():
         cxx = [flag for flag in cxx if flag != "-O3"] + ["-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer"]
         link += ["-fsanitize=address"]
         macros += [("PFC_SIMT_ASAN", None)]
-    library_dirs = [os.path.join(os.path.dirname(boost), "lib")] if boost not in ("/usr/include",) else []
+    library_dirs = [] if boost == "/usr/include" else [os.path.join(os.path.dirname(boost), "lib")]
     return CppExtension(
         "pfc_fast._simt",
         sorted(glob.glob(os.path.join("csrc", "simt", "*.cpp"))),

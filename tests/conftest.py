@@ -56,7 +56,7 @@ def pytest_report_header(config):
 def seed_simt_block_order(request):
     """Seeds the SIMT block order from the session seed and the test's name."""
     from pfc_fast import _simt
-    _simt.set_block_order_seed(zlib.crc32(request.node.nodeid.encode()) ^ SESSION_SEED)
+    _simt.set_block_order_seed(seed_for(request.node.nodeid))
 
 
 @pytest.fixture(params=DEVICES)

@@ -35,6 +35,11 @@ def _problem(n, d, k, seed, dtype=torch.float32, row_stride=None):
     return feats, labels
 
 
+def _to(device, tensors):
+    """The tensors on ``device`` (None stays None: the optional arguments of residual_stats)."""
+    return [None if t is None else t.to(device) for t in tensors]
+
+
 def _expected_class_sums(feats, labels, k):
     sums = torch.zeros(k, feats.shape[1], dtype=torch.float64).index_add_(0, labels, feats.double())
     return sums, torch.bincount(labels, minlength=k)
@@ -104,7 +109,7 @@ def test_residual_stats(kernels, n, d, k, mode, dtype):
     ops, device = kernels
     feats, labels = _problem(n, d, k, seed=n + 11 * d, dtype=dtype)
     inputs = _residual_inputs(feats, labels, k, mode, seed=k)
-    on_device = [t.to(device) if t is not None else None for t in (feats, labels) + inputs]
+    on_device = _to(device, (feats, labels) + inputs)
     gram, class_sq, decisions = (t.cpu() for t in ops.residual_stats(*on_device))
     expected = _expected_residual_stats(feats, labels, *inputs)
     scale = float(expected[0].abs().max()) + 1.0
@@ -126,7 +131,7 @@ def test_exact_ties_go_to_the_lowest_class(kernels):
     means, centred, ncc_bias, _, _ = _residual_inputs(feats, labels, 2, "none", seed=0)
     weight, bias = torch.ones(2, 1, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
     inputs = (means, torch.cat([centred, weight]), ncc_bias, means @ weight.T + bias, None)
-    on_device = [t.to(device) if t is not None else None for t in (feats, labels) + inputs]
+    on_device = _to(device, (feats, labels) + inputs)
     decisions = ops.residual_stats(*on_device)[2].cpu()
     assert decisions.tolist() == [4, 1]  # all nearest to their own class; the sample at 1 disagrees with logit 0
     assert decisions.tolist() == _expected_residual_stats(feats, labels, *inputs)[2].tolist()
@@ -141,7 +146,7 @@ def test_strided_rows(kernels):
     inputs = _residual_inputs(feats, labels, 6, "classifier", seed=4)
     sums, _ = ops.class_sums(feats.to(device), labels.to(device), 6)
     torch.testing.assert_close(sums.cpu(), _expected_class_sums(feats, labels, 6)[0], rtol=1e-12, atol=1e-12)
-    on_device = [t.to(device) if t is not None else None for t in (feats, labels) + inputs]
+    on_device = _to(device, (feats, labels) + inputs)
     gram, class_sq, decisions = (t.cpu() for t in ops.residual_stats(*on_device))
     expected = _expected_residual_stats(feats, labels, *inputs)
     torch.testing.assert_close(gram, expected[0], rtol=1e-10, atol=1e-9)

@@ -44,8 +44,8 @@ __device__ __forceinline__ double as_double<double>(double v) {
 }
 
 // The float64 atomicAdds into sums arrive in a different order on every GPU run, so the last bits of
-// the sums vary; the SIMT layer shuffles the blocks but runs a block's threads in order, so it
-// reproduces only the block-order part of that variation (the tests compare at 1e-12, not bitwise).
+// the sums vary; the SIMT layer shuffles the blocks but runs a block's threads one at a time, so it
+// reproduces only part of that variation (the tests compare at 1e-12, not bitwise).
 template <typename scalar_t>
 __global__ void class_sums_kernel(const scalar_t* __restrict__ x, int64_t row_stride,
                                   const int64_t* __restrict__ labels, int64_t N, int64_t D, int64_t K,

@@ -119,7 +119,6 @@ struct Warp {
 
 struct SharedVariable {
   const void* key;  // the declaration (see PFC_SHARED)
-  std::size_t bytes;
   std::unique_ptr<unsigned char[]> memory;
 };
 
@@ -214,9 +213,7 @@ class Block {
         abort_block();
       }
     }
-    for (Warp& warp : warps_) warp.exited = 0;
-    shared_.clear();
-    static_bytes_ = 0;
+    reset();
   }
 
   std::uint64_t switches() const { return switches_; }
@@ -347,7 +344,7 @@ class Block {
     if (align > alignof(std::max_align_t)) fail(where(site) + ": alignment over 16 bytes is not supported");
     static_bytes_ += bytes;
     check_shared_total(site);
-    SharedVariable variable{key, bytes, std::unique_ptr<unsigned char[]>(new unsigned char[std::max<std::size_t>(bytes, 1)])};
+    SharedVariable variable{key, std::unique_ptr<unsigned char[]>(new unsigned char[std::max<std::size_t>(bytes, 1)])};
     std::memset(variable.memory.get(), 0xff, bytes);
     shared_.push_back(std::move(variable));
     return shared_.back().memory.get();
@@ -465,6 +462,12 @@ class Block {
       if (thread.fiber) resume(thread);
     }
     aborting_ = false;
+    reset();
+    std::rethrow_exception(error);
+  }
+
+  // The block's state back to what the next block starts from.
+  void reset() {
     for (Warp& warp : warps_) {
       warp.pending.clear();
       warp.exited = 0;
@@ -472,7 +475,6 @@ class Block {
     shared_.clear();
     static_bytes_ = 0;
     barrier_waiting_ = 0;
-    std::rethrow_exception(error);
   }
 
   std::string block_text() const {
