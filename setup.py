@@ -118,11 +118,11 @@ setup(
     description="Exact neural-collapse and progressive-feedforward-collapse metrics for every layer of a "
     "ResNet, with fused C++/CUDA kernels, and optimal-transport tools",
     packages=find_packages(include=["pfc_fast", "pfc_fast.*"]),
-    package_data={"pfc_fast": ["data/*"]},
+    package_data={"pfc_fast": ["py.typed"], "pfc_fast.app": ["datasets/*"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "numpy", "scipy", "matplotlib", "tqdm"],
     ext_modules=[ext for ext in (_extension(), _simt_extension()) if ext is not None],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    entry_points={"console_scripts": ["pfc-fast=pfc_fast.cli:main"]},
+    entry_points={"console_scripts": ["pfc-fast=pfc_fast.app.cli:main"]},
     zip_safe=False,
 )

@@ -2,14 +2,15 @@
 of every layer on the probe set) against one training epoch, i.e. the overhead of measuring PFC in
 ``pfc-fast train``.
 
-Both are ``pfc-fast train``'s own (:func:`pfc_fast.train.prepare`): its default options
-(``pfc_fast.train.DEFAULTS``: SGD with momentum and weight decay, batch 128, no augmentation) on
-the Fashion-MNIST subset inside the package (28x28 images), ``train_per_class`` training images
-per class, the class-balanced probe set of ``probe_per_class`` images per class drawn from them,
-and the model of the case; the epoch is ``run.train_epoch`` and the measurement ``run.measure()``
-(flattened features: ``D = width * 28 * 28`` at the stem).
+Both are ``pfc-fast train``'s own (:func:`pfc_fast.app.train.prepare`): its default options
+(:class:`pfc_fast.app.config.TrainConfig`: SGD with momentum and weight decay, batch 128, no
+augmentation) on the Fashion-MNIST subset inside the package (28x28 images), ``train_per_class``
+training images per class, the class-balanced probe set of ``probe_per_class`` images per class
+drawn from them, and the model of the case; the epoch is ``run.train_epoch`` and the measurement
+``run.measure()`` of the :class:`pfc_fast.app.train.TrainingRun` (flattened features:
+``D = width * 28 * 28`` at the stem).
 """
-from pfc_fast.train import prepare
+from pfc_fast.app.train import prepare
 
 from .cases import Case, Contender, Table, check_size
 

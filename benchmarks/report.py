@@ -31,7 +31,7 @@ import time
 import torch
 
 import pfc_fast
-from pfc_fast.train import positive_int
+from pfc_fast.app.flags import positive_int
 
 from .baselines import ot
 from .cases import GROUPS, SIZES, check_size, group_module, input_skip_reason, skip_reason

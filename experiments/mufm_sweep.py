@@ -27,8 +27,8 @@ import torch
 from matplotlib.figure import Figure
 
 from pfc_fast import mufm, nc_metrics
-from pfc_fast.data import balanced_indices, digits_pixels
-from pfc_fast.train import positive_int
+from pfc_fast.app.data import balanced_indices, digits_pixels
+from pfc_fast.app.flags import positive_int
 
 from .pfc_depth import write_json
 

@@ -13,7 +13,7 @@ at least ``TERMINAL_ACCURACY``. Writes to ``--out``:
 - ``spearman.png``: the Spearman correlation of each metric with depth against the epoch (-1:
   decreasing in rank at every layer), the start of the terminal phase marked;
 - ``pfc_depth.json``: per preset, the last epoch's per-layer metrics, their monotonicity
-  (:func:`pfc_fast.report.monotonicity`: Spearman, fraction of adjacent pairs that decrease), the
+  (:func:`pfc_fast.app.report.monotonicity`: Spearman, fraction of adjacent pairs that decrease), the
   fraction of adjacent pairs that do not increase (PFC3 reaches 0 at the last layers, a tie),
   and the fraction of terminal-phase epochs at which each metric decreases at every layer.
 """
@@ -25,35 +25,31 @@ import sys
 
 from matplotlib.figure import Figure
 
-from pfc_fast.report import PFC_METRICS, monotonicity
+from pfc_fast.app.report import PFC_METRICS, monotonicity
 
 from .runs import PRESETS, run_config, train_or_reuse
 
 TERMINAL_ACCURACY = 0.999
 
 
-def _series(record, field):
-    return [layer[field] for layer in record["layers"]]
-
-
 def summarise(name, run_dir, records):
     """The numbers of one preset's run (see the module docstring)."""
     last = records[-1]
-    terminal = [r for r in records if r["train_acc"] >= TERMINAL_ACCURACY]
+    terminal = [r for r in records if r.train_acc >= TERMINAL_ACCURACY]
     summary = {"preset": name, "description": PRESETS[name][1], "run_dir": run_dir,
-               "config": {k: v for k, v in run_config(run_dir).items() if k != "environment"},
-               "epochs": last["epoch"], "train_acc": last["train_acc"], "test_acc": last["test_acc"],
-               "terminal_phase_from_epoch": terminal[0]["epoch"] if terminal else None,
-               "layers": [layer["name"] for layer in last["layers"]], "last_epoch": {}}
+               "config": run_config(run_dir).to_dict(),
+               "epochs": last.epoch, "train_acc": last.train_acc, "test_acc": last.test_acc,
+               "terminal_phase_from_epoch": terminal[0].epoch if terminal else None,
+               "layers": last.layer_names, "last_epoch": {}}
     for field, _, _ in PFC_METRICS:
-        values = _series(last, field)
+        values = last.series(field)
         pairs = list(zip(values, values[1:]))
         summary["last_epoch"][field] = {
             "values": values, **monotonicity(values),
             "non_increasing_pairs": sum(b <= a for a, b in pairs) / len(pairs),
-            "terminal_epochs_monotone": (sum(monotonicity(_series(r, field))["decreasing_pairs"] == 1.0
+            "terminal_epochs_monotone": (sum(monotonicity(r.series(field))["decreasing_pairs"] == 1.0
                                              for r in terminal) / len(terminal)) if terminal else None,
-            "spearman_by_epoch": [monotonicity(_series(r, field))["spearman"] for r in records]}
+            "spearman_by_epoch": [monotonicity(r.series(field))["spearman"] for r in records]}
     return summary
 
 

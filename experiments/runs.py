@@ -5,11 +5,12 @@ A preset is a set of ``pfc-fast train`` flags. :func:`train_or_reuse` trains it 
 and resumes it when it holds an interrupted one, so an experiment can be rerun to redraw its
 figures without training again.
 """
-import json
 import os
 
-from pfc_fast import train
-from pfc_fast.report import read_metrics
+from pfc_fast.app import train
+from pfc_fast.app.config import TrainConfig
+from pfc_fast.app.record import EpochRecord
+from pfc_fast.app.run_directory import RunDirectory
 
 #: name -> (flags of ``pfc-fast train``, what it is for). The CPU presets reach the terminal
 #: phase (training accuracy 1) on a 2-core machine in minutes; ``cifar10-resnet18`` is the
@@ -43,40 +44,41 @@ PRESETS = {
 }
 
 
-def preset_flags(name):
+def preset_flags(name: str) -> list[str]:
     if name not in PRESETS:
         raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {name!r}")
     return list(PRESETS[name][0])
 
 
-def _epochs(flags):
+def _epochs(flags: list[str]) -> int:
     return int(flags[flags.index("--epochs") + 1])
 
 
-def train_or_reuse(name, runs_dir, device="auto", data_dir=None):
+def train_or_reuse(name: str, runs_dir: str, device: str = "auto",
+                   data_dir: str | None = None) -> tuple[str, list[EpochRecord]]:
     """The run directory of preset ``name`` under ``runs_dir``, trained to its last epoch.
 
     A directory holding the finished run is reused as it is; one holding an interrupted run is
     resumed; otherwise the preset is trained from scratch (``pfc-fast train`` with the preset's
-    flags, its progress bars and figures). Returns ``(run_dir, records)``, the per-epoch records of
-    ``metrics.jsonl``.
+    flags, its progress bars and figures). Returns ``(run_dir, records)``, the
+    :class:`EpochRecord` s of ``metrics.jsonl``.
     """
     flags = preset_flags(name)
     out = os.path.join(runs_dir, name)
     argv = flags + ["--out", out, "--device", device] + (["--data-dir", data_dir] if data_dir else [])
-    records = read_metrics(out)
-    if os.path.exists(os.path.join(out, "config.json")):
-        if records and records[-1]["epoch"] == _epochs(flags):
+    directory = RunDirectory(out)
+    records = directory.records()
+    if directory.holds_run():
+        if records and records[-1].epoch == _epochs(flags):
             print(f"{name}: reusing the finished run in {out}")
             return out, records
         argv.append("--resume")
     status = train.main(argv, prog=f"train {name}")
     if status != 0:
         raise SystemExit(f"training {name} stopped with status {status}; rerun to resume it")
-    return out, read_metrics(out)
+    return out, directory.records()
 
 
-def run_config(run_dir):
+def run_config(run_dir: str) -> TrainConfig:
     """The options of the run in ``run_dir`` (its ``config.json``)."""
-    with open(os.path.join(run_dir, "config.json")) as handle:
-        return json.load(handle)
+    return RunDirectory(run_dir).config()

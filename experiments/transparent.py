@@ -27,8 +27,8 @@ import torch
 from matplotlib.figure import Figure
 
 from pfc_fast import geodesic, nc_metrics
-from pfc_fast.report import monotonicity
-from pfc_fast.train import restore
+from pfc_fast.app.report import monotonicity
+from pfc_fast.app.train import restore
 
 from .pfc_depth import write_json
 from .runs import PRESETS, train_or_reuse
@@ -90,9 +90,9 @@ def _plot_curves(result, path):
 def _plot_training(records, initial, path):
     figure = Figure(figsize=(13, 3.4), layout="constrained")
     axes = figure.subplots(1, len(GEODESIC))
-    epochs = [0] + [r["epoch"] for r in records]
+    epochs = [0] + [r.epoch for r in records]
     for axis, (field, label) in zip(axes, GEODESIC):
-        axis.plot(epochs, [initial[field]] + [r[field] for r in records], marker=".")
+        axis.plot(epochs, [initial[field]] + [getattr(r, field) for r in records], marker=".")
         axis.axhline(1.0, color="grey", linewidth=0.5)
         axis.set(title=label, xlabel="epoch (0: initialisation)")
     figure.suptitle("globally pooled features of the stem and every block, probe subset", fontsize=9)
@@ -102,16 +102,16 @@ def _plot_training(records, initial, path):
 def run(preset, runs_dir, out, device="auto"):
     """Train or reuse ``preset``, compare with the transparent model, write figures and JSON."""
     run_dir, records = train_or_reuse(preset, runs_dir, device)
-    if "lss" not in records[-1]:
+    if not records[-1].has_geodesic:
         raise SystemExit(f"preset {preset} records no geodesic scores: the transparent model needs a "
                          "constant-width network (--model cwresnet) with --geodesic-samples > 0")
     trained, epoch = restore(run_dir)
     result = {"preset": preset, "description": PRESETS[preset][1], "run_dir": run_dir, "epoch": epoch,
-              "train_acc": records[-1]["train_acc"], "test_acc": records[-1]["test_acc"], **compare(trained)}
+              "train_acc": records[-1].train_acc, "test_acc": records[-1].test_acc, **compare(trained)}
     initial, _ = restore(run_dir, checkpoint=False)
     result["geodesic_flatten_at_initialisation"] = geodesic.scores(list(layer_features(initial)[2].values()))
     initial_pooled = geodesic.scores(list(layer_features(initial, pooling="gap")[2].values()))
-    result["geodesic_pooled_by_epoch"] = {field: [initial_pooled[field]] + [r[field] for r in records]
+    result["geodesic_pooled_by_epoch"] = {field: [initial_pooled[field]] + [getattr(r, field) for r in records]
                                           for field, _ in GEODESIC}
     os.makedirs(out, exist_ok=True)
     _plot_curves(result, os.path.join(out, "transparent.png"))

@@ -49,10 +49,10 @@ class PFCResult:
 def default_layers(model):
     """``{display name: module name}`` of the stem and every residual block, in forward order.
 
-    torchvision ResNets (and :func:`pfc_fast.models.small_image_resnet`): ``"stem"`` is the output
+    torchvision ResNets (and :func:`pfc_fast.app.models.small_image_resnet`): ``"stem"`` is the output
     of ``maxpool`` (the input of the first block; an identity in the small-image models), then
     ``layer1.0``, ``layer1.1``, ..., ``layer4.{last}``. Any model with a ``pfc_layers()`` method
-    (e.g. :class:`pfc_fast.models.ConstantWidthResNet`): what it returns.
+    (e.g. :class:`pfc_fast.app.models.ConstantWidthResNet`): what it returns.
     """
     from torchvision.models import ResNet
 

@@ -10,7 +10,7 @@ import scipy.io
 import torch
 import torchvision
 
-from pfc_fast import data
+from pfc_fast.app import data
 
 
 def _random_images(rng, n, shape):

@@ -9,7 +9,8 @@ import torch
 
 import pfc_fast
 from experiments import pfc_depth, runs, transparent
-from pfc_fast.report import read_metrics
+from pfc_fast.app.run_directory import RunDirectory
+from pfc_fast.app.train import restore
 
 
 def _png(path):
@@ -23,11 +24,11 @@ def test_pfc_depth_tiny(tmp_path):
     assert _png(out / "pfc_depth.png") and _png(out / "spearman.png")
     with open(out / "pfc_depth.json") as handle:
         (saved,) = json.load(handle)
-    records = read_metrics(str(tmp_path / "runs" / "tiny"))
-    assert [r["epoch"] for r in records] == [1, 2]
+    records = RunDirectory(str(tmp_path / "runs" / "tiny")).records()
+    assert [r.epoch for r in records] == [1, 2]
     last = records[-1]
     for field in ("nc1", "nc2_etf", "nc4"):
-        values = [layer[field] for layer in last["layers"]]
+        values = [layer[field] for layer in last.layers]
         assert saved["last_epoch"][field]["values"] == pytest.approx(values)
         expected_pairs = sum(b < a for a, b in zip(values, values[1:])) / (len(values) - 1)
         assert saved["last_epoch"][field]["decreasing_pairs"] == pytest.approx(expected_pairs)
@@ -47,7 +48,7 @@ def test_transparent_tiny(tmp_path):
         saved = json.load(handle)
     assert saved["layers"] == ["stem", "block1", "block2", "block3"]
     # the network's curve is nc_metrics of the restored checkpoint's features, measured by hand
-    run, epoch = pfc_fast.train.restore(str(tmp_path / "runs" / "tiny-cwresnet"))
+    run, epoch = restore(str(tmp_path / "runs" / "tiny-cwresnet"))
     assert epoch == 2
     images = run.inputs(run.train_images[run.probe])
     h = run.network.stem(images)

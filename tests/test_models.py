@@ -4,7 +4,7 @@ import torch
 import torchvision
 from torch import nn
 
-from pfc_fast.models import ConstantWidthResNet, build_model, small_image_resnet
+from pfc_fast.app.models import ConstantWidthResNet, build_model, small_image_resnet
 
 
 @pytest.mark.parametrize("name,blocks,expansion", [("resnet18", [2, 2, 2, 2], 1), ("resnet34", [3, 4, 6, 3], 1),

@@ -13,7 +13,7 @@ from torch import nn
 
 import pfc_fast
 from pfc_fast import reference
-from pfc_fast.models import ConstantWidthResNet, small_image_resnet
+from pfc_fast.app.models import ConstantWidthResNet, small_image_resnet
 
 from conftest import assert_metrics_close, resnet_by_hand
 

@@ -1,5 +1,7 @@
 """The compiled operators: torch.library.opcheck (schema, fake kernels, dispatch), torch.compile,
 the build switches reported by build_info(), and that ``import pfc_fast`` loads the library only."""
+import ast
+import os
 import subprocess
 import sys
 
@@ -71,7 +73,29 @@ def test_import_loads_the_library_only():
               "('pfc_fast', 'torchvision', 'matplotlib', 'sklearn'))))")
     loaded = set(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                                 check=True).stdout.split())
-    application = {"pfc_fast.cli", "pfc_fast.train", "pfc_fast.data", "pfc_fast.models", "pfc_fast.report"}
-    assert not loaded & application, f"import pfc_fast loaded {sorted(loaded & application)}"
+    application = {m for m in loaded if m == "pfc_fast.app" or m.startswith("pfc_fast.app.")}
+    assert not application, f"import pfc_fast loaded {sorted(application)}"
     assert not {m for m in loaded if not m.startswith("pfc_fast")}, f"import pfc_fast loaded {sorted(loaded)}"
     assert "pfc_fast.metrics" in loaded  # the check itself sees the library
+
+
+def test_the_library_never_imports_the_application():
+    """No module of the library (``pfc_fast/*.py``) imports ``pfc_fast.app``, at any depth of its code
+    (``__main__.py``, the ``python -m pfc_fast`` entry point of the application, aside)."""
+    package = os.path.dirname(pfc_fast.__file__)
+    for name in sorted(os.listdir(package)):
+        if not name.endswith(".py") or name == "__main__.py":
+            continue
+        with open(os.path.join(package, name)) as handle:
+            tree = ast.parse(handle.read(), name)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                base = f"{'.' * node.level}{node.module or ''}"
+                targets = [base] + [f"{base}.{alias.name}" if node.module else base + alias.name for alias in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            else:
+                continue
+            for target in targets:
+                assert target not in (".app", "pfc_fast.app") and not target.startswith((".app.", "pfc_fast.app.")), \
+                    f"pfc_fast/{name}:{node.lineno} imports the application ({target})"

@@ -13,10 +13,12 @@ import pytest
 import torch
 
 import pfc_fast
-from pfc_fast import cli, train
-from pfc_fast.data import balanced_indices, load_dataset, to_float
-from pfc_fast.models import build_model
-from pfc_fast.report import monotonicity
+from pfc_fast.app import cli, train
+from pfc_fast.app.config import TrainConfig
+from pfc_fast.app.run_directory import RunDirectory
+from pfc_fast.app.data import balanced_indices, load_dataset, to_float
+from pfc_fast.app.models import build_model
+from pfc_fast.app.report import monotonicity
 
 from conftest import assert_metrics_close, resnet_by_hand
 
@@ -129,7 +131,8 @@ def test_interrupt_and_resume_equal_an_uninterrupted_run(tmp_path, monkeypatch, 
     if where == "mid-epoch":  # digits: 12 batches an epoch; stop at batch 5 of epoch 2
         monkeypatch.setattr(train, "augment", _interrupt_on_call(train.augment, 17))
     else:  # epoch 2's metrics line written, its checkpoint not (Ctrl-C is deferred there; a crash is not)
-        monkeypatch.setattr(train._Run, "save_checkpoint", _interrupt_on_call(train._Run.save_checkpoint, 2))
+        monkeypatch.setattr(train.TrainingRun, "save_checkpoint",
+                            _interrupt_on_call(train.TrainingRun.save_checkpoint, 2))
     assert train.main([*options, "--out", resumed]) == 130
     assert torch.load(os.path.join(resumed, "checkpoint.pt"), weights_only=True)["epoch"] == 1
     assert [r["epoch"] for r in _records(resumed)] == ([1] if where == "mid-epoch" else [1, 2])
@@ -166,7 +169,8 @@ def test_ctrl_c_waits_for_the_epoch_writes():
 def test_torchrun_two_processes_equal_one_process_on_the_checkpoint(tmp_path):
     run = str(tmp_path / "ddp")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "pfc_fast.train", *TINY, "--probe-per-class", "11", "--epochs", "1", "--out", run, "--no-report"]
+               "-m", "pfc_fast", "train", *TINY, "--probe-per-class", "11", "--epochs", "1", "--out", run,
+               "--no-report"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     (record,) = _records(run)
@@ -251,17 +255,70 @@ def test_existing_run_and_resume_arguments(tmp_path, capsys):
 def test_prepare_is_the_first_epoch_of_a_run():
     run = train.prepare({"dataset": "digits", "width": 4, "train_per_class": 20, "probe_per_class": 5})
     assert len(run.train_labels) == 200 and len(run.probe) == 50
-    assert run.config == {**train.DEFAULTS, "dataset": "digits", "width": 4, "train_per_class": 20,
-                          "probe_per_class": 5}
+    assert run.config == TrainConfig(dataset="digits", width=4, train_per_class=20, probe_per_class=5)
     with pytest.raises(ValueError, match=r"options: \['widht'\] are not options of pfc-fast train"):
         train.prepare({"widht": 4})
 
 
 def test_demo_prints_every_layer(capsys):
     """``pfc-fast demo`` on the digits: one line per measured epoch with nc1 of each layer."""
-    from pfc_fast import cli
-
     assert cli.main(["demo", "--epochs", "2", "--every", "1", "--width", "16", "--depth", "2"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch")]
     assert [line.split()[1] for line in lines] == ["1", "2"]
     assert all(len(line.split("[")[1].split("]")[0].split()) == 3 for line in lines)  # stem + 2 blocks
+
+
+def test_a_run_directory_of_the_first_format_resumes(tmp_path, monkeypatch, capsys):
+    """Run directories of the first release lack ``train_per_class`` in config.json and ``ots`` in
+    metrics.jsonl: such a run, stopped after epoch 1, resumes to the records of an uninterrupted
+    run, its report is written, and a flag for an option it never saved is checked against the default."""
+    options = ["--dataset", "digits", "--model", "cwresnet", "--width", "4", "--depth", "2", "--probe-per-class", "10",
+               "--geodesic-samples", "40", "--epochs", "2", "--no-report"]
+    straight, old = str(tmp_path / "straight"), str(tmp_path / "old")
+    assert train.main([*options, "--out", straight]) == 0
+    monkeypatch.setattr(train.TrainingRun, "save_checkpoint",
+                        _interrupt_on_call(train.TrainingRun.save_checkpoint, 2))
+    assert train.main([*options, "--out", old]) == 130
+    monkeypatch.undo()
+    with open(os.path.join(old, "config.json")) as handle:
+        config = json.load(handle)
+    del config["train_per_class"]
+    with open(os.path.join(old, "config.json"), "w") as handle:
+        json.dump(config, handle)
+    records = _records(old)
+    for record in records:
+        del record["ots"]
+    with open(os.path.join(old, "metrics.jsonl"), "w") as handle:
+        handle.writelines(json.dumps(record) + "\n" for record in records)
+
+    with pytest.raises(SystemExit):
+        train.main(["--out", old, "--resume", "--train-per-class", "20"])
+    assert "argument --train-per-class: the run in" in capsys.readouterr().err
+    assert train.main(["--out", old, "--resume"]) == 0
+    expected, ours = _records(straight), _records(old)
+    assert [r["epoch"] for r in ours] == [1, 2] and "ots" not in ours[0] and "ots" in ours[1]
+    expected[0].pop("ots")
+    for a, b in zip(expected, ours):
+        for field in TIMING:
+            a.pop(field), b.pop(field)
+        assert a == b
+    with open(os.path.join(old, "report", "summary.md")) as handle:
+        assert f"OTS {ours[1]['ots']:.4g}" in handle.read()
+
+
+def test_epoch_records_and_configs_round_trip(tmp_path):
+    """:class:`EpochRecord` and :class:`TrainConfig` read what pfc-fast train wrote and write it back
+    unchanged (the same JSON, key for key and in order)."""
+    run = str(tmp_path / "run")
+    assert train.main([*TINY, "--epochs", "1", "--out", run, "--no-report"]) == 0
+    directory = RunDirectory(run)
+    with open(os.path.join(run, "metrics.jsonl")) as handle:
+        lines = handle.read().splitlines()
+    assert [json.dumps(record.to_dict()) for record in directory.records()] == lines
+    assert directory.records()[0].lss is None and not directory.records()[0].has_geodesic
+    with open(os.path.join(run, "config.json")) as handle:
+        saved = json.load(handle)
+    assert list(directory.config().to_dict().items()) == [(k, v) for k, v in saved.items() if k != "environment"]
+    assert directory.environment() == saved["environment"]
+    with pytest.raises(FileNotFoundError, match="holds no pfc-fast run"):
+        RunDirectory(str(tmp_path / "nothing")).config()

@@ -1,8 +1,8 @@
-"""Regenerate ``pfc_fast/data/fashion_mnist_subset.npz``, the dataset embedded in the package.
+"""Regenerate ``pfc_fast/app/datasets/fashion_mnist_subset.npz``, the dataset embedded in the package.
 
 Source: the Debian package ``dataset-fashion-mnist`` (``apt-get install -y dataset-fashion-mnist``,
 files under /usr/share/datasets/fashion-mnist/; Zalando's Fashion-MNIST, MIT licence, see
-``pfc_fast/data/FASHION_MNIST_LICENSE``). The subset is class-balanced: the first
+``pfc_fast/app/datasets/FASHION_MNIST_LICENSE``). The subset is class-balanced: the first
 ``--train-per-class`` training images and the first ``--test-per-class`` test images of each class,
 in file order (no randomness). The output is byte-for-byte reproducible: the ``.npz`` (a zip of
 ``.npy`` arrays, readable by ``numpy.load``) is written with fixed entry timestamps.
@@ -21,7 +21,7 @@ import zipfile
 
 import numpy as np
 
-from pfc_fast.data import DEBIAN_FASHION_MNIST, EMBEDDED_PATH, read_idx
+from pfc_fast.app.data import DEBIAN_FASHION_MNIST, EMBEDDED_PATH, read_idx
 
 
 def _first_per_class(images, labels, per_class):

@@ -15,7 +15,10 @@ Both expose their PFC layers (stem output, then every residual block output) to
 :class:`pfc_fast.PFCMonitor`: torchvision ResNets by their module names, the constant-width
 model by ``pfc_layers()``.
 """
+from __future__ import annotations
+
 from collections import OrderedDict
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -28,12 +31,12 @@ _RESNETS = {"resnet18": (BasicBlock, [2, 2, 2, 2]), "resnet34": (BasicBlock, [3,
             "resnet50": (Bottleneck, [3, 4, 6, 3])}
 
 
-def _check_positive(value, name):
+def _check_positive(value: object, name: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-def _init_like_torchvision(modules):
+def _init_like_torchvision(modules: Iterable[nn.Module]) -> None:
     """torchvision's ResNet initialisation: Kaiming-normal (fan out) convolutions, unit BatchNorm."""
     for module in modules:
         if isinstance(module, nn.Conv2d):
@@ -43,7 +46,7 @@ def _init_like_torchvision(modules):
             nn.init.constant_(module.bias, 0)
 
 
-def small_image_resnet(name, num_classes, in_channels=3, width=64):
+def small_image_resnet(name: str, num_classes: int, in_channels: int = 3, width: int = 64) -> ResNet:
     """torchvision's ResNet ``name`` (resnet18/34/50) adapted to small images (e.g. 28x28, 32x32).
 
     The stem is a 3x3 stride-1 convolution from ``in_channels`` to ``width`` channels (then BN,
@@ -72,14 +75,14 @@ def small_image_resnet(name, num_classes, in_channels=3, width=64):
 class PreActBlock(nn.Module):
     """``x + conv(relu(bn(conv(relu(bn(x))))))``, 3x3 convolutions that keep channels and size."""
 
-    def __init__(self, width):
+    def __init__(self, width: int) -> None:
         super().__init__()
         self.bn1 = nn.BatchNorm2d(width)
         self.conv1 = nn.Conv2d(width, width, kernel_size=3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(width)
         self.conv2 = nn.Conv2d(width, width, kernel_size=3, padding=1, bias=False)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.conv1(torch.relu(self.bn1(x)))
         return x + self.conv2(torch.relu(self.bn2(out)))
 
@@ -88,7 +91,7 @@ class ConstantWidthResNet(nn.Module):
     """Stem ``conv3x3 + BN`` to ``width`` channels, ``depth`` :class:`PreActBlock` s at that width
     and resolution, then BN, ReLU, global average pooling and a linear classifier."""
 
-    def __init__(self, num_classes, in_channels=3, width=32, depth=8):
+    def __init__(self, num_classes: int, in_channels: int = 3, width: int = 32, depth: int = 8) -> None:
         super().__init__()
         for value, label in ((num_classes, "num_classes"), (in_channels, "in_channels"), (width, "width"),
                              (depth, "depth")):
@@ -100,16 +103,18 @@ class ConstantWidthResNet(nn.Module):
         self.fc = nn.Linear(width, num_classes)
         _init_like_torchvision(self.modules())
 
-    def forward(self, x):
-        return self.fc(self.head(self.blocks(self.stem(x))))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.fc(self.head(self.blocks(self.stem(x))))
+        return out
 
-    def pfc_layers(self):
+    def pfc_layers(self) -> OrderedDict[str, str]:
         """The stem and every block, in forward order: ``{display name: module name}``."""
         names = [("stem", "stem")] + [(f"block{i + 1}", f"blocks.{i}") for i in range(len(self.blocks))]
         return OrderedDict(names)
 
 
-def build_model(name, num_classes, in_channels, width=None, depth=None):
+def build_model(name: str, num_classes: int, in_channels: int, width: int | None = None,
+                depth: int | None = None) -> nn.Module:
     """The model ``name`` (one of ``MODELS``); ``width`` defaults to 64 for the torchvision
     ResNets and 32 for ``cwresnet``, ``depth`` (``cwresnet`` only, number of blocks) to 8."""
     if name not in MODELS:

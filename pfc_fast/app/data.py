@@ -5,9 +5,9 @@ Every loader returns an :class:`ImageData` with uint8 images ``(N, C, H, W)`` he
 (CIFAR-10's 50,000 training images take 150 MB) and int64 labels. Datasets (``DATASETS``):
 
 - ``embedded`` (default): a class-balanced Fashion-MNIST subset shipped inside the package
-  (500 training and 100 test images per class, ``pfc_fast/data/fashion_mnist_subset.npz``, made by
+  (500 training and 100 test images per class, ``pfc_fast/app/datasets/fashion_mnist_subset.npz``, made by
   ``tools/make_embedded_fashion_mnist.py`` from the Debian package ``dataset-fashion-mnist``;
-  Zalando's MIT licence in ``pfc_fast/data/FASHION_MNIST_LICENSE``).
+  Zalando's MIT licence in ``pfc_fast/app/datasets/FASHION_MNIST_LICENSE``).
 - ``fashion-mnist`` (all 60,000 / 10,000): the Debian package's directory
   (/usr/share/datasets/fashion-mnist) or ``--data-dir`` in torchvision's layout
   (``DIR/FashionMNIST/raw/``, idx files, gzipped or not).
@@ -20,10 +20,14 @@ Every loader returns an :class:`ImageData` with uint8 images ``(N, C, H, W)`` he
 Missing files raise one ``FileNotFoundError`` that lists where they were looked for and how to get
 them.
 """
+from __future__ import annotations
+
 import gzip
 import os
 import pickle
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,11 +36,11 @@ DATASETS = ("embedded", "fashion-mnist", "mnist", "cifar10", "cifar100", "svhn",
 AUGMENTATIONS = ("none", "crop", "crop-flip")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-EMBEDDED_PATH = os.path.join(HERE, "data", "fashion_mnist_subset.npz")
+EMBEDDED_PATH = os.path.join(HERE, "datasets", "fashion_mnist_subset.npz")
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
 
-def _torchvision(*calls):
+def _torchvision(*calls: str) -> str:
     """How to fetch a dataset in torchvision's layout on a machine with network access."""
     code = "; ".join(f"torchvision.datasets.{call}" for call in calls)
     return f"on a machine with network access run `python -c \"import torchvision; {code}\"`, copy DIR here and " \
@@ -68,16 +72,17 @@ class ImageData:
     num_classes: int
 
     @property
-    def channels(self):
+    def channels(self) -> int:
+        """Channels of the images."""
         return self.train_images.shape[1]
 
-    def normalization(self):
+    def normalization(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel mean and standard deviation of the training images (in [0, 1] units)."""
         pixels = self.train_images.transpose(0, 1).reshape(self.channels, -1).double() / 255.0
         return pixels.mean(1).float(), pixels.std(1).float()
 
 
-def load_dataset(name, data_dir=None):
+def load_dataset(name: str, data_dir: str | None = None) -> ImageData:
     """The dataset ``name`` (one of ``DATASETS``), read from ``data_dir`` where it lives on disk."""
     if name not in DATASETS:
         raise ValueError(f"dataset must be one of {', '.join(DATASETS)}, got {name!r}")
@@ -102,35 +107,38 @@ def load_dataset(name, data_dir=None):
     return _stl10(data_dir)
 
 
-def _missing(name, looked_for):
+def _missing(name: str, looked_for: Sequence[str]) -> FileNotFoundError:
     listing = "\n  ".join(looked_for)
     return FileNotFoundError(f"dataset {name!r} not found; looked for:\n  {listing}\nTo get it: {_HOW_TO_GET[name]}")
 
 
-def _images(array):
+def _images(array: np.ndarray) -> torch.Tensor:
     """uint8 ``(N, H, W)`` or ``(N, C, H, W)`` numpy images as a contiguous ``(N, C, H, W)`` tensor."""
     images = torch.from_numpy(np.require(array, np.uint8, ["C_CONTIGUOUS", "WRITEABLE"]))
     return images.unsqueeze(1) if images.dim() == 3 else images
 
 
-def _labels(array):
+def _labels(array: Any) -> torch.Tensor:
     return torch.from_numpy(np.asarray(array, dtype=np.int64).reshape(-1).copy())
 
 
-def _make(name, train_images, train_labels, test_images, test_labels, num_classes):
-    return ImageData(name, _images(train_images), _labels(train_labels), _images(test_images), _labels(test_labels),
-                     num_classes)
+#: A split of a dataset as read from disk: uint8 images (numpy), their labels (any integer sequence).
+_Split = tuple[np.ndarray, Any]
 
 
-def _embedded():
+def _make(name: str, train: _Split, test: _Split, num_classes: int) -> ImageData:
+    return ImageData(name, _images(train[0]), _labels(train[1]), _images(test[0]), _labels(test[1]), num_classes)
+
+
+def _embedded() -> ImageData:
     if not os.path.isfile(EMBEDDED_PATH):
         raise _missing("embedded", [EMBEDDED_PATH])
     with np.load(EMBEDDED_PATH) as arrays:
-        return _make("embedded", arrays["train_images"], arrays["train_labels"], arrays["test_images"],
-                     arrays["test_labels"], 10)
+        return _make("embedded", (arrays["train_images"], arrays["train_labels"]),
+                     (arrays["test_images"], arrays["test_labels"]), 10)
 
 
-def digits_pixels():
+def digits_pixels() -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's digits, shipped inside its wheel (no download): ``pixels (1797, 64)`` float64
     with values 0..16 (8x8 images, row by row) and ``labels (1797,)`` int64."""
     try:
@@ -141,17 +149,17 @@ def digits_pixels():
     return digits.data, digits.target
 
 
-def _digits():
+def _digits() -> ImageData:
     from sklearn.model_selection import train_test_split
 
     pixels, labels = digits_pixels()
     images = np.rint(pixels.reshape(-1, 8, 8) * (255.0 / 16.0)).astype(np.uint8)  # 0..16 -> 0..255
     train_x, test_x, train_y, test_y = train_test_split(images, labels, test_size=0.2, stratify=labels,
                                                         random_state=0)
-    return _make("digits", train_x, train_y, test_x, test_y, 10)
+    return _make("digits", (train_x, train_y), (test_x, test_y), 10)
 
 
-def read_idx(path):
+def read_idx(path: str) -> np.ndarray:
     """An idx-ubyte file (MNIST's format; gzipped when the name ends in ``.gz``) as a numpy array."""
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rb") as handle:
@@ -166,7 +174,7 @@ def read_idx(path):
     return array.reshape(shape)
 
 
-def _find_idx(roots, stem):
+def _find_idx(roots: Sequence[str], stem: str) -> str | None:
     for root in roots:
         for candidate in (stem, stem + ".gz"):
             path = os.path.join(root, candidate)
@@ -175,16 +183,16 @@ def _find_idx(roots, stem):
     return None
 
 
-def _idx_dataset(name, roots):
+def _idx_dataset(name: str, roots: Sequence[str]) -> ImageData:
     stems = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
-    paths = [_find_idx(roots, stem) for stem in stems]
-    if None in paths:
+    paths = [path for path in (_find_idx(roots, stem) for stem in stems) if path is not None]
+    if len(paths) < len(stems):
         raise _missing(name, [os.path.join(root, stem + "[.gz]") for root in roots for stem in stems])
     train_x, train_y, test_x, test_y = (read_idx(path) for path in paths)
-    return _make(name, train_x, train_y, test_x, test_y, 10)
+    return _make(name, (train_x, train_y), (test_x, test_y), 10)
 
 
-def _cifar(name, data_dir):
+def _cifar(name: str, data_dir: str) -> ImageData:
     if name == "cifar10":
         folder, key, classes = "cifar-10-batches-py", "labels", 10
         train_files, test_files = [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"]
@@ -195,8 +203,9 @@ def _cifar(name, data_dir):
     if not all(os.path.isfile(path) for path in paths):
         raise _missing(name, paths)
 
-    def read(files):
-        images, labels = [], []
+    def read(files: Sequence[str]) -> _Split:
+        images: list[np.ndarray] = []
+        labels: list[int] = []
         for file in files:
             with open(os.path.join(data_dir, folder, file), "rb") as handle:
                 entry = pickle.load(handle, encoding="latin1")
@@ -204,38 +213,39 @@ def _cifar(name, data_dir):
             labels.extend(entry[key])
         return np.concatenate(images), labels
 
-    return _make(name, *read(train_files), *read(test_files), classes)
+    return _make(name, read(train_files), read(test_files), classes)
 
 
-def _svhn(data_dir):
+def _svhn(data_dir: str) -> ImageData:
     from scipy.io import loadmat
 
     paths = [os.path.join(data_dir, f"{split}_32x32.mat") for split in ("train", "test")]
     if not all(os.path.isfile(path) for path in paths):
         raise _missing("svhn", paths)
-    splits = []
+    splits: list[_Split] = []
     for path in paths:
         mat = loadmat(path)
         labels = mat["y"].astype(np.int64).reshape(-1)
         labels[labels == 10] = 0  # SVHN labels the digit 0 as 10
-        splits += [np.transpose(mat["X"], (3, 2, 0, 1)), labels]  # (H, W, C, N) -> (N, C, H, W)
-    return _make("svhn", *splits, 10)
+        splits.append((np.transpose(mat["X"], (3, 2, 0, 1)), labels))  # (H, W, C, N) -> (N, C, H, W)
+    return _make("svhn", splits[0], splits[1], 10)
 
 
-def _stl10(data_dir):
+def _stl10(data_dir: str) -> ImageData:
     folder = os.path.join(data_dir, "stl10_binary")
     names = ["train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin"]
     paths = [os.path.join(folder, file) for file in names]
     if not all(os.path.isfile(path) for path in paths):
         raise _missing("stl10", paths)
-    splits = []
+    splits: list[_Split] = []
     for images_path, labels_path in (paths[:2], paths[2:]):
         images = np.fromfile(images_path, dtype=np.uint8).reshape(-1, 3, 96, 96).transpose(0, 1, 3, 2)  # column-major
-        splits += [images, np.fromfile(labels_path, dtype=np.uint8).astype(np.int64) - 1]  # labels 1..10
-    return _make("stl10", *splits, 10)
+        splits.append((images, np.fromfile(labels_path, dtype=np.uint8).astype(np.int64) - 1))  # labels 1..10
+    return _make("stl10", splits[0], splits[1], 10)
 
 
-def balanced_indices(labels, per_class, num_classes, seed, name="probe_per_class"):
+def balanced_indices(labels: torch.Tensor, per_class: int, num_classes: int, seed: int,
+                     name: str = "probe_per_class") -> torch.Tensor:
     """``per_class`` indices of every class, drawn without replacement with a seeded generator.
 
     Returns the indices sorted; raises ``ValueError`` naming ``name`` (the option that set
@@ -254,13 +264,13 @@ def balanced_indices(labels, per_class, num_classes, seed, name="probe_per_class
     return torch.cat(chosen).sort().values
 
 
-def to_float(images, mean, std):
+def to_float(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """uint8 images to normalised float32: ``(x / 255 - mean) / std`` per channel."""
     mean, std = mean.to(images.device), std.to(images.device)
     return (images.float() / 255.0 - mean[:, None, None]) / std[:, None, None]
 
 
-def augment(images, kind, generator):
+def augment(images: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:
     """Seeded augmentation of a uint8 batch ``(B, C, H, W)``.
 
     ``"crop"``: zero-pad by ``H // 8`` pixels and crop back at a random offset; ``"crop-flip"``:

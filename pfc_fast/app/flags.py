@@ -1,0 +1,42 @@
+"""Command-line value types of the ``pfc-fast`` commands and the experiments, and
+:class:`UsageError`, a bad value reported against its flag (``parser.error``: exit status 2)."""
+import argparse
+
+
+class UsageError(Exception):
+    """A bad command-line value: ``argument`` names the flag (e.g. ``"--data-dir"``)."""
+
+    def __init__(self, argument: str, message: str) -> None:
+        super().__init__(f"argument {argument}: {message}")
+
+
+def positive_int(text: str) -> int:
+    """``int(text)``, which must be >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """``int(text)``, which must be >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """``float(text)``, which must be > 0 (not NaN)."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """``float(text)``, which must be >= 0 (not NaN)."""
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
