@@ -12,9 +12,18 @@
 //   PFC_DEVICE_LIBRARY_IMPL(m)      TORCH_LIBRARY_IMPL(pfc_fast, CUDA, m); in the SIMT build
 //                                   TORCH_LIBRARY_IMPL(pfc_fast_simt, CPU, m): the same schemas
 //                                   (csrc/schemas.h), the CUDA kernels, CPU tensors.
+//   PFC_HOST_DEVICE                 __host__ __device__ under nvcc, nothing elsewhere: the functions
+//                                   the CPU kernels share with the CUDA ones (csrc/*/*_common.h).
+//                                   It is all a CPU source (no nvcc, no PFC_SIMT) gets here.
 #pragma once
 #include <ATen/ATen.h>
 #include <torch/library.h>
+
+#ifdef __CUDACC__
+#define PFC_HOST_DEVICE __host__ __device__
+#else
+#define PFC_HOST_DEVICE
+#endif
 
 #ifdef PFC_SIMT
 
@@ -31,7 +40,7 @@ using pfc_simt::launch;
 
 #define PFC_DEVICE_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(pfc_fast_simt, CPU, m)
 
-#else  // nvcc
+#elif defined(__CUDACC__)  // nvcc
 
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>

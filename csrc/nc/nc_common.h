@@ -1,9 +1,17 @@
-// What the CPU and CUDA kernels of the NC passes share (schemas in schemas.h): argument checks
-// and the class counts.
+// What the CPU and CUDA kernels of the NC passes share (schemas in schemas.h): argument checks,
+// the kernels' operands, the per-sample decision rules, and the host side of the two ops, which
+// hand the operands to the backend's kernels.
 // The Python front door validates user input with clearer messages; these checks guard the ops
 // themselves against calls that would read out of bounds.
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+#include <cmath>
+#include <tuple>
+#include <utility>
+
+#include "common/device.h"
 
 namespace pfc_fast {
 
@@ -71,6 +79,149 @@ inline at::Tensor class_counts(const at::Tensor& labels, int64_t num_classes) {
   at::Tensor counts = at::bincount(labels, {}, num_classes);  // raises on negative labels
   TORCH_CHECK(counts.size(0) == num_classes, "pfc_fast: labels must be < num_classes = ", num_classes);
   return counts;
+}
+
+// Features as the kernels accumulate them: float64, half and bfloat16 widened through float.
+template <typename scalar_t>
+PFC_HOST_DEVICE inline double as_double(scalar_t v) {
+  return static_cast<double>(static_cast<float>(v));
+}
+template <>
+PFC_HOST_DEVICE inline double as_double<double>(double v) {
+  return v;
+}
+
+// The operands of class_sums beside the features (N, D), whose rows the kernels read with a stride.
+struct ClassSumsArgs {
+  const int64_t* labels;  // (N,)
+  int64_t N, D, K;
+  double* sums;  // (K, D), zeroed
+};
+
+// The operands of residual_stats beside the features.
+struct ResidualInputs {
+  const int64_t* labels;
+  int64_t N, D, K, num_logits;
+  const double* means;         // (K, D)
+  const double* proj;          // (K + num_logits, D)
+  const double* ncc_bias;      // (K, K)
+  const double* logit_offset;  // (K, num_logits) or nullptr
+  const int64_t* predictions;  // (N,) or nullptr
+};
+
+// The results of residual_stats, zeroed, for the backend to add to (as tensors: the CUDA backend
+// accumulates gram with a matrix product).
+struct ResidualOutputs {
+  at::Tensor gram;       // (K, K) float64
+  at::Tensor class_sq;   // (K,) float64
+  at::Tensor decisions;  // (2,) int64: NCC decisions equal to the label, NCC decisions != the classifier's
+};
+
+// The decision rules of ncc_accuracy and nc4 (docs/spec.md section 3), one for every device: ties
+// go to the lowest index, a NaN never wins, and with no value below +inf (above -inf) index 0 does.
+
+// Index of the nearest class mean of one sample, given s = proj r (first K entries) and the row
+// ncc_bias[y] of its class.
+PFC_HOST_DEVICE inline int64_t nearest_class(const double* s, const double* bias_row, int64_t K) {
+  int64_t best = 0;
+  double best_value = INFINITY;
+  for (int64_t c = 0; c < K; ++c) {
+    const double v = bias_row[c] - 2.0 * s[c];
+    if (v < best_value) {
+      best_value = v;
+      best = c;
+    }
+  }
+  return best;
+}
+
+// Index of the classifier's largest logit, given the n logit projections s[K:] and the row
+// logit_offset[y] of the sample's class.
+PFC_HOST_DEVICE inline int64_t argmax_logit(const double* s_logits, const double* offset_row, int64_t n) {
+  int64_t best = 0;
+  double best_value = -INFINITY;
+  for (int64_t j = 0; j < n; ++j) {
+    const double v = s_logits[j] + offset_row[j];
+    if (v > best_value) {
+      best_value = v;
+      best = j;
+    }
+  }
+  return best;
+}
+
+struct SampleDecisions {
+  bool correct;    // the nearest class mean is the label's
+  bool disagrees;  // the nearest class mean is not the classifier's (argmax of the logits, or the prediction)
+};
+
+// The decisions of sample i (label y in [0, K)) from s = proj r_i.
+PFC_HOST_DEVICE inline SampleDecisions decide(const double* s, int64_t i, int64_t y, const ResidualInputs& in) {
+  const int64_t ncc = nearest_class(s, in.ncc_bias + y * in.K, in.K);
+  bool disagrees = false;
+  if (in.logit_offset != nullptr) {
+    disagrees = ncc != argmax_logit(s + in.K, in.logit_offset + y * in.num_logits, in.num_logits);
+  } else if (in.predictions != nullptr) {
+    disagrees = ncc != in.predictions[i];
+  }
+  return {ncc == y, disagrees};
+}
+
+// The ops for a Backend providing `template <typename scalar_t> static void class_sums(feats,
+// const ClassSumsArgs&)` (N, D > 0), `template <typename scalar_t> static void residual_stats(feats,
+// const ResidualInputs&, const ResidualOutputs&)` (N > 0), with feats (N, D) of dtype scalar_t
+// (rows with a stride, contiguous columns), and `static auto guard(const at::Tensor&)` (a device
+// guard, or nothing).
+template <typename Backend>
+std::tuple<at::Tensor, at::Tensor> class_sums_op(const at::Tensor& feats_in, const at::Tensor& labels_in,
+                                                 int64_t num_classes) {
+  check_feats_labels(feats_in, labels_in);
+  [[maybe_unused]] const auto guard = Backend::guard(feats_in);
+  const at::Tensor feats = with_contiguous_rows(feats_in);
+  const at::Tensor labels = labels_in.contiguous();
+  at::Tensor counts = class_counts(labels, num_classes);
+  at::Tensor sums = at::zeros({num_classes, feats.size(1)}, feats.options().dtype(at::kDouble));
+  if (feats.numel() == 0) return {sums, counts};  // nothing to launch (an empty CUDA grid fails)
+  const ClassSumsArgs args{labels.data_ptr<int64_t>(), feats.size(0), feats.size(1), num_classes,
+                           sums.data_ptr<double>()};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(), "class_sums", [&] {
+    Backend::template class_sums<scalar_t>(feats, args);
+  });
+  return {sums, counts};
+}
+
+template <typename Backend>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stats_op(
+    const at::Tensor& feats_in, const at::Tensor& labels_in, const at::Tensor& means_in,
+    const at::Tensor& proj_in, const at::Tensor& ncc_bias_in, const c10::optional<at::Tensor>& logit_offset_in,
+    const c10::optional<at::Tensor>& predictions_in) {
+  const auto [K, num_logits] =
+      check_residual_args(feats_in, labels_in, means_in, proj_in, ncc_bias_in, logit_offset_in, predictions_in);
+  [[maybe_unused]] const auto guard = Backend::guard(feats_in);
+  const at::Tensor feats = with_contiguous_rows(feats_in);
+  const at::Tensor labels = labels_in.contiguous();
+  class_counts(labels, K);  // validates the label range before any indexing
+  const at::Tensor means = means_in.contiguous(), proj = proj_in.contiguous(), ncc_bias = ncc_bias_in.contiguous();
+  const at::Tensor logit_offset = logit_offset_in.has_value() ? logit_offset_in->contiguous() : at::Tensor();
+  const at::Tensor predictions = predictions_in.has_value() ? predictions_in->contiguous() : at::Tensor();
+
+  const auto f64 = feats.options().dtype(at::kDouble);
+  const ResidualOutputs out{at::zeros({K, K}, f64), at::zeros({K}, f64), at::zeros({2}, feats.options().dtype(at::kLong))};
+  if (feats.size(0) == 0) return {out.gram, out.class_sq, out.decisions};
+  const ResidualInputs in{labels.data_ptr<int64_t>(),
+                          feats.size(0),
+                          feats.size(1),
+                          K,
+                          num_logits,
+                          means.data_ptr<double>(),
+                          proj.data_ptr<double>(),
+                          ncc_bias.data_ptr<double>(),
+                          logit_offset.defined() ? logit_offset.data_ptr<double>() : nullptr,
+                          predictions.defined() ? predictions.data_ptr<int64_t>() : nullptr};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(), "residual_stats", [&] {
+    Backend::template residual_stats<scalar_t>(feats, in, out);
+  });
+  return {out.gram, out.class_sq, out.decisions};
 }
 
 }  // namespace pfc_fast

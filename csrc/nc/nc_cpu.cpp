@@ -13,7 +13,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <limits>
 #include <mutex>
 #include <vector>
 
@@ -28,21 +27,14 @@ constexpr int64_t kPartialBytes = 256 << 20;   // bound on pass-1 per-chunk part
 constexpr int64_t kRowBlock = 8;               // samples that share a cached tile of proj
 constexpr int64_t kTile = 512;                 // feature columns per residual tile
 
-template <typename scalar_t>
-inline double as_double(scalar_t v) {
-  return static_cast<double>(static_cast<float>(v));
-}
-template <>
-inline double as_double<double>(double v) {
-  return v;
-}
-
 // Pass 1. Work is split into (row chunk, column block) tasks. With enough column blocks every
 // task writes straight into `sums` (each task owns its columns); with few columns (small D) the
 // rows are split as well and each row chunk accumulates into its own partial copy.
 template <typename scalar_t>
-void class_sums_kernel(const scalar_t* x, int64_t row_stride, const int64_t* labels, int64_t N,
-                       int64_t D, int64_t K, double* sums) {
+void class_sums_kernel(const scalar_t* x, int64_t row_stride, const ClassSumsArgs& args) {
+  const int64_t N = args.N, D = args.D, K = args.K;
+  const int64_t* labels = args.labels;
+  double* sums = args.sums;
   const int64_t col_blocks = (D + kColumnBlock - 1) / kColumnBlock;
   const int64_t threads = at::get_num_threads();
   int64_t row_chunks = 1;
@@ -78,49 +70,6 @@ void class_sums_kernel(const scalar_t* x, int64_t row_stride, const int64_t* lab
       }
     });
   }
-}
-
-struct ResidualInputs {
-  const int64_t* labels;
-  int64_t N, D, K, num_logits;
-  const double* means;         // (K, D)
-  const double* proj;          // (K + num_logits, D)
-  const double* ncc_bias;      // (K, K)
-  const double* logit_offset;  // (K, num_logits) or nullptr
-  const int64_t* predictions;  // (N,) or nullptr
-};
-
-struct ResidualOutputs {
-  double* gram;        // (K, K)
-  double* class_sq;    // (K,)
-  int64_t* decisions;  // (2,)
-};
-
-// Index of the nearest class mean of one sample, given s = proj r (first K entries).
-inline int64_t nearest_class(const double* s, const double* bias_row, int64_t K) {
-  int64_t best = 0;
-  double best_value = std::numeric_limits<double>::infinity();
-  for (int64_t c = 0; c < K; ++c) {
-    const double v = bias_row[c] - 2.0 * s[c];
-    if (v < best_value) {
-      best_value = v;
-      best = c;
-    }
-  }
-  return best;
-}
-
-inline int64_t argmax_logit(const double* s_logits, const double* offset_row, int64_t n) {
-  int64_t best = 0;
-  double best_value = -std::numeric_limits<double>::infinity();
-  for (int64_t j = 0; j < n; ++j) {
-    const double v = s_logits[j] + offset_row[j];
-    if (v > best_value) {
-      best_value = v;
-      best = j;
-    }
-  }
-  return best;
 }
 
 // s[r, k..k+3] += proj[k..k+3, tile] . R[r, tile] for the rows of one block.
@@ -165,6 +114,9 @@ inline void project_tile(const double* R, int64_t rows, const double* proj, int6
 template <typename scalar_t>
 void residual_stats_kernel(const scalar_t* x, int64_t row_stride, const ResidualInputs& in,
                            const ResidualOutputs& out) {
+  double* const gram_out = out.gram.data_ptr<double>();
+  double* const class_sq_out = out.class_sq.data_ptr<double>();
+  int64_t* const decisions_out = out.decisions.data_ptr<int64_t>();
   const int64_t K = in.K, D = in.D, P = in.K + in.num_logits;
   const int64_t blocks = (in.N + kRowBlock - 1) / kRowBlock;
   std::mutex merge;
@@ -203,80 +155,39 @@ void residual_stats_kernel(const scalar_t* x, int64_t row_stride, const Residual
           for (int64_t c = 0; c < K; ++c) g[c] += sa * s[c];
         }
         class_sq[y] += rr[r];
-        const int64_t ncc = nearest_class(s, in.ncc_bias + y * K, K);
-        correct += (ncc == y);
-        if (in.logit_offset != nullptr) {
-          disagree += (ncc != argmax_logit(s + K, in.logit_offset + y * in.num_logits, in.num_logits));
-        } else if (in.predictions != nullptr) {
-          disagree += (ncc != in.predictions[i]);
-        }
+        const SampleDecisions decision = decide(s, i, y, in);
+        correct += decision.correct;
+        disagree += decision.disagrees;
       }
     }
     std::lock_guard<std::mutex> lock(merge);
-    for (int64_t e = 0; e < K * K; ++e) out.gram[e] += gram[e];
-    for (int64_t c = 0; c < K; ++c) out.class_sq[c] += class_sq[c];
-    out.decisions[0] += correct;
-    out.decisions[1] += disagree;
+    for (int64_t e = 0; e < K * K; ++e) gram_out[e] += gram[e];
+    for (int64_t c = 0; c < K; ++c) class_sq_out[c] += class_sq[c];
+    decisions_out[0] += correct;
+    decisions_out[1] += disagree;
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> class_sums_cpu(const at::Tensor& feats_in, const at::Tensor& labels_in,
-                                                  int64_t num_classes) {
-  check_feats_labels(feats_in, labels_in);
-  const at::Tensor feats = with_contiguous_rows(feats_in);
-  const at::Tensor labels = labels_in.contiguous();
-  at::Tensor counts = class_counts(labels, num_classes);
-  at::Tensor sums = at::zeros({num_classes, feats.size(1)}, feats.options().dtype(at::kDouble));
-  if (feats.numel() > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(), "class_sums_cpu", [&] {
-      class_sums_kernel<scalar_t>(feats.data_ptr<scalar_t>(), feats.stride(0), labels.data_ptr<int64_t>(),
-                                  feats.size(0), feats.size(1), num_classes, sums.data_ptr<double>());
-    });
-  }
-  return {sums, counts};
-}
+// The backend of class_sums_op and residual_stats_op (nc_common.h).
+struct CpuBackend {
+  static int guard(const at::Tensor&) { return 0; }  // nothing to switch on the CPU
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stats_cpu(
-    const at::Tensor& feats_in, const at::Tensor& labels_in, const at::Tensor& means_in,
-    const at::Tensor& proj_in, const at::Tensor& ncc_bias_in, const c10::optional<at::Tensor>& logit_offset_in,
-    const c10::optional<at::Tensor>& predictions_in) {
-  const auto [K, num_logits] =
-      check_residual_args(feats_in, labels_in, means_in, proj_in, ncc_bias_in, logit_offset_in, predictions_in);
-  const at::Tensor feats = with_contiguous_rows(feats_in);
-  const at::Tensor labels = labels_in.contiguous();
-  class_counts(labels, K);  // validates the label range before any indexing
-  const at::Tensor means = means_in.contiguous(), proj = proj_in.contiguous(), ncc_bias = ncc_bias_in.contiguous();
-  const at::Tensor logit_offset = logit_offset_in.has_value() ? logit_offset_in->contiguous() : at::Tensor();
-  const at::Tensor predictions = predictions_in.has_value() ? predictions_in->contiguous() : at::Tensor();
-
-  const auto f64 = feats.options().dtype(at::kDouble);
-  at::Tensor gram = at::zeros({K, K}, f64);
-  at::Tensor class_sq = at::zeros({K}, f64);
-  at::Tensor decisions = at::zeros({2}, feats.options().dtype(at::kLong));
-  const ResidualInputs in{labels.data_ptr<int64_t>(),
-                          feats.size(0),
-                          feats.size(1),
-                          K,
-                          num_logits,
-                          means.data_ptr<double>(),
-                          proj.data_ptr<double>(),
-                          ncc_bias.data_ptr<double>(),
-                          logit_offset.defined() ? logit_offset.data_ptr<double>() : nullptr,
-                          predictions.defined() ? predictions.data_ptr<int64_t>() : nullptr};
-  const ResidualOutputs out{gram.data_ptr<double>(), class_sq.data_ptr<double>(), decisions.data_ptr<int64_t>()};
-  if (feats.size(0) > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(), "residual_stats_cpu", [&] {
-      residual_stats_kernel<scalar_t>(feats.data_ptr<scalar_t>(), feats.stride(0), in, out);
-    });
+  template <typename scalar_t>
+  static void class_sums(const at::Tensor& feats, const ClassSumsArgs& args) {
+    class_sums_kernel<scalar_t>(feats.data_ptr<scalar_t>(), feats.stride(0), args);
   }
-  return {gram, class_sq, decisions};
-}
+
+  template <typename scalar_t>
+  static void residual_stats(const at::Tensor& feats, const ResidualInputs& in, const ResidualOutputs& out) {
+    residual_stats_kernel<scalar_t>(feats.data_ptr<scalar_t>(), feats.stride(0), in, out);
+  }
+};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pfc_fast, CPU, m) {
-  m.impl("class_sums", &class_sums_cpu);
-  m.impl("residual_stats", &residual_stats_cpu);
+  m.impl("class_sums", &class_sums_op<CpuBackend>);
+  m.impl("residual_stats", &residual_stats_op<CpuBackend>);
 }
 
 }  // namespace pfc_fast

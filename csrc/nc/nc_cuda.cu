@@ -1,5 +1,5 @@
 // CUDA kernels of the two passes of the exact NC metrics (docs/spec.md section 3); the CPU twins and the
-// formulas are in nc_cpu.cpp.
+// formulas are in nc_cpu.cpp, the host side and the decision rules in nc_common.h.
 //
 // Pass 1 (class_sums_kernel): a block owns blockDim.x feature columns and a chunk of rows; each
 // thread owns one column, so it accumulates into its own slot of a shared-memory K x blockDim
@@ -19,7 +19,7 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
-#include <cmath>
+#include <algorithm>
 
 #include "nc/nc_common.h"
 #include "common/device.h"
@@ -33,15 +33,6 @@ constexpr int kWarpSamples = 4;                 // samples per warp in pass 2
 constexpr int kWarpRows = 8;                    // projection rows per register tile
 constexpr int kWarps = 8;                       // warps per pass-2 block
 constexpr int64_t kScratchBytes = 256ll << 20;  // bound on the pass-2 scratch buffer
-
-template <typename scalar_t>
-__device__ __forceinline__ double as_double(scalar_t v) {
-  return static_cast<double>(static_cast<float>(v));
-}
-template <>
-__device__ __forceinline__ double as_double<double>(double v) {
-  return v;
-}
 
 // The float64 atomicAdds into sums arrive in a different order on every GPU run, so the last bits of
 // the sums vary; the SIMT layer shuffles the blocks but runs a block's threads one at a time, so it
@@ -130,46 +121,24 @@ __global__ void project_residuals_kernel(const scalar_t* __restrict__ x, int64_t
   }
 }
 
-// Per-sample decisions from the projections (the schema of residual_stats in csrc/schemas.h). As in
-// class_sums_kernel, the order of the atomicAdds into class_sq is the GPU's, not reproduced exactly.
-__global__ void sample_decisions_kernel(const double* __restrict__ proj_out, const int64_t* __restrict__ labels,
-                                        int64_t rows, int64_t K, int64_t num_logits,
-                                        const double* __restrict__ ncc_bias, const double* __restrict__ logit_offset,
-                                        const int64_t* __restrict__ predictions, double* __restrict__ class_sq,
+// Per-sample decisions (nc_common.h) from the projections of samples start .. start + rows - 1, and
+// their ||r||^2 added to class_sq. As in class_sums_kernel, the order of the atomicAdds into
+// class_sq is the GPU's, not reproduced exactly.
+__global__ void sample_decisions_kernel(const double* __restrict__ proj_out, const ResidualInputs in, int64_t start,
+                                        int64_t rows, double* __restrict__ class_sq,
                                         unsigned long long* __restrict__ decisions) {
   PFC_SHARED(unsigned long long, block_counts, [2]);
   if (threadIdx.x < 2) block_counts[threadIdx.x] = 0;
   __syncthreads();
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t P = K + num_logits;
-  if (i < rows) {
-    const int64_t y = labels[i];
-    if (y >= 0 && y < K) {
-      const double* s = proj_out + i * (P + 1);
-      int64_t ncc = 0;
-      double best = INFINITY;
-      for (int64_t c = 0; c < K; ++c) {
-        const double v = ncc_bias[y * K + c] - 2.0 * s[c];
-        if (v < best) {
-          best = v;
-          ncc = c;
-        }
-      }
-      if (ncc == y) atomicAdd(&block_counts[0], 1ull);
-      int64_t decided = -1;
-      if (logit_offset != nullptr) {
-        double top = -INFINITY;
-        for (int64_t j = 0; j < num_logits; ++j) {
-          const double v = s[K + j] + logit_offset[y * num_logits + j];
-          if (v > top) {
-            top = v;
-            decided = j;
-          }
-        }
-      } else if (predictions != nullptr) {
-        decided = predictions[i];
-      }
-      if ((logit_offset != nullptr || predictions != nullptr) && ncc != decided) atomicAdd(&block_counts[1], 1ull);
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t P = in.K + in.num_logits;
+  if (r < rows) {
+    const int64_t i = start + r, y = in.labels[i];
+    if (y >= 0 && y < in.K) {
+      const double* s = proj_out + r * (P + 1);
+      const SampleDecisions decision = decide(s, i, y, in);
+      if (decision.correct) atomicAdd(&block_counts[0], 1ull);
+      if (decision.disagrees) atomicAdd(&block_counts[1], 1ull);
       atomicAdd(class_sq + y, s[P]);
     }
   }
@@ -177,82 +146,52 @@ __global__ void sample_decisions_kernel(const double* __restrict__ proj_out, con
   if (threadIdx.x < 2 && block_counts[threadIdx.x] != 0) atomicAdd(decisions + threadIdx.x, block_counts[threadIdx.x]);
 }
 
-std::tuple<at::Tensor, at::Tensor> class_sums_cuda(const at::Tensor& feats_in, const at::Tensor& labels_in,
-                                                   int64_t num_classes) {
-  check_feats_labels(feats_in, labels_in);
-  const device::Guard guard(feats_in.device());
-  const at::Tensor feats = with_contiguous_rows(feats_in);
-  const at::Tensor labels = labels_in.contiguous();
-  at::Tensor counts = class_counts(labels, num_classes);
-  at::Tensor sums = at::zeros({num_classes, feats.size(1)}, feats.options().dtype(at::kDouble));
-  const int64_t N = feats.size(0), D = feats.size(1);
-  if (N == 0 || D == 0) return {sums, counts};  // (no blocks; D = 0 would also divide by 0 below)
-  const bool shared_table = num_classes * kSumThreads * static_cast<int64_t>(sizeof(double)) <= kSharedBytes;
-  const int64_t col_blocks = (D + kSumThreads - 1) / kSumThreads;
-  const int64_t wanted = std::max<int64_t>(1, 8 * device::multiprocessor_count(feats) / col_blocks);
-  const int64_t chunks = std::min<int64_t>({wanted, (N + 31) / 32, 65535});
-  const int64_t rows_per_chunk = (N + chunks - 1) / chunks;
-  const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>((N + rows_per_chunk - 1) / rows_per_chunk));
-  const size_t shared = shared_table ? num_classes * kSumThreads * sizeof(double) : 0;
-  const cudaStream_t stream = device::current_stream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(), "class_sums_cuda", [&] {
-    device::launch(class_sums_kernel<scalar_t>, grid, kSumThreads, shared, stream)(
-        feats.data_ptr<scalar_t>(), feats.stride(0), labels.data_ptr<int64_t>(), N, D, num_classes, rows_per_chunk,
-        shared_table, sums.data_ptr<double>());
-  });
-  return {sums, counts};
-}
+// The backend of class_sums_op and residual_stats_op (nc_common.h).
+struct CudaBackend {
+  static device::Guard guard(const at::Tensor& t) { return device::Guard(t.device()); }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stats_cuda(
-    const at::Tensor& feats_in, const at::Tensor& labels_in, const at::Tensor& means_in,
-    const at::Tensor& proj_in, const at::Tensor& ncc_bias_in, const c10::optional<at::Tensor>& logit_offset_in,
-    const c10::optional<at::Tensor>& predictions_in) {
-  const auto [K, num_logits] =
-      check_residual_args(feats_in, labels_in, means_in, proj_in, ncc_bias_in, logit_offset_in, predictions_in);
-  const device::Guard guard(feats_in.device());
-  const at::Tensor feats = with_contiguous_rows(feats_in);
-  const at::Tensor labels = labels_in.contiguous();
-  class_counts(labels, K);  // validates the label range
-  const at::Tensor means = means_in.contiguous(), proj = proj_in.contiguous(), ncc_bias = ncc_bias_in.contiguous();
-  const at::Tensor logit_offset = logit_offset_in.has_value() ? logit_offset_in->contiguous() : at::Tensor();
-  const at::Tensor predictions = predictions_in.has_value() ? predictions_in->contiguous() : at::Tensor();
-  const int64_t N = feats.size(0), D = feats.size(1), P = K + num_logits;
-
-  const auto f64 = feats.options().dtype(at::kDouble);
-  at::Tensor gram = at::zeros({K, K}, f64);
-  at::Tensor class_sq = at::zeros({K}, f64);
-  at::Tensor decisions = at::zeros({2}, feats.options().dtype(at::kLong));
-  if (N == 0) return {gram, class_sq, decisions};
-
-  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(N, kScratchBytes / ((P + 1) * 8)));
-  at::Tensor scratch = at::empty({chunk, P + 1}, f64);
-  const cudaStream_t stream = device::current_stream();
-  for (int64_t start = 0; start < N; start += chunk) {
-    const int64_t rows = std::min(chunk, N - start);
-    const at::Tensor part_labels = labels.narrow(0, start, rows);
-    const int64_t per_block = kWarps * kWarpSamples;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(), "residual_stats_cuda", [&] {
-      device::launch(project_residuals_kernel<scalar_t>, static_cast<unsigned>((rows + per_block - 1) / per_block),
-                     kWarps * 32, 0, stream)(
-          feats.data_ptr<scalar_t>() + start * feats.stride(0), feats.stride(0), part_labels.data_ptr<int64_t>(), rows, D,
-          K, means.data_ptr<double>(), proj.data_ptr<double>(), P, scratch.data_ptr<double>());
-    });
-    device::launch(sample_decisions_kernel, static_cast<unsigned>((rows + 255) / 256), 256, 0, stream)(
-        scratch.data_ptr<double>(), part_labels.data_ptr<int64_t>(), rows, K, num_logits, ncc_bias.data_ptr<double>(),
-        logit_offset.defined() ? logit_offset.data_ptr<double>() : nullptr,
-        predictions.defined() ? predictions.data_ptr<int64_t>() + start : nullptr, class_sq.data_ptr<double>(),
-        reinterpret_cast<unsigned long long*>(decisions.data_ptr<int64_t>()));
-    const at::Tensor z = scratch.narrow(0, 0, rows).narrow(1, 0, K);
-    gram.addmm_(z.t(), z);
+  template <typename scalar_t>
+  static void class_sums(const at::Tensor& feats, const ClassSumsArgs& args) {
+    const int64_t N = args.N, D = args.D, K = args.K;
+    const bool shared_table = K * kSumThreads * static_cast<int64_t>(sizeof(double)) <= kSharedBytes;
+    const int64_t col_blocks = (D + kSumThreads - 1) / kSumThreads;
+    const int64_t wanted = std::max<int64_t>(1, 8 * device::multiprocessor_count(feats) / col_blocks);
+    const int64_t chunks = std::min<int64_t>({wanted, (N + 31) / 32, 65535});
+    const int64_t rows_per_chunk = (N + chunks - 1) / chunks;
+    const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>((N + rows_per_chunk - 1) / rows_per_chunk));
+    const size_t shared = shared_table ? K * kSumThreads * sizeof(double) : 0;
+    device::launch(class_sums_kernel<scalar_t>, grid, kSumThreads, shared, device::current_stream())(
+        feats.data_ptr<scalar_t>(), feats.stride(0), args.labels, N, D, K, rows_per_chunk, shared_table, args.sums);
   }
-  return {gram, class_sq, decisions};
-}
+
+  // Chunks of samples, each projected into a scratch buffer, then decided and multiplied out.
+  template <typename scalar_t>
+  static void residual_stats(const at::Tensor& feats, const ResidualInputs& in, const ResidualOutputs& out) {
+    const int64_t N = in.N, K = in.K, P = in.K + in.num_logits;
+    const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(N, kScratchBytes / ((P + 1) * 8)));
+    at::Tensor scratch = at::empty({chunk, P + 1}, out.gram.options());
+    const cudaStream_t stream = device::current_stream();
+    const int64_t per_block = kWarps * kWarpSamples;
+    for (int64_t start = 0; start < N; start += chunk) {
+      const int64_t rows = std::min(chunk, N - start);
+      device::launch(project_residuals_kernel<scalar_t>, static_cast<unsigned>((rows + per_block - 1) / per_block),
+                     kWarps * 32, 0, stream)(feats.data_ptr<scalar_t>() + start * feats.stride(0), feats.stride(0),
+                                             in.labels + start, rows, in.D, K, in.means, in.proj, P,
+                                             scratch.data_ptr<double>());
+      device::launch(sample_decisions_kernel, static_cast<unsigned>((rows + 255) / 256), 256, 0, stream)(
+          scratch.data_ptr<double>(), in, start, rows, out.class_sq.data_ptr<double>(),
+          reinterpret_cast<unsigned long long*>(out.decisions.data_ptr<int64_t>()));
+      const at::Tensor z = scratch.narrow(0, 0, rows).narrow(1, 0, K);
+      out.gram.addmm_(z.t(), z);
+    }
+  }
+};
 
 }  // namespace
 
 PFC_DEVICE_LIBRARY_IMPL(m) {
-  m.impl("class_sums", &class_sums_cuda);
-  m.impl("residual_stats", &residual_stats_cuda);
+  m.impl("class_sums", &class_sums_op<CudaBackend>);
+  m.impl("residual_stats", &residual_stats_op<CudaBackend>);
 }
 
 }  // namespace pfc_fast

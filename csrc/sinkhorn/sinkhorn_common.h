@@ -1,5 +1,6 @@
-// What the CPU and CUDA Sinkhorn kernels share (schemas in schemas.h): argument checks and
-// the host side of the two ops, which hand a per-row Fold to the backend's sweep over all pairs.
+// What the CPU and CUDA Sinkhorn kernels share (schemas in schemas.h): argument checks, the
+// operands of the row folds, and the host side of the two ops, which hand a per-row Fold to the
+// backend's sweep over all pairs.
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -47,6 +48,22 @@ inline SoftminShape check_softmin_args(const c10::optional<at::Tensor>& x, const
   return {batch, x->size(1), cols, x->size(2), false};
 }
 
+// The operands of the backends' row folds (their Fold::Args): sinkhorn_softmin writes out given
+// eps and the shift, sinkhorn_plan_sums writes the row mass and cost of the plan given the row terms.
+template <typename T>
+struct SoftminArgs {
+  T eps;
+  T* out;
+  const T* shift;  // (B * N) or nullptr
+};
+
+template <typename T>
+struct PlanArgs {
+  const T* row_terms;  // log a_i + f_i / eps, (B * N)
+  T* mass;
+  T* cost;
+};
+
 // A (B, N) tensor with the dtype and device of `like` (row terms of the ops: f, log_a, shift).
 inline void check_rows_tensor(const SoftminShape& shape, const at::Tensor& t, const char* name,
                               const at::Tensor& like) {
@@ -56,9 +73,9 @@ inline void check_rows_tensor(const SoftminShape& shape, const at::Tensor& t, co
               " must have the dtype and device of h");
 }
 
-// The ops for a Backend providing SoftminFold<T> and PlanFold<T> (row folds; see the CPU file),
-// `template <typename T, typename Fold> static void sweep(x, y, cost, h, log_w, T eps, shape,
-// Fold::Args)` and `static auto guard(const at::Tensor&)` (a device guard, or nothing). `shift`
+// The ops for a Backend providing SoftminFold<T> and PlanFold<T> (row folds, see the CPU file, with
+// Args SoftminArgs<T> and PlanArgs<T>), `template <typename T, typename Fold> static void sweep(x, y,
+// cost, h, log_w, T eps, shape, Fold::Args)` and `static auto guard(const at::Tensor&)` (a device guard, or nothing). `shift`
 // (B, N), an estimate of the result (the previous potential), lets a backend take the log-sum-exp
 // in one pass; the result does not depend on it beyond rounding.
 template <typename Backend>
@@ -75,8 +92,8 @@ at::Tensor sinkhorn_softmin_op(const c10::optional<at::Tensor>& x, const c10::op
   if (shape.rows == 0 || shape.batch == 0) return out;  // nothing to launch (an empty CUDA grid fails)
   AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "sinkhorn_softmin", [&] {
     using Fold = typename Backend::template SoftminFold<scalar_t>;
-    const typename Fold::Args args{static_cast<scalar_t>(eps), out.data_ptr<scalar_t>(),
-                                   shift.defined() ? shift.data_ptr<scalar_t>() : nullptr};
+    const SoftminArgs<scalar_t> args{static_cast<scalar_t>(eps), out.data_ptr<scalar_t>(),
+                                     shift.defined() ? shift.data_ptr<scalar_t>() : nullptr};
     Backend::template sweep<scalar_t, Fold>(x, y, cost, h, log_w, static_cast<scalar_t>(eps), shape, args);
   });
   return out;
@@ -97,8 +114,8 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_plan_sums_op(
   if (shape.rows == 0 || shape.batch == 0) return {mass, total};
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "sinkhorn_plan_sums", [&] {
     using Fold = typename Backend::template PlanFold<scalar_t>;
-    const typename Fold::Args args{row_terms.data_ptr<scalar_t>(), mass.data_ptr<scalar_t>(),
-                                   total.data_ptr<scalar_t>()};
+    const PlanArgs<scalar_t> args{row_terms.data_ptr<scalar_t>(), mass.data_ptr<scalar_t>(),
+                                  total.data_ptr<scalar_t>()};
     Backend::template sweep<scalar_t, Fold>(x, y, cost, g, log_b, static_cast<scalar_t>(eps), shape, args);
   });
   return {mass, total};

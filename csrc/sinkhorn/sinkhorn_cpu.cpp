@@ -80,11 +80,7 @@ inline bool accepted_sum(T sum) {
 // maximum and for the sum, rather than stored.
 template <typename T>
 struct SoftminFold {
-  struct Args {
-    T eps;
-    T* out;
-    const T* shift;  // (B * N) or nullptr
-  };
+  using Args = SoftminArgs<T>;
   bool guessed;
   T max;
   T sum = 0;
@@ -130,11 +126,7 @@ struct SoftminFold {
 // Row fold of sinkhorn_plan_sums: mass and cost of one row of the plan P_ij = 2^(u_j + row_term).
 template <typename T>
 struct PlanFold {
-  struct Args {
-    const T* row_terms;  // log a_i + f_i / eps, (B * N)
-    T* mass;
-    T* cost;
-  };
+  using Args = PlanArgs<T>;
   T row_term;
   T mass = 0;
   T cost = 0;

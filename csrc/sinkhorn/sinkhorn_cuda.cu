@@ -46,11 +46,7 @@ __device__ __forceinline__ double exp_<double>(double v) {
 // in one pass already (rescaled when the maximum grows), so the shift of the op is not needed.
 template <typename T>
 struct SoftminFold {
-  struct Args {
-    T eps;
-    T* out;
-    const T* shift;  // unused here
-  };
+  using Args = SoftminArgs<T>;
   T max;
   T sum;
 
@@ -91,11 +87,7 @@ struct SoftminFold {
 // Row mass and cost of the plan P_ij = exp(v_ij + log a_i + f_i / eps).
 template <typename T>
 struct PlanFold {
-  struct Args {
-    const T* row_terms;  // log a_i + f_i / eps, (B * N)
-    T* mass;
-    T* cost;
-  };
+  using Args = PlanArgs<T>;
   T row_term;
   T mass;
   T cost;
