@@ -118,7 +118,7 @@ setup(
     description="Exact neural-collapse and progressive-feedforward-collapse metrics for every layer of a "
     "ResNet, with fused C++/CUDA kernels, and optimal-transport tools",
     packages=find_packages(include=["pfc_fast", "pfc_fast.*"]),
-    package_data={"pfc_fast": ["py.typed"], "pfc_fast.app": ["datasets/*"]},
+    package_data={"pfc_fast": ["py.typed", "*.pyi"], "pfc_fast.app": ["datasets/*"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "numpy", "scipy", "matplotlib", "tqdm"],
     ext_modules=[ext for ext in (_extension(), _simt_extension()) if ext is not None],

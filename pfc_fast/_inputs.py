@@ -1,10 +1,19 @@
-"""User input to the tensors the operators take, with errors that name the bad argument.
+"""User input to the tensors and numbers the library takes, with errors that name the bad argument.
 
+The one home of the library's input checks (metrics, monitor, transport, geodesic, mufm).
 Accepts torch tensors (CPU or CUDA) and numpy arrays. Non-finite features are detected after the
 first pass, from the class sums (free: no extra read of the features).
 """
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple, Union
+
 import numpy as np
 import torch
+
+#: What the library accepts where it takes an array: a torch tensor or a numpy array.
+TensorLike = Union[torch.Tensor, np.ndarray]
 
 POOLINGS = ("flatten", "gap")
 GLOBAL_MEANS = ("unweighted", "weighted")
@@ -12,7 +21,7 @@ GLOBAL_MEANS = ("unweighted", "weighted")
 _INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
-def as_tensor(value, name):
+def as_tensor(value: object, name: str) -> torch.Tensor:
     """``value`` as a torch tensor (numpy arrays are wrapped without a copy)."""
     if isinstance(value, torch.Tensor):
         return value.detach()
@@ -23,12 +32,64 @@ def as_tensor(value, name):
     raise TypeError(f"{name} must be a torch.Tensor or a numpy.ndarray, got {type(value).__name__}")
 
 
-def check_choice(value, name, choices):
+def floating(value: object, name: str) -> torch.Tensor:
+    """``value`` as a torch tensor of a floating dtype (:func:`as_tensor`, then the dtype checked)."""
+    tensor = as_tensor(value, name)
+    if not tensor.is_floating_point():
+        raise TypeError(f"{name} must have a floating dtype, got {tensor.dtype}")
+    return tensor
+
+
+def finite(tensor: torch.Tensor, name: str) -> torch.Tensor:
+    """``tensor`` itself, after checking that it holds no NaN or Inf."""
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{name} contains NaN or Inf values")
+    return tensor
+
+
+def points(value: object, name: str, device: Union[torch.device, str, None] = None, copy: bool = False) -> torch.Tensor:
+    """One point set ``(N, D)``, ``N, D >= 1``, of a floating dtype, as a finite float64 tensor on
+    ``device`` (default: its own); ``copy`` makes it never share memory with ``value``."""
+    tensor = floating(value, name)
+    if tensor.dim() != 2 or tensor.shape[0] == 0 or tensor.shape[1] == 0:
+        raise ValueError(f"{name} must have shape (N, D) with N, D >= 1, got {tuple(tensor.shape)}")
+    tensor = tensor.to(device=device if device is not None else tensor.device, dtype=torch.float64, copy=copy)
+    return finite(tensor, name)
+
+
+def positive_int(value: object, name: str, minimum: int = 1) -> int:
+    """``value`` as an int ``>= minimum``: TypeError for a bool or a non-integer, ValueError below ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def finite_number(value: object, name: str, positive: bool = False) -> float:
+    """``value`` as a finite float ``>= 0`` (``> 0`` with ``positive``): TypeError for a bool or a
+    non-number, ValueError out of range."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    number = float(value)
+    if not math.isfinite(number) or number < 0 or (positive and number == 0):
+        raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {number}")
+    return number
+
+
+def check_bool(value: object, name: str) -> bool:
+    """``value``, which must be a bool (TypeError otherwise: no truthy ints or strings)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return value
+
+
+def check_choice(value: object, name: str, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
 
 
-def features(value, pooling="flatten", name="feats"):
+def features(value: object, pooling: str = "flatten", name: str = "feats") -> torch.Tensor:
     """Features as an ``(N, D)`` floating tensor.
 
     ``(N, C, h, w)`` maps (any number of trailing dimensions) are flattened to ``D = C*h*w``
@@ -36,9 +97,7 @@ def features(value, pooling="flatten", name="feats"):
     average is taken in float64, in row chunks, so pooling loses no precision).
     """
     check_choice(pooling, "pooling", POOLINGS)
-    feats = as_tensor(value, name)
-    if not feats.is_floating_point():
-        raise TypeError(f"{name} must have a floating dtype (float16, bfloat16, float32, float64), got {feats.dtype}")
+    feats = floating(value, name)
     if feats.dim() < 2:
         raise ValueError(f"{name} must have shape (N, D) or (N, C, h, w), got shape {tuple(feats.shape)}")
     if feats.shape[0] == 0:
@@ -54,12 +113,13 @@ def features(value, pooling="flatten", name="feats"):
     return feats
 
 
-def _same_device(tensor, feats, name):
+def _same_device(tensor: torch.Tensor, feats: torch.Tensor, name: str) -> None:
     if tensor.device != feats.device:
         raise ValueError(f"{name} is on {tensor.device} but feats is on {feats.device}; put them on the same device")
 
 
-def class_indices(value, num_samples, num_classes, feats, name="labels"):
+def class_indices(value: object, num_samples: int, num_classes: int, feats: torch.Tensor,
+                  name: str = "labels") -> torch.Tensor:
     """Integer class indices ``(N,)`` in ``[0, num_classes)`` as int64 on the features' device."""
     labels = as_tensor(value, name)
     if labels.dtype not in _INTEGER_DTYPES:
@@ -73,60 +133,91 @@ def class_indices(value, num_samples, num_classes, feats, name="labels"):
     return labels.long()
 
 
-def check_num_classes(num_classes):
-    """``num_classes`` as an int >= 2."""
-    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)):
-        raise TypeError(f"num_classes must be an integer, got {num_classes!r}")
-    if num_classes < 2:
-        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-    return int(num_classes)
-
-
-def infer_num_classes(num_classes, labels):
-    """``num_classes`` as given (checked), or ``max(labels) + 1``."""
+def infer_num_classes(num_classes: object, labels: object) -> int:
+    """``num_classes`` as given (an int >= 2), or ``max(labels) + 1``."""
     if num_classes is not None:
-        return check_num_classes(num_classes)
-    labels = as_tensor(labels, "labels")
-    if labels.dtype not in _INTEGER_DTYPES:
-        raise TypeError(f"labels must have an integer dtype, got {labels.dtype}")
-    if labels.numel() == 0:
+        return positive_int(num_classes, "num_classes", minimum=2)
+    tensor = as_tensor(labels, "labels")
+    if tensor.dtype not in _INTEGER_DTYPES:
+        raise TypeError(f"labels must have an integer dtype, got {tensor.dtype}")
+    if tensor.numel() == 0:
         raise ValueError("labels is empty")
-    return max(2, int(labels.max()) + 1)
+    return max(2, int(tensor.max()) + 1)
 
 
-def classifier_weights(classifier, bias, num_classes):
+def classifier_weights(classifier: object, bias: object,
+                       num_classes: int) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Classifier ``W (K, D)`` and bias ``b (K,)`` as float64 (``b`` zeros when None); ``(None, None)`` without W."""
     if classifier is None:
         if bias is not None:
             raise ValueError("bias was given without a classifier")
         return None, None
-    weight = as_tensor(classifier, "classifier")
-    if not weight.is_floating_point():
-        raise TypeError(f"classifier must have a floating dtype, got {weight.dtype}")
+    weight = floating(classifier, "classifier")
     if weight.dim() != 2 or weight.shape[0] != num_classes:
         raise ValueError(f"classifier must have shape (num_classes, D) = ({num_classes}, D), got {tuple(weight.shape)}")
-    weight = weight.double()
-    if not bool(torch.isfinite(weight).all()):
-        raise ValueError("classifier contains NaN or Inf values")
+    weight = finite(weight.double(), "classifier")
     if not bool(weight.any()):
         raise ValueError("classifier is all zeros; NC3 is undefined")
     if bias is None:
         return weight, torch.zeros(num_classes, dtype=torch.float64, device=weight.device)
-    offset = as_tensor(bias, "bias")
-    if not offset.is_floating_point():
-        raise TypeError(f"bias must have a floating dtype, got {offset.dtype}")
+    offset = floating(bias, "bias")
     if tuple(offset.shape) != (num_classes,):
         raise ValueError(f"bias must have shape ({num_classes},), got {tuple(offset.shape)}")
     if offset.device != weight.device:
         raise ValueError(f"bias is on {offset.device} but classifier is on {weight.device}")
-    offset = offset.double()
-    if not bool(torch.isfinite(offset).all()):
-        raise ValueError("bias contains NaN or Inf values")
-    return weight, offset
+    return weight, finite(offset.double(), "bias")
 
 
-def check_classifier_device(weight, feats):
+def check_classifier_device(weight: Optional[torch.Tensor], feats: torch.Tensor) -> None:
     if weight is not None:
         _same_device(weight, feats, "classifier")
     if weight is not None and weight.shape[1] != feats.shape[1]:
         raise ValueError(f"classifier has D = {weight.shape[1]} columns but feats has D = {feats.shape[1]}")
+
+
+def point_clouds(x: object, y: object) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The points ``x``, ``y`` of an OT problem: ``(N, D)``/``(M, D)`` or ``(B, N, D)``/``(B, M, D)``
+    with the same ``B`` and ``D``, ``N, M >= 1``, floating, on one device (dtype left as given;
+    check finiteness in the compute dtype with :func:`finite`)."""
+    if x is None or y is None:
+        raise ValueError("give x and y (point clouds) or cost (a cost matrix)")
+    xs, ys = floating(x, "x"), floating(y, "y")
+    for t, name in ((xs, "x"), (ys, "y")):
+        if t.dim() not in (2, 3):
+            raise ValueError(f"{name} must have shape (N, D) or (B, N, D), got {tuple(t.shape)}")
+    if ys.device != xs.device:
+        raise ValueError(f"y is on {ys.device} but x is on {xs.device}")
+    if xs.dim() != ys.dim() or xs.shape[-1] != ys.shape[-1] or (xs.dim() == 3 and xs.shape[0] != ys.shape[0]):
+        raise ValueError(f"x {tuple(xs.shape)} and y {tuple(ys.shape)} must both be (N, D)/(M, D) or "
+                         "(B, N, D)/(B, M, D) with the same B and D")
+    if xs.shape[-2] == 0 or ys.shape[-2] == 0:
+        raise ValueError("x and y must contain at least one point each")
+    return xs, ys
+
+
+def cost_matrix(value: object) -> torch.Tensor:
+    """A given OT cost ``(N, M)`` or ``(B, N, M)`` of a floating dtype (dtype left as given)."""
+    cost = floating(value, "cost")
+    if cost.dim() not in (2, 3):
+        raise ValueError(f"cost must have shape (N, M) or (B, N, M), got {tuple(cost.shape)}")
+    return cost
+
+
+def ot_weights(value: object, name: str, batch: int, count: int, batched: bool, device: torch.device,
+             dtype: torch.dtype) -> torch.Tensor:
+    """OT weights ``(batch, count)`` in ``dtype``: uniform for None, else ``(count,)`` (or
+    ``(batch, count)`` when ``batched``), non-negative, finite, of positive total, on ``device``."""
+    if value is None:
+        return torch.full((batch, count), 1.0 / count, dtype=dtype, device=device)
+    w = floating(value, name)
+    if w.device != device:
+        raise ValueError(f"{name} is on {w.device} but the points are on {device}")
+    allowed = [(count,)] + ([(batch, count)] if batched else [])
+    if tuple(w.shape) not in allowed:
+        raise ValueError(f"{name} must have shape {' or '.join(map(str, allowed))}, got {tuple(w.shape)}")
+    w = w.to(dtype)
+    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+        raise ValueError(f"{name} must be non-negative and finite")
+    if not bool((w.sum(-1) > 0).all()):
+        raise ValueError(f"{name} must have a positive total mass")
+    return w.expand(batch, count)

@@ -7,9 +7,15 @@ namespace ``pfc_fast_simt`` with the CUDA kernels run on CPU tensors by the SIMT
 kernels below give output shapes without data, so the ops trace under ``torch.compile`` and pass
 ``torch.library.opcheck``.
 """
+from __future__ import annotations
+
 import os
+from types import ModuleType
+from typing import Callable, Optional, Tuple, TypedDict, TypeVar
 
 import torch
+
+from . import _inputs
 
 try:
     from . import _C
@@ -20,6 +26,7 @@ except ImportError as error:  # pragma: no cover - only without a build
         "checkout that was never built also ends here."
     ) from error
 
+_simt: Optional[ModuleType]
 try:
     from . import _simt
 except ImportError:  # built without the SIMT layer (PFC_FAST_SIMT=0, or no Boost.Context)
@@ -29,9 +36,12 @@ except ImportError:  # built without the SIMT layer (PFC_FAST_SIMT=0, or no Boos
 NAMESPACES = ("pfc_fast", "pfc_fast_simt") if _simt is not None else ("pfc_fast",)
 
 
-def _register_fake(name):
+_Fake = TypeVar("_Fake", bound=Callable[..., object])
+
+
+def _register_fake(name: str) -> Callable[[_Fake], _Fake]:
     """Registers the decorated fake kernel for ``name`` in every namespace."""
-    def register(fake):
+    def register(fake: _Fake) -> _Fake:
         for namespace in NAMESPACES:
             torch.library.register_fake(f"{namespace}::{name}")(fake)
         return fake
@@ -39,13 +49,15 @@ def _register_fake(name):
 
 
 @_register_fake("class_sums")
-def _class_sums_fake(feats, labels, num_classes):
+def _class_sums_fake(feats: torch.Tensor, labels: torch.Tensor, num_classes: int) -> Tuple[torch.Tensor, torch.Tensor]:
     sums = feats.new_empty((num_classes, feats.shape[1]), dtype=torch.float64)
     return sums, labels.new_empty((num_classes,), dtype=torch.int64)
 
 
 @_register_fake("residual_stats")
-def _residual_stats_fake(feats, labels, means, proj, ncc_bias, logit_offset, predictions):
+def _residual_stats_fake(feats: torch.Tensor, labels: torch.Tensor, means: torch.Tensor, proj: torch.Tensor,
+                         ncc_bias: torch.Tensor, logit_offset: Optional[torch.Tensor],
+                         predictions: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     num_classes = means.shape[0]
     gram = feats.new_empty((num_classes, num_classes), dtype=torch.float64)
     class_sq = feats.new_empty((num_classes,), dtype=torch.float64)
@@ -53,13 +65,19 @@ def _residual_stats_fake(feats, labels, means, proj, ncc_bias, logit_offset, pre
 
 
 @_register_fake("sinkhorn_softmin")
-def _sinkhorn_softmin_fake(x, y, cost, h, log_w, eps, shift=None, transpose=False):
-    rows = cost.shape[2] if transpose else (cost if cost is not None else x).shape[1]
+def _sinkhorn_softmin_fake(x: Optional[torch.Tensor], y: Optional[torch.Tensor], cost: Optional[torch.Tensor],
+                           h: torch.Tensor, log_w: torch.Tensor, eps: float, shift: Optional[torch.Tensor] = None,
+                           transpose: bool = False) -> torch.Tensor:
+    given = cost if cost is not None or transpose else x  # transpose: the columns of a given cost
+    assert given is not None, "sinkhorn_softmin takes points x, y or a cost"
+    rows = given.shape[2] if transpose else given.shape[1]
     return h.new_empty((h.shape[0], rows))
 
 
 @_register_fake("sinkhorn_plan_sums")
-def _sinkhorn_plan_sums_fake(x, y, cost, f, g, log_a, log_b, eps):
+def _sinkhorn_plan_sums_fake(x: Optional[torch.Tensor], y: Optional[torch.Tensor], cost: Optional[torch.Tensor],
+                             f: torch.Tensor, g: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor,
+                             eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
     return f.new_empty(f.shape), f.new_empty(f.shape)
 
 
@@ -81,44 +99,49 @@ class use_simt:
     where pfc_fast was built without the SIMT layer (``build_info()["simt"]`` is False).
     """
 
-    def __init__(self, enabled: bool = True):
+    def __init__(self, enabled: bool = True) -> None:
         global _simt_active
-        if not isinstance(enabled, bool):
-            raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+        _inputs.check_bool(enabled, "enabled")
         if enabled and _simt is None:
             raise RuntimeError("pfc_fast was built without the SIMT layer (pfc_fast._simt); rebuild with "
                                "PFC_FAST_SIMT=1 and Boost.Context installed (README.md, Install)")
         self._previous = _simt_active
         _simt_active = enabled
 
-    def __enter__(self):
+    def __enter__(self) -> use_simt:
         return self
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, *exc_info: object) -> None:
         global _simt_active
         _simt_active = self._previous
 
 
-def ops_for(tensor):
+def ops_for(tensor: torch.Tensor) -> torch._ops._OpNamespace:
     """The ops that run ``tensor``'s kernels: ``pfc_fast``, or ``pfc_fast_simt`` for a CPU tensor under use_simt."""
     if _simt_active and tensor.device.type == "cpu":
         return torch.ops.pfc_fast_simt
     return torch.ops.pfc_fast
 
 
-def class_sums(feats, labels, num_classes):
+def class_sums(feats: torch.Tensor, labels: torch.Tensor, num_classes: int) -> Tuple[torch.Tensor, torch.Tensor]:
     return ops_for(feats).class_sums(feats, labels, num_classes)
 
 
-def residual_stats(feats, labels, means, proj, ncc_bias, logit_offset, predictions):
+def residual_stats(feats: torch.Tensor, labels: torch.Tensor, means: torch.Tensor, proj: torch.Tensor,
+                   ncc_bias: torch.Tensor, logit_offset: Optional[torch.Tensor],
+                   predictions: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return ops_for(feats).residual_stats(feats, labels, means, proj, ncc_bias, logit_offset, predictions)
 
 
-def sinkhorn_softmin(x, y, cost, h, log_w, eps, shift=None, transpose=False):
+def sinkhorn_softmin(x: Optional[torch.Tensor], y: Optional[torch.Tensor], cost: Optional[torch.Tensor],
+                     h: torch.Tensor, log_w: torch.Tensor, eps: float, shift: Optional[torch.Tensor] = None,
+                     transpose: bool = False) -> torch.Tensor:
     return ops_for(h).sinkhorn_softmin(x, y, cost, h, log_w, eps, shift, transpose=transpose)
 
 
-def sinkhorn_plan_sums(x, y, cost, f, g, log_a, log_b, eps):
+def sinkhorn_plan_sums(x: Optional[torch.Tensor], y: Optional[torch.Tensor], cost: Optional[torch.Tensor],
+                       f: torch.Tensor, g: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor,
+                       eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
     return ops_for(f).sinkhorn_plan_sums(x, y, cost, f, g, log_a, log_b, eps)
 
 
@@ -126,7 +149,20 @@ if os.getenv("PFC_FAST_USE_SIMT", "0") == "1":
     use_simt()
 
 
-def build_info():
+class BuildInfo(TypedDict):
+    """What :func:`build_info` returns."""
+
+    cuda: bool
+    simt: bool
+    simt_active: bool
+    openmp: bool
+    torch: str
+    torch_runtime: str
+    cuda_available: bool
+    num_threads: int
+
+
+def build_info() -> BuildInfo:
     """What the compiled core was built with.
 
     Returns a dict: ``cuda`` (CUDA kernels compiled in), ``simt`` (the CUDA kernels also built for

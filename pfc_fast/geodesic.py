@@ -11,53 +11,42 @@ straight line, as optimal transport would, at constant speed:
 - :func:`transparent_model`: the displacement interpolation ``(1 - t) x + t T(x)`` towards a
   target configuration, and its PFC metrics along ``t``.
 """
+from __future__ import annotations
+
 from dataclasses import dataclass
-from typing import List
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 from . import _inputs
+from ._inputs import TensorLike
 from .metrics import NCMetrics, nc_metrics
 from .transport import median_cost, wasserstein2
 
-
-def _finite_float64(tensor, name):
-    if not tensor.is_floating_point():
-        raise TypeError(f"{name} must have a floating dtype, got {tensor.dtype}")
-    tensor = tensor.double()
-    if not bool(torch.isfinite(tensor).all()):
-        raise ValueError(f"{name} contains NaN or Inf values")
-    return tensor
+#: Layers of a network's tracks: a sequence of ``(N, D)`` features, or one ``(L+1, N, D)`` tensor.
+Layers = Union[List[TensorLike], Tuple[TensorLike, ...], TensorLike]
 
 
-def _points(value, name):
-    """One ``(N, D)`` point set as a float64 tensor."""
-    points = _inputs.as_tensor(value, name)
-    if points.dim() != 2 or points.shape[0] == 0:
-        raise ValueError(f"{name} must have shape (N, D) with N >= 1, got {tuple(points.shape)}")
-    return _finite_float64(points, name)
-
-
-def _tracks(layers, name="layers"):
+def _tracks(layers: Layers, name: str = "layers") -> torch.Tensor:
     """``layers`` (a sequence of ``(N, D)`` features, or an ``(L+1, N, D)`` tensor) as one float64 tensor."""
     if isinstance(layers, (list, tuple)):
         if len(layers) < 2:
             raise ValueError(f"{name} needs at least 2 layers, got {len(layers)}")
-        points = [_points(t, f"{name}[{i}]") for i, t in enumerate(layers)]
+        points = [_inputs.points(t, f"{name}[{i}]") for i, t in enumerate(layers)]
         if len({tuple(p.shape) for p in points}) != 1:
             raise ValueError(f"every layer in {name} must have the same shape (N, D) (constant width), got "
                              f"{[tuple(p.shape) for p in points]}")
         if len({p.device for p in points}) != 1:
             raise ValueError(f"the layers in {name} are on different devices")
         return torch.stack(points)
-    stacked = _inputs.as_tensor(layers, name)
+    stacked = _inputs.floating(layers, name)
     if stacked.dim() != 3 or stacked.shape[0] < 2:
         raise ValueError(f"{name} must be (L+1, N, D) with L >= 1, got {tuple(stacked.shape)}")
-    return _finite_float64(stacked, name)
+    return _inputs.finite(stacked.double(), name)
 
 
-def line_shape_score(tracks):
+def line_shape_score(tracks: Layers) -> float:
     """Mean line-shape score of the samples' tracks ``x_0, ..., x_n`` (Gai & Zhang).
 
     Per sample: ``u_0 = x_0``, ``u_l = u_{l-1} + (x_l - x_{l-1}) / ||x_l - x_{l-1}||``,
@@ -77,7 +66,7 @@ def line_shape_score(tracks):
     return float((n[keep] / unit.sum(0).norm(dim=-1)[keep]).mean())
 
 
-def _assignment(cost):
+def _assignment(cost: torch.Tensor) -> torch.Tensor:
     from scipy.optimize import linear_sum_assignment
 
     rows, cols = linear_sum_assignment(cost.cpu().numpy())
@@ -86,12 +75,12 @@ def _assignment(cost):
     return torch.from_numpy(perm)
 
 
-def _squared_distances(x, y):
+def _squared_distances(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return ((x[:, None, :] - y[None, :, :]) ** 2).sum(-1) if x.shape[0] * y.shape[0] * x.shape[1] <= 2**25 else \
         torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist").pow(2)
 
 
-def ot_score(x0, xn):
+def ot_score(x0: TensorLike, xn: TensorLike) -> float:
     """OT score: the fraction of samples the exact optimal assignment between ``{x0_i}`` and
     ``{xn_j}`` (uniform weights, squared Euclidean cost) sends to themselves (``i -> i``).
 
@@ -103,7 +92,7 @@ def ot_score(x0, xn):
     return float((perm == torch.arange(len(perm))).double().mean())
 
 
-def wasserstein_path_ratio(layers, eps=None, **sinkhorn_kwargs):
+def wasserstein_path_ratio(layers: Layers, eps: Optional[float] = None, **sinkhorn_kwargs: Any) -> float:
     """``W2(mu_0, mu_n) / sum_l W2(mu_{l-1}, mu_l)`` for the empirical measures of the layers.
 
     Each W2 is the debiased Sinkhorn estimate :func:`pfc_fast.wasserstein2`; all consecutive
@@ -123,7 +112,7 @@ def wasserstein_path_ratio(layers, eps=None, **sinkhorn_kwargs):
     return float(total) / path
 
 
-def scores(layers):
+def scores(layers: Layers) -> Dict[str, float]:
     """The three geodesic scores of a list of ``(N, D)`` layers (a network's tracks):
     ``{"lss": line_shape_score, "ots": ot_score of the first against the last layer,
     "w_path_ratio": wasserstein_path_ratio}``, as floats."""
@@ -132,7 +121,7 @@ def scores(layers):
             "w_path_ratio": float(wasserstein_path_ratio(tracks))}
 
 
-def simplex_etf(num_classes, dim, scale=1.0, dtype=torch.float64):
+def simplex_etf(num_classes: int, dim: int, scale: float = 1.0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """``(K, D)`` vertices of a simplex equiangular tight frame of norm ``scale`` (needs D >= K - 1)."""
     if dim < num_classes - 1:
         raise ValueError(f"a simplex ETF of {num_classes} classes needs D >= {num_classes - 1}, got D = {dim}")
@@ -153,7 +142,8 @@ class TransparentModel:
     metrics: List[NCMetrics]
 
 
-def transparent_model(x0, labels, target="etf", ts=None, num_layers=8):
+def transparent_model(x0: TensorLike, labels: TensorLike, target: Union[str, TensorLike] = "etf",
+                      ts: Optional[Sequence[float]] = None, num_layers: int = 8) -> TransparentModel:
     """Features and PFC metrics along the displacement interpolation from ``x0`` (docs/spec.md section 5).
 
     ``target``: an ``(N, D)`` tensor (e.g. the network's last-layer features of the same samples;
@@ -163,7 +153,7 @@ def transparent_model(x0, labels, target="etf", ts=None, num_layers=8):
     of class ``c`` going to its class's vertex. ``ts`` defaults to ``l / num_layers``,
     ``l = 0..num_layers`` (the depth of a network with that many blocks).
     """
-    x = _points(x0, "x0")
+    x = _inputs.points(x0, "x0")
     labels_t = _inputs.class_indices(labels, x.shape[0], _inputs.infer_num_classes(None, labels), x)
     if isinstance(target, str):
         _inputs.check_choice(target, "target", ("etf",))
@@ -177,11 +167,11 @@ def transparent_model(x0, labels, target="etf", ts=None, num_layers=8):
         index = torch.searchsorted(classes, labels_t)
         mapped = vertices[perm.to(x.device)[index]]
     else:
-        goal = _points(target, "target").to(x.device)
+        goal = _inputs.points(target, "target").to(x.device)
         if goal.shape != x.shape:
             raise ValueError(f"target must have the shape of x0 {tuple(x.shape)}, got {tuple(goal.shape)}")
         mapped = goal[_assignment(_squared_distances(x, goal)).to(x.device)]
-    ts = [l / num_layers for l in range(num_layers + 1)] if ts is None else [float(t) for t in ts]
-    features = [(1.0 - t) * x + t * mapped for t in ts]
+    times = [l / num_layers for l in range(num_layers + 1)] if ts is None else [float(t) for t in ts]
+    features = [(1.0 - t) * x + t * mapped for t in times]
     metrics = [nc_metrics(h, labels_t) for h in features]
-    return TransparentModel(ts=ts, features=features, metrics=metrics)
+    return TransparentModel(ts=times, features=features, metrics=metrics)

@@ -12,13 +12,16 @@ and the nearest-class-centre decisions. Then, with ``G = M M^T``,
 
 and every other metric is ``K x K`` work. Memory is ``O(K D + K^2)`` whatever ``N`` and ``D``.
 """
+from __future__ import annotations
+
 import dataclasses
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
 from . import _inputs, _ops
+from ._inputs import TensorLike
 
 #: Eigenvalues of Sigma_B (equivalently of G) below this fraction of the largest are treated as 0.
 PINV_RTOL = 1e-10
@@ -51,17 +54,17 @@ class NCMetrics:
     num_classes: int
     dim: int
 
-    def to_dict(self):
+    def to_dict(self) -> Dict[str, Any]:
         """The metrics as a JSON-serialisable dict."""
         return dataclasses.asdict(self)
 
 
-def _etf(k, dtype=torch.float64):
+def _etf(k: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """The simplex ETF Gram target ``(I - 11^T/K) / sqrt(K - 1)`` (unit Frobenius norm)."""
     return (torch.eye(k, dtype=dtype) - 1.0 / k) / (k - 1) ** 0.5
 
 
-def _pinv_psd(matrix):
+def _pinv_psd(matrix: torch.Tensor) -> torch.Tensor:
     """Pseudo-inverse of a symmetric PSD matrix; eigenvalues below ``PINV_RTOL * max`` dropped."""
     evals, evecs = torch.linalg.eigh(matrix)
     keep = evals > PINV_RTOL * evals.max()
@@ -69,13 +72,15 @@ def _pinv_psd(matrix):
     return (kept / evals[keep]) @ kept.T
 
 
-def _off_diagonal_mean(matrix):
+def _off_diagonal_mean(matrix: torch.Tensor) -> float:
     k = matrix.shape[0]
     return float(matrix[~torch.eye(k, dtype=torch.bool)].mean())
 
 
-def _metrics_from_statistics(gram_means, gram_residuals, class_sq, counts, num_samples, dim, class_counts,
-                             classifier_gram=None, nc3=None, correct=0, disagree=None):
+def _metrics_from_statistics(gram_means: torch.Tensor, gram_residuals: torch.Tensor, class_sq: torch.Tensor,
+                             counts: torch.Tensor, num_samples: int, dim: int, class_counts: List[int],
+                             classifier_gram: Optional[torch.Tensor] = None, nc3: Optional[float] = None,
+                             correct: int = 0, disagree: Optional[int] = None) -> NCMetrics:
     """The metrics from the ``K x K`` statistics of the present classes (all float64, CPU).
 
     gram_means = G = M M^T, gram_residuals = sum_i z_i z_i^T, class_sq[c] = sum ||r_i||^2,
@@ -140,8 +145,9 @@ class NCAccumulator:
     global result.
     """
 
-    def __init__(self, num_classes, classifier=None, bias=None, global_mean="unweighted", pooling="flatten"):
-        self.num_classes = _inputs.check_num_classes(num_classes)
+    def __init__(self, num_classes: int, classifier: Optional[TensorLike] = None, bias: Optional[TensorLike] = None,
+                 global_mean: str = "unweighted", pooling: str = "flatten") -> None:
+        self.num_classes = _inputs.positive_int(num_classes, "num_classes", minimum=2)
         _inputs.check_choice(global_mean, "global_mean", _inputs.GLOBAL_MEANS)
         _inputs.check_choice(pooling, "pooling", _inputs.POOLINGS)
         self.global_mean = global_mean
@@ -149,17 +155,18 @@ class NCAccumulator:
         self._weight, self._bias = _inputs.classifier_weights(classifier, bias, self.num_classes)
         self._pass = 1
         self._reduced = False
-        self._device = None
-        self._dim = None
-        self._sums = self._counts = None
-        self._second = None  # second-pass statistics
+        self._device: Optional[torch.device] = None
+        self._dim: Optional[int] = None
+        self._sums: Optional[torch.Tensor] = None
+        self._counts: Optional[torch.Tensor] = None
+        self._second: Optional[_SecondPass] = None  # second-pass statistics
 
     @property
-    def current_pass(self):
+    def current_pass(self) -> int:
         """1 or 2."""
         return self._pass
 
-    def _batch(self, feats, labels):
+    def _batch(self, feats: TensorLike, labels: TensorLike) -> Tuple[torch.Tensor, torch.Tensor]:
         feats = _inputs.features(feats, self.pooling)
         if self._device is None:
             _inputs.check_classifier_device(self._weight, feats)
@@ -171,7 +178,7 @@ class NCAccumulator:
         labels = _inputs.class_indices(labels, feats.shape[0], self.num_classes, feats)
         return feats, labels
 
-    def update(self, feats, labels, predictions=None):
+    def update(self, feats: TensorLike, labels: TensorLike, predictions: Optional[TensorLike] = None) -> None:
         """Add a batch: ``feats (B, D)`` or ``(B, C, h, w)``, ``labels (B,)``; ``predictions (B,)`` in pass 2."""
         if self._reduced:
             raise RuntimeError("update() after all_reduce() in the same pass; call next_pass() or compute()")
@@ -180,28 +187,28 @@ class NCAccumulator:
             if predictions is not None:
                 raise ValueError("predictions are used in the second pass only (after next_pass())")
             sums, counts = _ops.class_sums(feats, labels, self.num_classes)
-            if not bool(torch.isfinite(sums).all()):
-                raise ValueError("feats contains NaN or Inf values")
-            if self._sums is None:
+            _inputs.finite(sums, "feats")
+            if self._sums is None or self._counts is None:
                 self._sums, self._counts = sums, counts
             else:
                 self._sums += sums
                 self._counts += counts
             return
+        assert self._second is not None  # set by next_pass()
         if predictions is not None:
             predictions = _inputs.class_indices(predictions, feats.shape[0], self.num_classes, feats, "predictions")
         self._second.update(feats, labels, predictions)
 
-    def next_pass(self):
+    def next_pass(self) -> None:
         """End the first pass: fix the class means and start the second pass."""
         if self._pass != 1:
             raise RuntimeError("next_pass() was already called")
-        if self._sums is None:
+        if self._sums is None or self._counts is None:
             raise ValueError("no data: call update(feats, labels) before next_pass()")
         self._second = _SecondPass(self._sums, self._counts, self._weight, self._bias, self.global_mean)
         self._pass, self._reduced = 2, False
 
-    def all_reduce(self, group=None):
+    def all_reduce(self, group: Optional[Any] = None) -> None:
         """Sum this pass's statistics over the ranks of ``group`` (``torch.distributed``)."""
         import torch.distributed as dist
 
@@ -209,24 +216,30 @@ class NCAccumulator:
             raise RuntimeError("all_reduce() needs an initialised torch.distributed process group")
         if self._reduced:
             raise RuntimeError("all_reduce() was already called in this pass")
-        if self._pass == 1 and self._sums is None:
-            raise ValueError("no data on this rank: call update() before all_reduce()")
-        tensors = [self._sums, self._counts] if self._pass == 1 else self._second.tensors()
+        if self._pass == 1:
+            if self._sums is None or self._counts is None:
+                raise ValueError("no data on this rank: call update() before all_reduce()")
+            tensors = [self._sums, self._counts]
+        else:
+            assert self._second is not None  # set by next_pass()
+            tensors = self._second.tensors()
         for tensor in tensors:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
         self._reduced = True
 
-    def compute(self):
+    def compute(self) -> NCMetrics:
         """The metrics (``NCMetrics``) after both passes."""
         if self._pass != 2:
             raise RuntimeError("compute() needs both passes: call next_pass() and feed the data again")
+        assert self._second is not None  # set by next_pass()
         return self._second.compute()
 
 
 class _SecondPass:
     """Class means fixed by the first pass and the statistics of the second."""
 
-    def __init__(self, sums, counts, weight, bias, global_mean):
+    def __init__(self, sums: torch.Tensor, counts: torch.Tensor, weight: Optional[torch.Tensor],
+                 bias: Optional[torch.Tensor], global_mean: str) -> None:
         self.counts = counts
         self.num_samples = int(counts.sum())
         present = counts > 0
@@ -247,23 +260,22 @@ class _SecondPass:
         self.ncc_bias = ncc_bias.masked_fill(~present.unsqueeze(0), float("inf"))
         self.centred, self.gram_means = centred, gram
         self.weight = weight
-        self.logit_offset = None if weight is None else self.means @ weight.T + bias
+        self.logit_offset = None if weight is None or bias is None else self.means @ weight.T + bias
         self.proj = centred if weight is None else torch.cat([centred, weight])
         self.gram = torch.zeros_like(gram)
         self.class_sq = torch.zeros_like(sq)
         # correct, disagree, samples seen, samples with a decision source
         self.counters = torch.zeros(4, dtype=torch.int64, device=sums.device)
 
-    def tensors(self):
+    def tensors(self) -> List[torch.Tensor]:
         return [self.gram, self.class_sq, self.counters]
 
-    def update(self, feats, labels, predictions):
+    def update(self, feats: torch.Tensor, labels: torch.Tensor, predictions: Optional[torch.Tensor]) -> None:
         logit_offset = self.logit_offset if predictions is None else None
         gram, class_sq, decisions = _ops.residual_stats(
             feats, labels, self.means, self.proj if logit_offset is not None else self.centred,
             self.ncc_bias, logit_offset, predictions)
-        if not bool(torch.isfinite(class_sq).all()):
-            raise ValueError("feats contains NaN or Inf values")
+        _inputs.finite(class_sq, "feats")
         self.gram += gram
         self.class_sq += class_sq
         self.counters[:2] += decisions
@@ -271,7 +283,7 @@ class _SecondPass:
         if predictions is not None or logit_offset is not None:
             self.counters[3] += feats.shape[0]
 
-    def compute(self):
+    def compute(self) -> NCMetrics:
         correct, disagree, seen, decided = (int(v) for v in self.counters.tolist())
         if seen != self.num_samples:
             raise ValueError(f"the second pass saw {seen} samples but the first saw {self.num_samples}; "
@@ -298,8 +310,10 @@ class _SecondPass:
         )
 
 
-def nc_metrics(feats, labels, num_classes=None, classifier=None, bias=None, predictions=None,
-               global_mean="unweighted", pooling="flatten"):
+def nc_metrics(feats: TensorLike, labels: TensorLike, num_classes: Optional[int] = None,
+               classifier: Optional[TensorLike] = None, bias: Optional[TensorLike] = None,
+               predictions: Optional[TensorLike] = None, global_mean: str = "unweighted",
+               pooling: str = "flatten") -> NCMetrics:
     """Exact neural-collapse metrics of one set of features (docs/spec.md sections 2-3).
 
     Args:

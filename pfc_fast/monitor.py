@@ -13,17 +13,27 @@ layer: the exact two-pass method, with a single forward pass when the features o
 Under ``torch.distributed`` every pass ends with ``NCAccumulator.all_reduce``, so every rank gets
 the metrics of the whole probe set (the union of the ranks' shards).
 """
+from __future__ import annotations
+
 import contextlib
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Dict
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from . import _inputs
+from ._inputs import TensorLike
 from .metrics import NCAccumulator, NCMetrics
+
+#: What :meth:`PFCMonitor.measure` takes as the classifier: an ``nn.Linear``, a weight, or ``(weight, bias)``.
+Classifier = Union[nn.Linear, torch.Tensor, Tuple[TensorLike, Optional[TensorLike]]]
+#: The layers to monitor: module names (``model.named_modules()``), or ``{display name: module name}``.
+LayerNames = Union[List[str], Tuple[str, ...], Dict[str, str]]
+#: One pass's ``(features of every layer, labels, predictions)`` per batch.
+_Batch = Tuple[List[torch.Tensor], torch.Tensor, torch.Tensor]
 
 #: Default budget for caching the probe features of all layers (one forward pass instead of two).
 DEFAULT_CACHE_BYTES = 1 << 30
@@ -41,12 +51,12 @@ class PFCResult:
     accuracy: float
     forward_passes: int
 
-    def to_list(self):
+    def to_list(self) -> List[Dict[str, Any]]:
         """The layers as JSON-ready dicts in forward order: ``{"name": ..., **NCMetrics.to_dict()}``."""
         return [{"name": name, **metrics.to_dict()} for name, metrics in self.layers.items()]
 
 
-def default_layers(model):
+def default_layers(model: nn.Module) -> OrderedDict[str, str]:
     """``{display name: module name}`` of the stem and every residual block, in forward order.
 
     torchvision ResNets (and :func:`pfc_fast.app.models.small_image_resnet`): ``"stem"`` is the output
@@ -56,8 +66,9 @@ def default_layers(model):
     """
     from torchvision.models import ResNet
 
-    if hasattr(model, "pfc_layers"):
-        return OrderedDict(model.pfc_layers())
+    pfc_layers = getattr(model, "pfc_layers", None)
+    if pfc_layers is not None:
+        return OrderedDict(pfc_layers())
     if isinstance(model, ResNet):
         names = [("stem", "maxpool")]
         for stage in ("layer1", "layer2", "layer3", "layer4"):
@@ -67,7 +78,8 @@ def default_layers(model):
                      "pfc_layers() method); pass layers=[module names], e.g. from model.named_modules()")
 
 
-def _resolve_layers(model, layers):
+def _resolve_layers(model: nn.Module,
+                    layers: Optional[LayerNames]) -> OrderedDict[str, nn.Module]:
     """``{display name: module}`` from ``None`` (defaults), a list of module names or a dict."""
     if layers is None:
         layers = default_layers(model)
@@ -88,7 +100,7 @@ def _resolve_layers(model, layers):
     return resolved
 
 
-def _classifier(classifier):
+def _classifier(classifier: Optional[Classifier]) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """``(weight, bias)`` detached from an ``nn.Linear``, a weight tensor or a ``(weight, bias)`` pair."""
     if classifier is None:
         return None, None
@@ -106,13 +118,13 @@ def _classifier(classifier):
 class _FeatureCache:
     """Per-batch features of every layer, labels and predictions, up to ``budget`` bytes."""
 
-    def __init__(self, budget):
+    def __init__(self, budget: int) -> None:
         self.budget = budget
-        self.batches = []
+        self.batches: List[_Batch] = []
         self.size = 0
         self.complete = True
 
-    def add(self, feats, labels, predictions):
+    def add(self, feats: List[torch.Tensor], labels: torch.Tensor, predictions: torch.Tensor) -> None:
         if not self.complete:
             return
         self.size += sum(f.numel() * f.element_size() for f in feats)
@@ -147,37 +159,36 @@ class PFCMonitor:
             print(name, m.nc1, m.nc2_etf, m.nc4)       # PFC1, PFC2, PFC3
     """
 
-    def __init__(self, model, layers=None, num_classes=None, pooling="flatten", global_mean="unweighted",
-                 cache_bytes=DEFAULT_CACHE_BYTES, group=None):
+    def __init__(self, model: nn.Module, layers: Optional[LayerNames] = None,
+                 num_classes: Optional[int] = None, pooling: str = "flatten", global_mean: str = "unweighted",
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, group: Optional[Any] = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if num_classes is None:
             raise TypeError("num_classes is required (the number of classes of the labels)")
-        self.num_classes = _inputs.check_num_classes(num_classes)
+        self.num_classes = _inputs.positive_int(num_classes, "num_classes", minimum=2)
         _inputs.check_choice(pooling, "pooling", _inputs.POOLINGS)
         _inputs.check_choice(global_mean, "global_mean", _inputs.GLOBAL_MEANS)
-        if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < 0:
-            raise ValueError(f"cache_bytes must be a non-negative integer, got {cache_bytes!r}")
+        self.cache_bytes = _inputs.positive_int(cache_bytes, "cache_bytes", minimum=0)
         self.network = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         self.layers = _resolve_layers(self.network, layers)
         self.pooling = pooling
         self.global_mean = global_mean
-        self.cache_bytes = cache_bytes
         self.group = group
 
     @property
-    def layer_names(self):
+    def layer_names(self) -> List[str]:
         """The display names of the monitored layers, in the order given (forward order by default)."""
         return list(self.layers)
 
     @contextlib.contextmanager
-    def _hooked(self, pooling):
+    def _hooked(self, pooling: str) -> Iterator[Dict[str, torch.Tensor]]:
         """Hooks on the layers (removed on exit, also on errors), eval mode and no_grad; the
         modules' train/eval flags are restored on exit. Yields the dict the hooks fill."""
-        outputs = {}
+        outputs: Dict[str, torch.Tensor] = {}
 
-        def hook(name):
-            def store(module, inputs, output):
+        def hook(name: str) -> Callable[[nn.Module, Any, Any], None]:
+            def store(module: nn.Module, inputs: Any, output: Any) -> None:
                 if name in outputs:
                     raise ValueError(f"layers: {name!r} ran more than once in one forward pass; name a module "
                                      "that runs once (e.g. a block, not a shared activation)")
@@ -203,7 +214,8 @@ class PFCMonitor:
             for module, training in modes:
                 module.training = training
 
-    def _forward(self, inputs, outputs):
+    def _forward(self, inputs: torch.Tensor,
+                 outputs: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """Logits' argmax and the hooked features (list in layer order) of one batch."""
         outputs.clear()
         logits = self.network(inputs)
@@ -216,11 +228,11 @@ class PFCMonitor:
                              f"got {shape}")
         return logits.argmax(1), [outputs[name] for name in self.layers]
 
-    def _device(self):
+    def _device(self) -> torch.device:
         parameter = next(self.network.parameters(), None)
         return torch.device("cpu") if parameter is None else parameter.device
 
-    def _batches(self, loader):
+    def _batches(self, loader: Iterable[Any]) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         """``(inputs, labels)`` on the model's device from a loader of ``(x, y, ...)`` batches."""
         device = self._device()
         for batch in loader:
@@ -228,12 +240,12 @@ class PFCMonitor:
                 raise TypeError("loader must yield (inputs, labels) batches")
             yield batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
 
-    def _end_pass(self, accumulators):
+    def _end_pass(self, accumulators: List[NCAccumulator]) -> None:
         if dist.is_available() and dist.is_initialized():
             for accumulator in accumulators:
                 accumulator.all_reduce(self.group)
 
-    def _accumulators(self, feats, classifier):
+    def _accumulators(self, feats: List[torch.Tensor], classifier: Optional[Classifier]) -> List[NCAccumulator]:
         """One accumulator per layer; the classifier goes to the layers of matching dimension."""
         weight, bias = _classifier(classifier)
         matches = [weight is not None and weight.shape[-1] == f.shape[1] for f in feats]
@@ -244,7 +256,7 @@ class PFCMonitor:
         return [NCAccumulator(self.num_classes, weight if match else None, bias if match else None, self.global_mean)
                 for match in matches]
 
-    def _forward_again(self, loader, outputs):
+    def _forward_again(self, loader: Iterable[Any], outputs: Dict[str, torch.Tensor]) -> Iterator[_Batch]:
         """The second pass's ``(feats, labels, predictions)`` when the cache overflowed."""
         if iter(loader) is loader:
             raise ValueError("the probe features exceed cache_bytes, so a second pass over loader is needed, but "
@@ -253,7 +265,7 @@ class PFCMonitor:
             predictions, feats = self._forward(inputs, outputs)
             yield feats, labels, predictions
 
-    def measure(self, loader, classifier=None):
+    def measure(self, loader: Iterable[Any], classifier: Optional[Classifier] = None) -> PFCResult:
         """The NC metrics of every layer on the samples of ``loader``.
 
         Args:
@@ -297,7 +309,7 @@ class PFCMonitor:
         layers = OrderedDict((name, acc.compute()) for name, acc in zip(self.layers, accumulators))
         return PFCResult(layers, correct / total, 1 if cache.complete else 2)
 
-    def features(self, inputs, pooling=None):
+    def features(self, inputs: torch.Tensor, pooling: Optional[str] = None) -> OrderedDict[str, torch.Tensor]:
         """``{layer name: (B, D) features}`` of one batch ``inputs`` (eval mode, no_grad), pooled
         with ``pooling`` (default: the monitor's); e.g. the tracks of :mod:`pfc_fast.geodesic`."""
         pooling = self.pooling if pooling is None else pooling

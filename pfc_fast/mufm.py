@@ -77,14 +77,16 @@ converge). Smaller ``sinkhorn_eps`` (below about 0.1) makes Sinkhorn converge ve
 stops at ``SINKHORN_MAX_ITER`` the gradient is only as accurate as its marginal error, and the
 solve ends with ``stop = "precision"`` and a larger ``grad_norm``.
 """
+from __future__ import annotations
+
 import math
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union, cast
 
-import numpy as np
 import torch
 
 from . import _inputs
+from ._inputs import TensorLike
 from .metrics import NCMetrics, nc_metrics
 from .transport import median_cost, sinkhorn_divergence
 
@@ -133,14 +135,16 @@ class MUFMResult:
 class _Objective:
     """``F`` and its gradient with respect to ``(H_1..H_L, W, b)`` (float64)."""
 
-    def __init__(self, x, labels, num_classes, lot, cost, lw, lb, lh, sinkhorn_eps, sinkhorn_tol):
+    def __init__(self, x: torch.Tensor, labels: torch.Tensor, num_classes: int, lot: float, cost: str, lw: float,
+                 lb: float, lh: float, sinkhorn_eps: Optional[float], sinkhorn_tol: float) -> None:
         self.x, self.lot, self.cost = x, lot, cost
         self.lw, self.lb, self.lh = lw, lb, lh
         self.onehot = torch.nn.functional.one_hot(labels, num_classes).double()
         self.num_samples = x.shape[0]
         self.sinkhorn_eps, self.sinkhorn_tol = sinkhorn_eps, sinkhorn_tol
 
-    def __call__(self, layers, weight, bias):
+    def __call__(self, layers: List[torch.Tensor], weight: torch.Tensor,
+                 bias: torch.Tensor) -> Tuple[float, List[torch.Tensor], torch.Tensor, torch.Tensor, float]:
         """``(F, [dF/dH_1..dF/dH_L], dF/dW, dF/db, ||grad CE||)``; ``layers`` = ``[H_1..H_L]``."""
         n, last = self.num_samples, layers[-1]
         log_p = torch.log_softmax(last @ weight.T + bias, dim=1)
@@ -159,15 +163,16 @@ class _Objective:
             layer_grads = [g + self.lot * c for g, c in zip(layer_grads, coupling_grads)]
         return float(value), layer_grads, grad_w, grad_b, ce_norm
 
-    def _matched(self, layers):
+    def _matched(self, layers: List[torch.Tensor]) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """``sum_l (1/N) ||H_l - H_{l-1}||^2`` and its gradient ``(2/N)(step_l - step_{l+1})``."""
         steps = [h - prev for prev, h in zip([self.x] + layers[:-1], layers)]
-        value = sum(s.pow(2).sum() for s in steps) / self.num_samples
+        value = cast(torch.Tensor, sum(s.pow(2).sum() for s in steps)) / self.num_samples  # L >= 1 terms
         after = steps[1:] + [torch.zeros_like(steps[-1])]
         return value, [(2.0 / self.num_samples) * (s - t) for s, t in zip(steps, after)]
 
-    def _sinkhorn(self, layers):
+    def _sinkhorn(self, layers: List[torch.Tensor]) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """``sum_l S(H_{l-1}, H_l)`` (all pairs in one batched call), envelope-theorem gradient."""
+        assert self.sinkhorn_eps is not None  # solve() sets it for cost="sinkhorn"
         free = torch.stack(layers).requires_grad_()
         path = torch.cat([self.x.unsqueeze(0), free])
         value = sinkhorn_divergence(path[:-1], path[1:], eps=self.sinkhorn_eps, tol=self.sinkhorn_tol,
@@ -184,14 +189,14 @@ class _Variables:
     ``z = (H_1..H_L, W, b)``.
     """
 
-    def __init__(self, x, num_classes, num_layers, path):
+    def __init__(self, x: torch.Tensor, num_classes: int, num_layers: int, path: bool) -> None:
         self.x, self.num_layers, self.path = x, num_layers, path
         n, d = x.shape
         free_layers = 1 if path else num_layers
         self.shapes = [(n, d)] * free_layers + [(num_classes, d), (num_classes,)]
         self.sizes = [math.prod(s) for s in self.shapes]
 
-    def unpack(self, z):
+    def unpack(self, z: torch.Tensor) -> Tuple[List[torch.Tensor], torch.Tensor, torch.Tensor]:
         """``([H_1..H_L], W, b)`` from ``z`` (views, or the path built from ``H_L``)."""
         parts = [p.view(s) for p, s in zip(z.split(self.sizes), self.shapes)]
         *free, weight, bias = parts
@@ -200,26 +205,32 @@ class _Variables:
             free = [self.x + (l / count) * (last - self.x) for l in range(1, count)] + [last]
         return free, weight, bias
 
-    def pack(self, layers, weight, bias):
+    def pack(self, layers: List[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """``z`` from ``[H_1..H_L]``, ``W``, ``b`` (only ``H_L`` with ``path=True``)."""
         free = layers[-1:] if self.path else layers
         return torch.cat([t.reshape(-1) for t in free + [weight, bias]])
 
-    def gradient(self, layer_grads, grad_w, grad_b):
+    def gradient(self, layer_grads: List[torch.Tensor], grad_w: torch.Tensor, grad_b: torch.Tensor) -> torch.Tensor:
         """The gradient in ``z`` from the gradients in ``H_1..H_L``, ``W``, ``b``."""
         if self.path:
             count = self.num_layers
-            layer_grads = [sum((l / count) * g for l, g in enumerate(layer_grads, start=1))]
+            layer_grads = [cast(torch.Tensor, sum((l / count) * g for l, g in enumerate(layer_grads, start=1)))]
         return torch.cat([t.reshape(-1) for t in layer_grads + [grad_w, grad_b]])
 
 
-def _relative_norm(grads, ce_norm):
+def _relative_norm(grads: Sequence[torch.Tensor], ce_norm: float) -> float:
     """``||grads|| / ||grad CE||`` (the stationarity measure of the module docstring)."""
     total = math.sqrt(sum(float(g.pow(2).sum()) for g in grads))
     return total / max(ce_norm, torch.finfo(torch.float64).tiny)
 
 
-def _two_loop(grad, memory):
+#: The L-BFGS curvature pairs ``(s, y, 1/s.y)``, oldest first.
+_Memory = List[Tuple[torch.Tensor, torch.Tensor, float]]
+#: ``evaluate(z) -> (F, grad, stationarity)``, what :func:`_lbfgs` minimises.
+_Evaluate = Callable[[torch.Tensor], Tuple[float, torch.Tensor, float]]
+
+
+def _two_loop(grad: torch.Tensor, memory: _Memory) -> torch.Tensor:
     """``-H grad`` for the L-BFGS inverse-Hessian estimate ``H`` of the pairs ``(s, y, 1/s.y)``."""
     q = grad.clone()
     alphas = []
@@ -234,7 +245,7 @@ def _two_loop(grad, memory):
     return -q
 
 
-def _sufficient_decrease(value, slope, trial_value, trial_slope, step):
+def _sufficient_decrease(value: float, slope: float, trial_value: float, trial_slope: float, step: float) -> bool:
     """Armijo's test, or where F changes by less than its rounding noise, the approximate-Wolfe
     form of it (Hager & Zhang 2005): ``phi'(step) <= -(1 - 2 ARMIJO) phi'(0)``, exact for a
     quadratic and computed from the gradient, which keeps its relative accuracy when F does not.
@@ -244,7 +255,8 @@ def _sufficient_decrease(value, slope, trial_value, trial_slope, step):
     return abs(trial_value - value) <= VALUE_NOISE * abs(value) and trial_slope <= -(1 - 2 * ARMIJO) * slope
 
 
-def _lbfgs(evaluate, z, steps, lr, tol, history_size):
+def _lbfgs(evaluate: _Evaluate, z: torch.Tensor, steps: int, lr: float, tol: float,
+           history_size: int) -> Tuple[torch.Tensor, List[float], int, str]:
     """Minimises ``evaluate(z) -> (F, grad, stationarity)`` from ``z``.
 
     Returns ``(z, history, iterations, stop)`` with ``stop`` in ``"tol"``, ``"steps"``,
@@ -252,7 +264,8 @@ def _lbfgs(evaluate, z, steps, lr, tol, history_size):
     :func:`_sufficient_decrease`).
     """
     value, grad, stationarity = evaluate(z)
-    history, memory = [value], []
+    history = [value]
+    memory: _Memory = []
     for iteration in range(steps):
         if stationarity <= tol:
             return z, history, iteration, "tol"
@@ -286,7 +299,7 @@ def _lbfgs(evaluate, z, steps, lr, tol, history_size):
     return z, history, steps, "tol" if stationarity <= tol else "steps"
 
 
-def _nearest_rotation(last, weight, x):
+def _nearest_rotation(last: torch.Tensor, weight: torch.Tensor, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(H_L Q, W Q)`` with the orthogonal ``Q`` that minimises ``||H_L Q - X||``.
 
     ``F`` at ``lot = 0`` is invariant under ``(H_L, W) -> (H_L Q, W Q)`` and its minimisers (the
@@ -299,36 +312,8 @@ def _nearest_rotation(last, weight, x):
     return last @ rotation, weight @ rotation
 
 
-def _positive_int(value, name, minimum=1):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
-def _number(value, name, positive):
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value) or value < 0 or (positive and value == 0):
-        raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value}")
-    return value
-
-
-def _input_features(value, device):
-    x = _inputs.as_tensor(value, "X")
-    if not x.is_floating_point():
-        raise TypeError(f"X must have a floating dtype, got {x.dtype}")
-    if x.dim() != 2 or x.shape[0] == 0 or x.shape[1] == 0:
-        raise ValueError(f"X must have shape (N, D) with N, D >= 1, got {tuple(x.shape)}")
-    x = x.to(device=device if device is not None else x.device, dtype=torch.float64, copy=True)
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError("X contains NaN or Inf values")
-    return x
-
-
-def _initial_point(init, x, num_classes, num_layers):
+def _initial_point(init: Optional[MUFMResult], x: torch.Tensor, num_classes: int,
+                   num_layers: int) -> Tuple[List[torch.Tensor], torch.Tensor, torch.Tensor]:
     """``[H_1..H_L]``, ``W``, ``b`` to start from: ``init``'s, or ``H_l = X``, ``W = 0``, ``b = 0``."""
     if init is None:
         zeros = torch.zeros(num_classes, x.shape[1], dtype=torch.float64, device=x.device)
@@ -340,13 +325,18 @@ def _initial_point(init, x, num_classes, num_layers):
         raise ValueError(f"init must solve a problem of the same shape: {num_layers + 1} layers of "
                          f"{tuple(x.shape)} and W {(num_classes, x.shape[1])}, got {len(init.layers)} layers of "
                          f"{tuple(init.layers[0].shape)} and W {tuple(init.W.shape)}")
-    as_x = lambda t: t.detach().to(device=x.device, dtype=torch.float64).clone()
+
+    def as_x(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to(device=x.device, dtype=torch.float64).clone()
+
     return [as_x(h) for h in init.layers[1:]], as_x(init.W), as_x(init.b)
 
 
-def solve(X, labels, num_layers, lot, cost="matched", *, num_classes=None, lw=5e-3, lb=5e-3, lh=5e-3,
-          steps=5000, lr=1.0, tol=1e-10, history_size=20, eliminate_path=True, sinkhorn_eps=0.2,
-          sinkhorn_tol=1e-12, init=None, device=None):
+def solve(X: TensorLike, labels: TensorLike, num_layers: int, lot: float, cost: str = "matched", *,
+          num_classes: Optional[int] = None, lw: float = 5e-3, lb: float = 5e-3, lh: float = 5e-3,
+          steps: int = 5000, lr: float = 1.0, tol: float = 1e-10, history_size: int = 20,
+          eliminate_path: bool = True, sinkhorn_eps: float = 0.2, sinkhorn_tol: float = 1e-12,
+          init: Optional[MUFMResult] = None, device: Union[torch.device, str, None] = None) -> MUFMResult:
     """Solves the MUFM of docs/spec.md section 6 (module docstring) to a stationary point.
 
     Args:
@@ -374,35 +364,34 @@ def solve(X, labels, num_layers, lot, cost="matched", *, num_classes=None, lw=5e
     Returns:
         :class:`MUFMResult`.
     """
-    x = _input_features(X, device)
+    x = _inputs.points(X, "X", device, copy=True)
     num_classes = _inputs.infer_num_classes(num_classes, labels)
     labels_t = _inputs.class_indices(_inputs.as_tensor(labels, "labels").to(x.device), x.shape[0], num_classes, x)
     if torch.unique(labels_t).numel() < 2:
         raise ValueError("labels: at least 2 classes must be present")
-    num_layers = _positive_int(num_layers, "num_layers")
-    lot = _number(lot, "lot", positive=False)
+    num_layers = _inputs.positive_int(num_layers, "num_layers")
+    lot = _inputs.finite_number(lot, "lot")
     _inputs.check_choice(cost, "cost", COSTS)
-    lw, lh = _number(lw, "lw", positive=True), _number(lh, "lh", positive=True)
-    lb = _number(lb, "lb", positive=False)
-    steps = _positive_int(steps, "steps", minimum=0)
-    lr = _number(lr, "lr", positive=True)
-    tol = _number(tol, "tol", positive=True)
-    history_size = _positive_int(history_size, "history_size")
-    if not isinstance(eliminate_path, bool):
-        raise TypeError(f"eliminate_path must be a bool, got {eliminate_path!r}")
+    lw, lh = _inputs.finite_number(lw, "lw", positive=True), _inputs.finite_number(lh, "lh", positive=True)
+    lb = _inputs.finite_number(lb, "lb")
+    steps = _inputs.positive_int(steps, "steps", minimum=0)
+    lr = _inputs.finite_number(lr, "lr", positive=True)
+    tol = _inputs.finite_number(tol, "tol", positive=True)
+    history_size = _inputs.positive_int(history_size, "history_size")
+    _inputs.check_bool(eliminate_path, "eliminate_path")
     eps = None
     if cost == "sinkhorn":
-        eps = _number(sinkhorn_eps, "sinkhorn_eps", positive=True) * median_cost(x, x)
+        eps = _inputs.finite_number(sinkhorn_eps, "sinkhorn_eps", positive=True) * median_cost(x, x)
         if eps == 0:
             raise ValueError("X: all points coincide, so the Sinkhorn eps (relative to the median cost) is 0")
-        sinkhorn_tol = _number(sinkhorn_tol, "sinkhorn_tol", positive=True)
+        sinkhorn_tol = _inputs.finite_number(sinkhorn_tol, "sinkhorn_tol", positive=True)
     layers, weight, bias = _initial_point(init, x, num_classes, num_layers)
 
     objective = _Objective(x, labels_t, num_classes, lot, cost, lw, lb, lh, eps, sinkhorn_tol)
     path = lot == 0 or (cost == "matched" and eliminate_path)
     variables = _Variables(x, num_classes, num_layers, path)
 
-    def evaluate(z):
+    def evaluate(z: torch.Tensor) -> Tuple[float, torch.Tensor, float]:
         value, layer_grads, grad_w, grad_b, ce_norm = objective(*variables.unpack(z))
         grad = variables.gradient(layer_grads, grad_w, grad_b)
         return value, grad, _relative_norm([grad], ce_norm)
@@ -416,14 +405,15 @@ def solve(X, labels, num_layers, lot, cost="matched", *, num_classes=None, lw=5e
     value, layer_grads, grad_w, grad_b, ce_norm = objective(layers, weight, bias)
     grad_norm = _relative_norm(layer_grads + [grad_w, grad_b], ce_norm)
     predictions = (layers[-1] @ weight.T + bias).argmax(1)
-    classifier = dict(classifier=weight, bias=bias) if bool(weight.any()) else {}  # W = 0 only before any step
-    metrics = [nc_metrics(h, labels_t, num_classes, predictions=predictions, **classifier) for h in [x] + layers]
+    classifier, offset = (weight, bias) if bool(weight.any()) else (None, None)  # W = 0 only before any step
+    metrics = [nc_metrics(h, labels_t, num_classes, classifier, offset, predictions) for h in [x] + layers]
     return MUFMResult(layers=[x] + layers, W=weight, b=bias, history=history, loss=value, grad_norm=grad_norm,
                       converged=grad_norm <= tol, n_iter=n_iter, stop=stop, lot=lot, cost=cost,
                       sinkhorn_eps=eps, metrics=metrics)
 
 
-def sweep(X, labels, num_layers, lots, warm_start=True, **kwargs):
+def sweep(X: TensorLike, labels: TensorLike, num_layers: int, lots: Sequence[float], warm_start: bool = True,
+          **kwargs: Any) -> List[MUFMResult]:
     """:func:`solve` for every coupling weight in ``lots``; one :class:`MUFMResult` per lot, in order.
 
     With ``warm_start`` the lots are solved from the largest down, each started from the
@@ -434,11 +424,12 @@ def sweep(X, labels, num_layers, lots, warm_start=True, **kwargs):
     """
     if "init" in kwargs:
         raise TypeError("sweep() chooses the starting points itself; init is not accepted")
-    lots = [_number(lot, f"lots[{i}]", positive=False) for i, lot in enumerate(lots)]
-    if not lots:
+    values = [_inputs.finite_number(lot, f"lots[{i}]") for i, lot in enumerate(lots)]
+    if not values:
         raise ValueError("lots is empty")
-    results, previous = {}, None
-    for index in sorted(range(len(lots)), key=lambda i: -lots[i]):
-        previous = solve(X, labels, num_layers, lots[index], init=previous if warm_start else None, **kwargs)
+    results: Dict[int, MUFMResult] = {}
+    previous: Optional[MUFMResult] = None
+    for index in sorted(range(len(values)), key=lambda i: -values[i]):
+        previous = solve(X, labels, num_layers, values[index], init=previous if warm_start else None, **kwargs)
         results[index] = previous
-    return [results[i] for i in range(len(lots))]
+    return [results[i] for i in range(len(values))]

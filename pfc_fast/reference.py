@@ -5,20 +5,26 @@ and ``Sigma_B``, a per-class loop for the means, the pseudo-inverse of ``Sigma_B
 eigendecomposition, pairwise distances for the nearest class centre. They share no code with the
 kernels or with :mod:`pfc_fast.metrics`, and are meant for D up to a few thousand.
 """
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Sequence
+
 import torch
+
+from ._inputs import TensorLike
 
 #: Same cut-off as the kernels' convention: eigenvalues below this fraction of the largest are 0.
 PINV_RTOL = 1e-10
 
 
-def _as_features(feats, pooling):
+def _as_features(feats: TensorLike, pooling: str) -> torch.Tensor:
     feats = torch.as_tensor(feats).detach().to(torch.float64)
     if feats.dim() > 2:
         feats = feats.mean(dim=tuple(range(2, feats.dim()))) if pooling == "gap" else feats.flatten(1)
     return feats
 
 
-def _pinv(matrix):
+def _pinv(matrix: torch.Tensor) -> torch.Tensor:
     """Pseudo-inverse of a symmetric PSD matrix from its eigendecomposition, eigenvalues below
     ``PINV_RTOL`` times the largest dropped (written here, apart from pfc_fast.metrics, so that the
     tests compare two independent implementations)."""
@@ -27,12 +33,14 @@ def _pinv(matrix):
     return evecs[:, keep] @ torch.diag(1.0 / evals[keep]) @ evecs[:, keep].T
 
 
-def _class_means(feats, labels, classes):
+def _class_means(feats: torch.Tensor, labels: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
     return torch.stack([feats[labels == c].mean(0) for c in classes])
 
 
-def nc_metrics(feats, labels, num_classes=None, classifier=None, bias=None, predictions=None,
-               global_mean="unweighted", pooling="flatten"):
+def nc_metrics(feats: TensorLike, labels: TensorLike, num_classes: Optional[int] = None,
+               classifier: Optional[TensorLike] = None, bias: Optional[TensorLike] = None,
+               predictions: Optional[TensorLike] = None, global_mean: str = "unweighted",
+               pooling: str = "flatten") -> Dict[str, Any]:
     """The metrics of docs/spec.md section 2 as a dict, computed directly in float64."""
     feats = _as_features(feats, pooling)
     labels = torch.as_tensor(labels).to(feats.device).long()
@@ -98,7 +106,7 @@ def nc_metrics(feats, labels, num_classes=None, classifier=None, bias=None, pred
     return result
 
 
-def nc1_projection(feats, labels):
+def nc1_projection(feats: TensorLike, labels: TensorLike) -> float:
     """``nc1`` through the projection identity ``Tr(Sigma_W Sigma_B^+)/K = Tr(G^+ A G^+)``.
 
     ``G = M^T M`` and ``A = (1/N) sum_i z_i z_i^T`` with ``z_i = M^T (h_i - mu_{y_i})``, all explicit
@@ -117,7 +125,9 @@ def nc1_projection(feats, labels):
     return float(torch.trace(g_pinv @ a @ g_pinv))
 
 
-def sinkhorn(x=None, y=None, a=None, b=None, eps=0.05, cost=None, max_iter=1000, tol=1e-6):
+def sinkhorn(x: Optional[TensorLike] = None, y: Optional[TensorLike] = None, a: Optional[TensorLike] = None,
+             b: Optional[TensorLike] = None, eps: float = 0.05, cost: Optional[TensorLike] = None,
+             max_iter: int = 1000, tol: float = 1e-6) -> Dict[str, Any]:
     """Plain log-domain Sinkhorn in float64 with an explicit cost matrix (docs/spec.md section 4).
 
     Same update order as :func:`pfc_fast.sinkhorn` (f from g = 0, then g), the marginal error

@@ -26,12 +26,15 @@ Gradients: ``value`` is differentiable with respect to ``x``, ``y``, ``a``, ``b`
 ``cost`` by the envelope theorem (no back-propagation through the iterations):
 ``d value / d x_i = 2 sum_j P_ij (x_i - y_j)``, ``d value / d a = f``, ``d value / d C = P``.
 """
-import math
+from __future__ import annotations
+
 from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
 from . import _inputs, _ops
+from ._inputs import TensorLike
 from ._memory import free_bytes
 
 MODES = ("auto", "online", "dense")
@@ -57,11 +60,13 @@ class SinkhornResult:
     n_iter: int
     marginal_error: torch.Tensor
     eps: float
-    _problem: "_Problem" = field(repr=False, default=None)
+    _problem: Optional[_Problem] = field(repr=False, default=None)
 
-    def plan(self):
+    def plan(self) -> torch.Tensor:
         """The transport plan ``P`` ``(N, M)`` (or ``(B, N, M)``); raises MemoryError if it cannot fit."""
         p = self._problem
+        if p is None:
+            raise ValueError("plan() needs the problem the result was solved from (a result of pfc_fast.sinkhorn)")
         needed = p.batch * p.rows * p.cols * p.dtype.itemsize
         available = free_bytes(p.device)
         if needed > available // 2:
@@ -74,130 +79,100 @@ class SinkhornResult:
         return plan if p.batched else plan[0]
 
 
-def _batched(tensor, problem):
+def _batched(tensor: torch.Tensor, problem: _Problem) -> torch.Tensor:
     return tensor if problem.batched else tensor.unsqueeze(0)
-
-
-def _check_weights(w, name, batch, count, batched, device, dtype):
-    if w is None:
-        return torch.full((batch, count), 1.0 / count, dtype=dtype, device=device)
-    w = _inputs.as_tensor(w, name)
-    if not w.is_floating_point():
-        raise TypeError(f"{name} must have a floating dtype, got {w.dtype}")
-    if w.device != device:
-        raise ValueError(f"{name} is on {w.device} but the points are on {device}")
-    allowed = [(count,)] + ([(batch, count)] if batched else [])
-    if tuple(w.shape) not in allowed:
-        raise ValueError(f"{name} must have shape {' or '.join(map(str, allowed))}, got {tuple(w.shape)}")
-    w = w.to(dtype)
-    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
-        raise ValueError(f"{name} must be non-negative and finite")
-    if not bool((w.sum(-1) > 0).all()):
-        raise ValueError(f"{name} must have a positive total mass")
-    return w.expand(batch, count)
 
 
 class _Problem:
     """Validated inputs in the compute dtype, with a batch dimension, points centred."""
 
-    def __init__(self, x, y, a, b, cost, mode):
+    x: Optional[torch.Tensor]
+    y: Optional[torch.Tensor]
+    cost: Optional[torch.Tensor]
+    dim: Optional[int]
+
+    def __init__(self, x: object, y: object, a: object, b: object, cost: object, mode: str) -> None:
         _inputs.check_choice(mode, "mode", MODES)
         if cost is not None:
-            cost = _inputs.as_tensor(cost, "cost")
-            if not cost.is_floating_point():
-                raise TypeError(f"cost must have a floating dtype, got {cost.dtype}")
-            if cost.dim() not in (2, 3):
-                raise ValueError(f"cost must have shape (N, M) or (B, N, M), got {tuple(cost.shape)}")
+            given = _inputs.cost_matrix(cost)
             if mode == "online":
                 raise ValueError("mode='online' computes squared Euclidean costs from x and y; a given cost needs "
                                  "mode='dense' or 'auto'")
-            self.batched = cost.dim() == 3
-            self.device = cost.device
-            self.dtype = torch.float64 if cost.dtype == torch.float64 else torch.float32
-            cost = cost.to(self.dtype)
-            if not bool(torch.isfinite(cost).all()):
-                raise ValueError("cost contains NaN or Inf values")
+            self.batched = given.dim() == 3
+            self.device = given.device
+            self.dtype = torch.float64 if given.dtype == torch.float64 else torch.float32
+            given = _inputs.finite(given.to(self.dtype), "cost")
             self.x = self.y = None
-            self.cost = cost if self.batched else cost.unsqueeze(0)
+            self.cost = given if self.batched else given.unsqueeze(0)
             self.batch, self.rows, self.cols = self.cost.shape
             self.dim = None
         else:
-            if x is None or y is None:
-                raise ValueError("give x and y (point clouds) or cost (a cost matrix)")
-            x, y = _inputs.as_tensor(x, "x"), _inputs.as_tensor(y, "y")
-            for t, name in ((x, "x"), (y, "y")):
-                if not t.is_floating_point():
-                    raise TypeError(f"{name} must have a floating dtype, got {t.dtype}")
-                if t.dim() not in (2, 3):
-                    raise ValueError(f"{name} must have shape (N, D) or (B, N, D), got {tuple(t.shape)}")
-            if y.device != x.device:
-                raise ValueError(f"y is on {y.device} but x is on {x.device}")
-            if x.dim() != y.dim() or x.shape[-1] != y.shape[-1] or (x.dim() == 3 and x.shape[0] != y.shape[0]):
-                raise ValueError(f"x {tuple(x.shape)} and y {tuple(y.shape)} must both be (N, D)/(M, D) or "
-                                 "(B, N, D)/(B, M, D) with the same B and D")
-            self.batched = x.dim() == 3
-            self.device = x.device
-            self.dtype = torch.float64 if torch.float64 in (x.dtype, y.dtype) else torch.float32
-            xb, yb = (x, y) if self.batched else (x.unsqueeze(0), y.unsqueeze(0))
-            xb, yb = xb.to(self.dtype), yb.to(self.dtype)
-            for points, name in ((xb, "x"), (yb, "y")):
-                if not bool(torch.isfinite(points).all()):
-                    raise ValueError(f"{name} contains NaN or Inf values")
+            xs, ys = _inputs.point_clouds(x, y)
+            self.batched = xs.dim() == 3
+            self.device = xs.device
+            self.dtype = torch.float64 if torch.float64 in (xs.dtype, ys.dtype) else torch.float32
+            xb, yb = (xs, ys) if self.batched else (xs.unsqueeze(0), ys.unsqueeze(0))
+            xb, yb = _inputs.finite(xb.to(self.dtype), "x"), _inputs.finite(yb.to(self.dtype), "y")
             # C is translation invariant: centring shrinks |x|^2 + |y|^2 - 2 x.y's cancellation.
             centre = torch.cat([xb, yb], dim=1).mean(dim=1, keepdim=True)
             self.x, self.y = (xb - centre).contiguous(), (yb - centre).contiguous()
             self.batch, self.rows, self.dim = self.x.shape
             self.cols = self.y.shape[1]
-            if self.rows == 0 or self.cols == 0:
-                raise ValueError("x and y must contain at least one point each")
             dense_bytes = self.batch * self.rows * self.cols * self.dtype.itemsize
             self.cost = None
             if mode == "dense" or (mode == "auto" and dense_bytes <= DENSE_BYTES):
                 self.cost = self._cost_rows(0, self.rows)
-        self.a = _check_weights(a, "a", self.batch, self.rows, self.batched, self.device, self.dtype)
-        self.b = _check_weights(b, "b", self.batch, self.cols, self.batched, self.device, self.dtype)
+        self.a = _inputs.ot_weights(a, "a", self.batch, self.rows, self.batched, self.device, self.dtype)
+        self.b = _inputs.ot_weights(b, "b", self.batch, self.cols, self.batched, self.device, self.dtype)
         mass_a, mass_b = self.a.sum(-1), self.b.sum(-1)
         if not bool(torch.allclose(mass_a, mass_b, rtol=1e-5, atol=0)):
             raise ValueError(f"a and b must have the same total mass, got {mass_a.tolist()} and {mass_b.tolist()}")
         self.log_a, self.log_b = self.a.log(), self.b.log()
 
-    def _cost_rows(self, start, stop):
-        """``C[:, start:stop]`` in the kernels' formula ``max(|x|^2 + |y|^2 - 2 x.y, 0)``."""
-        if self.x is None:
-            return self.cost[:, start:stop]
-        xs = self.x[:, start:stop]
-        sq = (xs * xs).sum(-1, keepdim=True) + (self.y * self.y).sum(-1).unsqueeze(1)
-        return (sq - 2.0 * xs @ self.y.transpose(1, 2)).clamp_min(0.0)
+    def points(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The centred ``x``, ``y`` (B, N, D), (B, M, D) of a problem given by points."""
+        assert self.x is not None and self.y is not None, "a problem given by its cost matrix has no points"
+        return self.x, self.y
 
-    def update_f(self, g, eps, previous=None):
+    def _cost_rows(self, start: int, stop: int) -> torch.Tensor:
+        """``C[:, start:stop]`` in the kernels' formula ``max(|x|^2 + |y|^2 - 2 x.y, 0)``."""
+        if self.cost is not None and self.x is None:
+            return self.cost[:, start:stop]
+        x, y = self.points()
+        xs = x[:, start:stop]
+        sq = (xs * xs).sum(-1, keepdim=True) + (y * y).sum(-1).unsqueeze(1)
+        return (sq - 2.0 * xs @ y.transpose(1, 2)).clamp_min(0.0)
+
+    def update_f(self, g: torch.Tensor, eps: float, previous: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The f update from g; ``previous`` (the last f, if any) lets the kernel take one pass."""
         if self.cost is not None:
             return _ops.sinkhorn_softmin(None, None, self.cost, g, self.log_b, eps, previous)
         return _ops.sinkhorn_softmin(self.x, self.y, None, g, self.log_b, eps, previous)
 
-    def update_g(self, f, eps, previous=None):
+    def update_g(self, f: torch.Tensor, eps: float, previous: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The g update from f (dense: the columns of the same cost matrix)."""
         if self.cost is not None:
             return _ops.sinkhorn_softmin(None, None, self.cost, f, self.log_a, eps, previous, transpose=True)
         return _ops.sinkhorn_softmin(self.y, self.x, None, f, self.log_a, eps, previous)
 
-    def plan_sums(self, f, g, eps):
+    def plan_sums(self, f: torch.Tensor, g: torch.Tensor, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
         """Row mass ``P 1`` and row cost ``(P * C) 1`` (B, N) from the fused kernel."""
         if self.cost is not None:
             return _ops.sinkhorn_plan_sums(None, None, self.cost, f, g, self.log_a, self.log_b, eps)
         return _ops.sinkhorn_plan_sums(self.x, self.y, None, f, g, self.log_a, self.log_b, eps)
 
-    def marginal_error(self, f, f_next, eps):
+    def marginal_error(self, f: torch.Tensor, f_next: torch.Tensor, eps: float) -> torch.Tensor:
         return (self.a * torch.expm1((f - f_next) / eps)).abs().sum(-1)
 
-    def squared_diameter(self):
+    def squared_diameter(self) -> torch.Tensor:
         """An upper bound of max C per problem (B,): the start of eps-scaling."""
-        if self.x is None:
+        if self.cost is not None and self.x is None:
             return self.cost.amax(dim=(1, 2))
-        points = torch.cat([self.x, self.y], dim=1)
+        points = torch.cat(self.points(), dim=1)
         return ((points.amax(1) - points.amin(1)) ** 2).sum(-1)
 
-    def plan_chunks(self, f, g, eps):
+    def plan_chunks(self, f: torch.Tensor, g: torch.Tensor,
+                    eps: float) -> Iterator[Tuple[int, torch.Tensor, torch.Tensor]]:
         """Yields ``(start, P[:, start:stop], C[:, start:stop])`` over row chunks of the plan."""
         step = max(1, CHUNK_BYTES // max(1, self.batch * self.cols * self.dtype.itemsize))
         for start in range(0, self.rows, step):
@@ -208,7 +183,8 @@ class _Problem:
             yield start, log_plan.exp(), cost
 
 
-def _solve(problem, eps, max_iter, tol, check_every, eps_scaling):
+def _solve(problem: _Problem, eps: float, max_iter: int, tol: float, check_every: int,
+           eps_scaling: Optional[float]) -> Tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
     """Potentials (f, g), iterations and marginal error; no autograd."""
     g = torch.zeros(problem.batch, problem.cols, dtype=problem.dtype, device=problem.device)
     n_iter = 0
@@ -219,9 +195,9 @@ def _solve(problem, eps, max_iter, tol, check_every, eps_scaling):
             n_iter += 1
             stage_eps *= eps_scaling
     f = problem.update_f(g, eps)
-    g = None
+    previous: Optional[torch.Tensor] = None  # the first g update at eps starts without a shift
     while True:
-        g = problem.update_g(f, eps, g)
+        g = previous = problem.update_g(f, eps, previous)
         n_iter += 1
         f_next = problem.update_f(g, eps, f)
         if n_iter % check_every == 0 or n_iter >= max_iter:
@@ -235,13 +211,16 @@ class _EnvelopeGradient(torch.autograd.Function):
     """Passes ``value`` through; its gradients are the precomputed envelope-theorem ones."""
 
     @staticmethod
-    def forward(ctx, value, x, y, cost, a, b, grad_x, grad_y, grad_cost, grad_a, grad_b):
+    def forward(ctx: Any, value: torch.Tensor, x: Optional[torch.Tensor], y: Optional[torch.Tensor],
+                cost: Optional[torch.Tensor], a: Optional[torch.Tensor], b: Optional[torch.Tensor],
+                grad_x: Optional[torch.Tensor], grad_y: Optional[torch.Tensor], grad_cost: Optional[torch.Tensor],
+                grad_a: Optional[torch.Tensor], grad_b: Optional[torch.Tensor]) -> torch.Tensor:
         ctx.grads = (grad_x, grad_y, grad_cost, grad_a, grad_b)
         return value.clone()
 
     @staticmethod
-    def backward(ctx, grad_value):
-        out = []
+    def backward(ctx: Any, grad_value: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
+        out: List[Optional[torch.Tensor]] = []
         for grad in ctx.grads:
             if grad is None:
                 out.append(None)
@@ -251,40 +230,45 @@ class _EnvelopeGradient(torch.autograd.Function):
         return (None, *out, None, None, None, None, None)
 
 
-def _reduce_plan(problem, f, g, eps, need):
+def _reduce_plan(problem: _Problem, f: torch.Tensor, g: torch.Tensor, eps: float,
+                 need: Dict[str, bool]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """The cost ``<P, C>`` (B,) from the fused kernel, and the envelope gradients in ``need``.
 
     ``d value / d x_i = 2 (m_i x_i - sum_j P_ij y_j)`` with ``m = P 1``, likewise for y with
     ``P^T``; ``d value / d C = P``. The gradients take one more sweep over the plan in row chunks.
     """
     mass, row_cost = problem.plan_sums(f, g, eps)
-    grads = {}
+    grads: Dict[str, torch.Tensor] = {}
     if not (need["x"] or need["y"] or need["cost"]):
         return row_cost.sum(-1), grads
-    py = torch.zeros_like(problem.x) if need["x"] else None
-    ptx = torch.zeros_like(problem.y) if need["y"] else None
+    if need["x"] or need["y"]:
+        x, y = problem.points()
+    py = torch.zeros_like(x) if need["x"] else None
+    ptx = torch.zeros_like(y) if need["y"] else None
     col_mass = torch.zeros_like(problem.b)
     plan_rows = []
     for start, plan, _ in problem.plan_chunks(f, g, eps):
         stop = start + plan.shape[1]
         col_mass += plan.sum(1)
         if py is not None:
-            py[:, start:stop] = plan @ problem.y
+            py[:, start:stop] = plan @ y
         if ptx is not None:
-            ptx += plan.transpose(1, 2) @ problem.x[:, start:stop]
+            ptx += plan.transpose(1, 2) @ x[:, start:stop]
         if need["cost"]:
             plan_rows.append(plan)
-    if need["x"]:
-        grads["x"] = 2.0 * (mass.unsqueeze(-1) * problem.x - py)
-    if need["y"]:
-        grads["y"] = 2.0 * (col_mass.unsqueeze(-1) * problem.y - ptx)
+    if py is not None:
+        grads["x"] = 2.0 * (mass.unsqueeze(-1) * x - py)
+    if ptx is not None:
+        grads["y"] = 2.0 * (col_mass.unsqueeze(-1) * y - ptx)
     if need["cost"]:
         grads["cost"] = torch.cat(plan_rows, dim=1)
     return row_cost.sum(-1), grads
 
 
-def sinkhorn(x=None, y=None, a=None, b=None, eps=0.05, cost=None, max_iter=1000, tol=1e-6, check_every=10,
-             eps_scaling=None, mode="auto"):
+def sinkhorn(x: Optional[TensorLike] = None, y: Optional[TensorLike] = None, a: Optional[TensorLike] = None,
+             b: Optional[TensorLike] = None, eps: float = 0.05, cost: Optional[TensorLike] = None,
+             max_iter: int = 1000, tol: float = 1e-6, check_every: int = 10, eps_scaling: Optional[float] = None,
+             mode: str = "auto") -> SinkhornResult:
     """Entropic optimal transport between ``x`` and ``y`` (see the module docstring).
 
     Args:
@@ -303,16 +287,12 @@ def sinkhorn(x=None, y=None, a=None, b=None, eps=0.05, cost=None, max_iter=1000,
     Returns:
         SinkhornResult. Computation in float64 if any input is float64, else float32.
     """
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
-        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
-    for value, name in ((max_iter, "max_iter"), (check_every, "check_every")):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if not isinstance(tol, (int, float)) or not tol >= 0:
-        raise ValueError(f"tol must be >= 0, got {tol!r}")
+    eps = _inputs.finite_number(eps, "eps", positive=True)
+    max_iter = _inputs.positive_int(max_iter, "max_iter")
+    check_every = _inputs.positive_int(check_every, "check_every")
+    tol = _inputs.finite_number(tol, "tol")
     if eps_scaling is not None and not (isinstance(eps_scaling, float) and 0 < eps_scaling < 1):
         raise ValueError(f"eps_scaling must be None or a float in (0, 1), got {eps_scaling!r}")
-    eps = float(eps)
     problem = _Problem(x, y, a, b, cost, mode)
     f, g, n_iter, error = _solve(problem, eps, max_iter, tol, check_every, eps_scaling)
 
@@ -321,14 +301,21 @@ def sinkhorn(x=None, y=None, a=None, b=None, eps=0.05, cost=None, max_iter=1000,
     need["x"] = need["x"] and cost is None
     need["y"] = need["y"] and cost is None
     ot_cost, grads = _reduce_plan(problem, f, g, eps, need)
-    grads["a"], grads["b"] = (f if need["a"] else None), (g if need["b"] else None)
+    if need["a"]:
+        grads["a"] = f
+    if need["b"]:
+        grads["b"] = g
     value = (problem.a * f).sum(-1) + (problem.b * g).sum(-1)
-    unbatch = (lambda t: t) if problem.batched else (lambda t: t[0])
+
+    def unbatch(t: torch.Tensor) -> torch.Tensor:
+        return t if problem.batched else t[0]
+
     if any(need.values()):
-        shaped = {}
+        shaped: Dict[str, Optional[torch.Tensor]] = {}
         for name, t in inputs.items():
-            grad = grads.get(name)
-            shaped[name] = None if grad is None else unbatch(grad).reshape(t.shape).to(t.dtype)
+            grad = grads.get(name)  # only for the tensors that need one
+            shaped[name] = None if grad is None or not isinstance(t, torch.Tensor) else \
+                unbatch(grad).reshape(t.shape).to(t.dtype)
         value = _EnvelopeGradient.apply(unbatch(value), *(inputs[n] if need[n] else None for n in inputs),
                                         *(shaped[n] for n in inputs))
     else:
@@ -337,7 +324,8 @@ def sinkhorn(x=None, y=None, a=None, b=None, eps=0.05, cost=None, max_iter=1000,
                           marginal_error=unbatch(error), eps=eps, _problem=problem)
 
 
-def sinkhorn_divergence(x, y, a=None, b=None, eps=0.05, **kwargs):
+def sinkhorn_divergence(x: TensorLike, y: TensorLike, a: Optional[TensorLike] = None, b: Optional[TensorLike] = None,
+                        eps: float = 0.05, **kwargs: Any) -> torch.Tensor:
     """Debiased Sinkhorn divergence ``S = OT(a, b) - OT(a, a)/2 - OT(b, b)/2`` (Feydy et al. 2019).
 
     ``OT`` is the entropic value of :func:`sinkhorn` (same keyword arguments); ``S >= 0``, and 0
@@ -349,18 +337,21 @@ def sinkhorn_divergence(x, y, a=None, b=None, eps=0.05, **kwargs):
     return cross - 0.5 * (self_x + self_y)
 
 
-def wasserstein2(x, y, a=None, b=None, eps=0.05, **kwargs):
+def wasserstein2(x: TensorLike, y: TensorLike, a: Optional[TensorLike] = None, b: Optional[TensorLike] = None,
+                 eps: float = 0.05, **kwargs: Any) -> torch.Tensor:
     """W2 estimate ``sqrt(max(S, 0))`` from the Sinkhorn divergence ``S``."""
     return sinkhorn_divergence(x, y, a, b, eps, **kwargs).clamp_min(0.0).sqrt()
 
 
-def median_cost(x, y, max_points=2000):
+def median_cost(x: TensorLike, y: TensorLike, max_points: int = 2000) -> float:
     """Median of ``||x_i - y_j||^2`` over (a subsample of at most ``max_points`` of) each cloud.
 
     A scale for ``eps``: ``eps = 0.05 * median_cost(x, y)``.
     """
-    x, y = _inputs.as_tensor(x, "x"), _inputs.as_tensor(y, "y")
     gen = torch.Generator().manual_seed(0)
-    pick = lambda t: t if t.shape[-2] <= max_points else t[..., torch.randperm(t.shape[-2], generator=gen)[:max_points], :]
-    xs, ys = pick(x).double(), pick(y).double()
+
+    def pick(t: torch.Tensor) -> torch.Tensor:
+        return t if t.shape[-2] <= max_points else t[..., torch.randperm(t.shape[-2], generator=gen)[:max_points], :]
+
+    xs, ys = pick(_inputs.as_tensor(x, "x")).double(), pick(_inputs.as_tensor(y, "y")).double()
     return float(torch.cdist(xs, ys, compute_mode="donot_use_mm_for_euclid_dist").pow(2).median())

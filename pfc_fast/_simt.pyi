@@ -1,0 +1,6 @@
+# The SIMT layer's module (csrc/simt/module.cpp); its operators are torch.ops.pfc_fast_simt.*.
+multiprocessors: int
+asan: int
+
+def set_block_order_seed(seed: int, /) -> None: ...
+def stats() -> dict[str, int]: ...
