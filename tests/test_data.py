@@ -181,6 +181,10 @@ def test_balanced_indices():
     assert not torch.equal(chosen, data.balanced_indices(labels, 4, 3, seed=1))
     with pytest.raises(ValueError, match="probe_per_class = 6 .* class 0 has 5"):
         data.balanced_indices(labels, 6, 3, seed=0)
+    with pytest.raises(ValueError, match="train_per_class must be >= 1, got 0"):
+        data.balanced_indices(labels, 0, 3, seed=0, name="train_per_class")
+    with pytest.raises(TypeError, match="probe_per_class must be an integer"):
+        data.balanced_indices(labels, 2.0, 3, seed=0)
 
 
 def test_augment_is_seeded_and_shifts_within_the_padding():

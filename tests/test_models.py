@@ -47,9 +47,13 @@ def test_build_model_arguments():
     assert build_model("resnet18", 10, 3).conv1.out_channels == 64  # torchvision's width
     with pytest.raises(ValueError, match="model must be one of"):
         build_model("vgg11", 10, 3)
-    with pytest.raises(ValueError, match="width must be a positive integer"):
+    with pytest.raises(ValueError, match="width must be >= 1, got 0"):
         build_model("resnet18", 10, 3, width=0)
+    with pytest.raises(TypeError, match="width must be an integer, got True"):
+        build_model("resnet18", 10, 3, width=True)
     with pytest.raises(ValueError, match="depth applies to cwresnet only"):
         build_model("resnet18", 10, 3, depth=3)
-    with pytest.raises(ValueError, match="depth must be a positive integer"):
+    with pytest.raises(ValueError, match="depth must be >= 1, got 0"):
         build_model("cwresnet", 10, 3, depth=0)
+    with pytest.raises(TypeError, match="depth must be an integer, got 2.0"):
+        build_model("cwresnet", 10, 3, depth=2.0)

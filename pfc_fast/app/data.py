@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._inputs import positive_int
+
 DATASETS = ("embedded", "fashion-mnist", "mnist", "cifar10", "cifar100", "svhn", "stl10", "digits")
 AUGMENTATIONS = ("none", "crop", "crop-flip")
 
@@ -251,8 +253,7 @@ def balanced_indices(labels: torch.Tensor, per_class: int, num_classes: int, see
     Returns the indices sorted; raises ``ValueError`` naming ``name`` (the option that set
     ``per_class``) when a class has fewer samples.
     """
-    if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
-        raise ValueError(f"{name} must be a positive integer, got {per_class!r}")
+    positive_int(per_class, name)
     counts = torch.bincount(labels, minlength=num_classes)
     smallest = int(counts.argmin())
     if int(counts[smallest]) < per_class:

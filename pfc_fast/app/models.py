@@ -24,16 +24,13 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
+from .._inputs import positive_int
+
 #: Model names accepted by :func:`build_model` (and ``pfc-fast train --model``).
 MODELS = ("resnet18", "resnet34", "resnet50", "cwresnet")
 
 _RESNETS = {"resnet18": (BasicBlock, [2, 2, 2, 2]), "resnet34": (BasicBlock, [3, 4, 6, 3]),
             "resnet50": (Bottleneck, [3, 4, 6, 3])}
-
-
-def _check_positive(value: object, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _init_like_torchvision(modules: Iterable[nn.Module]) -> None:
@@ -56,7 +53,7 @@ def small_image_resnet(name: str, num_classes: int, in_channels: int = 3, width:
     if name not in _RESNETS:
         raise ValueError(f"model must be one of {', '.join(_RESNETS)}, got {name!r}")
     for value, label in ((num_classes, "num_classes"), (in_channels, "in_channels"), (width, "width")):
-        _check_positive(value, label)
+        positive_int(value, label)
     block, depths = _RESNETS[name]
     model = ResNet(block, depths, num_classes=num_classes)
     model.inplanes = width  # _make_layer below builds the stages from this width
@@ -95,7 +92,7 @@ class ConstantWidthResNet(nn.Module):
         super().__init__()
         for value, label in ((num_classes, "num_classes"), (in_channels, "in_channels"), (width, "width"),
                              (depth, "depth")):
-            _check_positive(value, label)
+            positive_int(value, label)
         self.stem = nn.Sequential(nn.Conv2d(in_channels, width, kernel_size=3, padding=1, bias=False),
                                   nn.BatchNorm2d(width))
         self.blocks = nn.Sequential(*(PreActBlock(width) for _ in range(depth)))

@@ -337,7 +337,9 @@ class TrainingRun:
         """PFC metrics of every layer on this rank's shard of the probe set, all-reduced."""
         shard = self.probe[self.ddp.rank::self.ddp.world]
         loader = [(self.inputs(self.train_images[index]), self.train_labels[index]) for index in shard.split(512)]
-        fc = self.network.fc if self.config.model != "cwresnet" and self.config.pooling == "gap" else None
+        fc = None
+        if self.config.model != "cwresnet" and self.config.pooling == "gap":
+            fc = cast(torch.nn.Linear, self.network.fc)  # a torchvision ResNet's classifier
         return self.monitor.measure(loader, classifier=fc)
 
     def geodesic_scores(self) -> dict[str, float]:
