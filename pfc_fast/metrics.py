@@ -23,8 +23,14 @@ import torch
 from . import _inputs, _ops
 from ._inputs import TensorLike
 
-#: Eigenvalues of Sigma_B (equivalently of G) below this fraction of the largest are treated as 0.
-PINV_RTOL = 1e-10
+#: The cut-off of the first releases: eigenvalues of G below this fraction of the largest were
+#: treated as 0 (``pinv_rtol=LEGACY_PINV_RTOL`` restores it). It drops real between-class directions
+#: of nearly overlapping classes, so the default is now float64's noise level (docs/spec.md section 3).
+LEGACY_PINV_RTOL = 1e-10
+
+#: Pairs of class means closer than this fraction of their squared norms get their squared distance
+#: from the difference of the means, not from the Gram matrix (whose expansion cancels there).
+_DIRECT_DISTANCE_RATIO = 1e-3
 
 
 @dataclass(frozen=True)
@@ -64,12 +70,57 @@ def _etf(k: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     return (torch.eye(k, dtype=dtype) - 1.0 / k) / (k - 1) ** 0.5
 
 
-def _pinv_psd(matrix: torch.Tensor) -> torch.Tensor:
-    """Pseudo-inverse of a symmetric PSD matrix; eigenvalues below ``PINV_RTOL * max`` dropped."""
-    evals, evecs = torch.linalg.eigh(matrix)
-    keep = evals > PINV_RTOL * evals.max()
-    kept = evecs[:, keep]
+def default_pinv_rtol(size: int) -> float:
+    """The pseudo-inverse cut-off for a ``size x size`` matrix: ``size * eps(float64)``, the
+    convention of ``torch.linalg.pinv`` and ``numpy.linalg.pinv`` (eigenvalues closer to 0 than
+    this fraction of the largest cannot be told from rounding)."""
+    return size * torch.finfo(torch.float64).eps
+
+
+def _complement_basis(null: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis ``(K, K - 1)`` of the vectors orthogonal to ``null (K,)``: the
+    Householder reflection that maps ``e_1`` to ``null / |null|``, without its first column."""
+    k = null.shape[0]
+    v = null / torch.linalg.norm(null)
+    v = v - torch.eye(k, 1, dtype=null.dtype).flatten()
+    reflection = torch.eye(k, dtype=null.dtype)
+    if float(torch.linalg.norm(v)) > 0:
+        reflection -= 2.0 * torch.outer(v, v) / (v @ v)
+    return reflection[:, 1:]
+
+
+def _pinv_centred_gram(gram: torch.Tensor, null: torch.Tensor, dim: int, rtol: Optional[float]) -> torch.Tensor:
+    """Pseudo-inverse of ``G = M M^T``, the Gram matrix of ``K`` centred class means in ``dim``
+    dimensions, whose rank is at most ``min(K - 1, dim)``.
+
+    ``null`` (the weights of the global mean) is in the kernel of ``G`` exactly, so ``G`` is
+    inverted on the complement of ``null``; at most ``dim`` eigenvalues are kept, none below
+    ``rtol`` times the largest (``None``: the size of the matrix inverted times float64's eps).
+    """
+    basis = _complement_basis(null)
+    size = basis.shape[1]
+    cut = default_pinv_rtol(size) if rtol is None else rtol
+    evals, evecs = torch.linalg.eigh(basis.T @ gram @ basis)  # ascending
+    keep = (evals > cut * evals.max()) & (torch.arange(size) >= size - dim)
+    kept = basis @ evecs[:, keep]
     return (kept / evals[keep]) @ kept.T
+
+
+def _mean_distances(means: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """Squared distances ``||mu_a - mu_b||^2`` of the class means (rows of ``means``, ``K x D``),
+    accurate to float64 whatever the separation: from ``gram``, the Gram matrix of the centred
+    means, where its expansion is exact enough, from the differences of the means themselves where
+    two means nearly coincide."""
+    sq = torch.diagonal(gram)
+    distances = (sq[:, None] + sq[None, :] - 2.0 * gram).clamp_min(0.0)
+    close = (distances <= _DIRECT_DISTANCE_RATIO * (sq[:, None] + sq[None, :])).triu(1).nonzero()
+    chunk = max(1, (1 << 24) // max(1, means.shape[1]))
+    for start in range(0, close.shape[0], chunk):
+        a, b = close[start:start + chunk].T
+        exact = (means[a] - means[b]).pow(2).sum(1)
+        distances[a, b] = exact
+        distances[b, a] = exact
+    return distances.fill_diagonal_(0.0)
 
 
 def _off_diagonal_mean(matrix: torch.Tensor) -> float:
@@ -77,25 +128,27 @@ def _off_diagonal_mean(matrix: torch.Tensor) -> float:
     return float(matrix[~torch.eye(k, dtype=torch.bool)].mean())
 
 
-def _metrics_from_statistics(gram_means: torch.Tensor, gram_residuals: torch.Tensor, class_sq: torch.Tensor,
-                             counts: torch.Tensor, num_samples: int, dim: int, class_counts: List[int],
+def _metrics_from_statistics(gram_means: torch.Tensor, mean_distances: torch.Tensor, null: torch.Tensor,
+                             gram_residuals: torch.Tensor, class_sq: torch.Tensor, counts: torch.Tensor,
+                             num_samples: int, dim: int, class_counts: List[int], pinv_rtol: Optional[float],
                              classifier_gram: Optional[torch.Tensor] = None, nc3: Optional[float] = None,
                              correct: int = 0, disagree: Optional[int] = None) -> NCMetrics:
     """The metrics from the ``K x K`` statistics of the present classes (all float64, CPU).
 
-    gram_means = G = M M^T, gram_residuals = sum_i z_i z_i^T, class_sq[c] = sum ||r_i||^2,
+    gram_means = G = M M^T of the centred means, mean_distances[a, b] = ||mu_a - mu_b||^2,
+    null = the weights of the
+    global mean (``G null = 0``), gram_residuals = sum_i z_i z_i^T, class_sq[c] = sum ||r_i||^2,
     classifier_gram = W M^T (rows of the present classes), nc3 computed on the device.
     """
     k = counts.shape[0]
     within = float(class_sq.sum()) / num_samples
     between = float(torch.trace(gram_means)) / k
-    g_pinv = _pinv_psd(gram_means)
+    g_pinv = _pinv_centred_gram(gram_means, null, dim, pinv_rtol)
     nc1 = float(torch.trace(g_pinv @ (gram_residuals / num_samples) @ g_pinv))
 
     variances = class_sq / counts
     sq_norms = torch.diagonal(gram_means)
-    distances = (sq_norms[:, None] + sq_norms[None, :] - 2.0 * gram_means).clamp_min(0.0)
-    cdnv = _off_diagonal_mean((variances[:, None] + variances[None, :]) / (2.0 * distances))
+    cdnv = _off_diagonal_mean((variances[:, None] + variances[None, :]) / (2.0 * mean_distances))
 
     norms = sq_norms.sqrt()
     cosines = gram_means / (norms[:, None] * norms[None, :])
@@ -123,6 +176,53 @@ def _metrics_from_statistics(gram_means: torch.Tensor, gram_residuals: torch.Ten
     )
 
 
+class _PassTally:
+    """What identifies the samples of one pass: per-class counts and a per-class fingerprint, the
+    sums of ``h_i[window] . weights`` over a fixed window of up to 16 feature columns with fixed
+    random weights (and the sums of their absolute values, the fingerprint's scale)."""
+
+    WIDTH = 16
+
+    def __init__(self, num_classes: int, dim: int, device: torch.device) -> None:
+        generator = torch.Generator().manual_seed(0x5EED + dim)
+        width = min(self.WIDTH, dim)
+        self.start = int(torch.randint(0, dim - width + 1, (1,), generator=generator))
+        self.weights = torch.randn(width, generator=generator, dtype=torch.float64).to(device)
+        self.counts = torch.zeros(num_classes, dtype=torch.int64, device=device)
+        self.fingerprint = torch.zeros(2, num_classes, dtype=torch.float64, device=device)
+        self.eps = 0.0  # the precision of the coarsest feature dtype seen
+
+    def update(self, feats: torch.Tensor, labels: torch.Tensor) -> None:
+        values = feats[:, self.start:self.start + self.weights.shape[0]].double() @ self.weights
+        self.eps = max(self.eps, torch.finfo(feats.dtype).eps)
+        self.counts += torch.bincount(labels, minlength=self.counts.shape[0])
+        self.fingerprint[0].index_add_(0, labels, values)
+        self.fingerprint[1].index_add_(0, labels, values.abs())
+
+    def tensors(self) -> List[torch.Tensor]:
+        return [self.counts, self.fingerprint]
+
+    def differences(self, first: _PassTally) -> Optional[str]:
+        """What differs from the tally ``first`` of the first pass, in words (``None``: nothing)."""
+        counts = (self.counts != first.counts).nonzero().flatten().tolist()
+        if counts:
+            shown = ", ".join(f"class {c}: {int(first.counts[c])} then {int(self.counts[c])}" for c in counts[:5])
+            return f"the per-class sample counts differ ({shown}{', ...' if len(counts) > 5 else ''})"
+        rtol = max(_FINGERPRINT_RTOL, 16 * max(self.eps, first.eps))
+        tolerance = rtol * first.fingerprint[1] + torch.finfo(torch.float64).tiny
+        moved = ((self.fingerprint[0] - first.fingerprint[0]).abs() > tolerance).nonzero().flatten().tolist()
+        if moved:
+            return (f"the same counts but other feature values in class(es) {moved[:10]}"
+                    f"{' ...' if len(moved) > 10 else ''} (per-class fingerprints differ)")
+        return None
+
+
+#: Relative agreement asked of the two passes' fingerprints (or 16 eps of the feature dtype, if
+#: coarser): room for features computed twice by kernels that round differently, far below what
+#: one sample in place of another changes.
+_FINGERPRINT_RTOL = 1e-5
+
+
 class NCAccumulator:
     """Exact NC metrics of data that arrives in batches, in two passes over the same data.
 
@@ -140,25 +240,38 @@ class NCAccumulator:
     second-pass ``update`` (e.g. the network's own predicted classes), or else with
     ``argmax(W h + b)`` of the constructor's classifier; without either it is ``None``.
 
+    ``compute()`` checks that the second pass saw the samples of the first: the per-class counts
+    must be equal, and so must a per-class fingerprint of the features (sums of a fixed random
+    combination of 16 feature columns, to a relative ``1e-5``, or 16 eps of a coarser feature
+    dtype); otherwise it raises a
+    ``ValueError`` that says what differs. After ``compute()``, ``reset()`` starts again.
+    ``pinv_rtol``: the pseudo-inverse cut-off of ``nc1`` (see :func:`nc_metrics`).
+
     Under ``torch.distributed`` call ``all_reduce(group)`` at the end of each pass: it sums the
     statistics of the current pass over the ranks, so every rank gets the global means and the
     global result.
     """
 
     def __init__(self, num_classes: int, classifier: Optional[TensorLike] = None, bias: Optional[TensorLike] = None,
-                 global_mean: str = "unweighted", pooling: str = "flatten") -> None:
+                 global_mean: str = "unweighted", pooling: str = "flatten", pinv_rtol: Optional[float] = None) -> None:
         self.num_classes = _inputs.positive_int(num_classes, "num_classes", minimum=2)
         _inputs.check_choice(global_mean, "global_mean", _inputs.GLOBAL_MEANS)
         _inputs.check_choice(pooling, "pooling", _inputs.POOLINGS)
         self.global_mean = global_mean
         self.pooling = pooling
+        self.pinv_rtol = None if pinv_rtol is None else _inputs.finite_number(pinv_rtol, "pinv_rtol")
         self._weight, self._bias = _inputs.classifier_weights(classifier, bias, self.num_classes)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every batch: back to the start of the first pass (the options stay)."""
         self._pass = 1
         self._reduced = False
+        self._computed = False
         self._device: Optional[torch.device] = None
         self._dim: Optional[int] = None
         self._sums: Optional[torch.Tensor] = None
-        self._counts: Optional[torch.Tensor] = None
+        self._tallies: List[_PassTally] = []
         self._second: Optional[_SecondPass] = None  # second-pass statistics
 
     @property
@@ -178,34 +291,42 @@ class NCAccumulator:
         labels = _inputs.class_indices(labels, feats.shape[0], self.num_classes, feats)
         return feats, labels
 
+    def _tally(self) -> _PassTally:
+        """The tally of the current pass (made at its first batch)."""
+        if len(self._tallies) < self._pass:
+            assert self._device is not None and self._dim is not None  # set by the first batch
+            self._tallies.append(_PassTally(self.num_classes, self._dim, self._device))
+        return self._tallies[self._pass - 1]
+
     def update(self, feats: TensorLike, labels: TensorLike, predictions: Optional[TensorLike] = None) -> None:
         """Add a batch: ``feats (B, D)`` or ``(B, C, h, w)``, ``labels (B,)``; ``predictions (B,)`` in pass 2."""
+        if self._computed:
+            raise RuntimeError("update() after compute(); call reset() to measure other data")
         if self._reduced:
             raise RuntimeError("update() after all_reduce() in the same pass; call next_pass() or compute()")
         feats, labels = self._batch(feats, labels)
         if self._pass == 1:
             if predictions is not None:
                 raise ValueError("predictions are used in the second pass only (after next_pass())")
-            sums, counts = _ops.class_sums(feats, labels, self.num_classes)
+            sums, _ = _ops.class_sums(feats, labels, self.num_classes)
             _inputs.finite(sums, "feats")
-            if self._sums is None or self._counts is None:
-                self._sums, self._counts = sums, counts
-            else:
-                self._sums += sums
-                self._counts += counts
+            self._sums = sums if self._sums is None else self._sums + sums
+            self._tally().update(feats, labels)
             return
         assert self._second is not None  # set by next_pass()
         if predictions is not None:
             predictions = _inputs.class_indices(predictions, feats.shape[0], self.num_classes, feats, "predictions")
         self._second.update(feats, labels, predictions)
+        self._tally().update(feats, labels)
 
     def next_pass(self) -> None:
         """End the first pass: fix the class means and start the second pass."""
         if self._pass != 1:
             raise RuntimeError("next_pass() was already called")
-        if self._sums is None or self._counts is None:
+        if self._sums is None:
             raise ValueError("no data: call update(feats, labels) before next_pass()")
-        self._second = _SecondPass(self._sums, self._counts, self._weight, self._bias, self.global_mean)
+        self._second = _SecondPass(self._sums, self._tallies[0].counts, self._weight, self._bias, self.global_mean,
+                                   self.pinv_rtol)
         self._pass, self._reduced = 2, False
 
     def all_reduce(self, group: Optional[Any] = None) -> None:
@@ -217,13 +338,13 @@ class NCAccumulator:
         if self._reduced:
             raise RuntimeError("all_reduce() was already called in this pass")
         if self._pass == 1:
-            if self._sums is None or self._counts is None:
+            if self._sums is None:
                 raise ValueError("no data on this rank: call update() before all_reduce()")
-            tensors = [self._sums, self._counts]
+            tensors = [self._sums]
         else:
             assert self._second is not None  # set by next_pass()
             tensors = self._second.tensors()
-        for tensor in tensors:
+        for tensor in tensors + self._tally().tensors():
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
         self._reduced = True
 
@@ -232,6 +353,13 @@ class NCAccumulator:
         if self._pass != 2:
             raise RuntimeError("compute() needs both passes: call next_pass() and feed the data again")
         assert self._second is not None  # set by next_pass()
+        if len(self._tallies) < 2:
+            raise ValueError("the second pass saw no samples; feed the data of the first pass again")
+        different = self._tallies[1].differences(self._tallies[0])
+        if different is not None:
+            raise ValueError(f"the second pass did not see the samples of the first: {different}; feed the same "
+                             "data in both passes")
+        self._computed = True
         return self._second.compute()
 
 
@@ -239,9 +367,10 @@ class _SecondPass:
     """Class means fixed by the first pass and the statistics of the second."""
 
     def __init__(self, sums: torch.Tensor, counts: torch.Tensor, weight: Optional[torch.Tensor],
-                 bias: Optional[torch.Tensor], global_mean: str) -> None:
+                 bias: Optional[torch.Tensor], global_mean: str, pinv_rtol: Optional[float]) -> None:
         self.counts = counts
         self.num_samples = int(counts.sum())
+        self.pinv_rtol = pinv_rtol
         present = counts > 0
         self.present = present.nonzero().flatten()
         if self.present.numel() < 2:
@@ -249,23 +378,24 @@ class _SecondPass:
         self.means = sums / counts.clamp_min(1).unsqueeze(1).double()
         if global_mean == "weighted":
             global_mu = sums.sum(0) / self.num_samples
+            self.null = counts[self.present].double()  # sum_c n_c m_c = 0
         else:
             global_mu = self.means[self.present].mean(0)
+            self.null = torch.ones(self.present.numel(), dtype=torch.float64, device=counts.device)
         centred = (self.means - global_mu) * present.unsqueeze(1)
         gram = centred @ centred.T
         if not float(torch.diagonal(gram).max()) > 0:
             raise ValueError("feats: all class means are equal (Sigma_B = 0); the NC metrics are undefined")
-        sq = torch.diagonal(gram)
-        ncc_bias = (sq[:, None] + sq[None, :] - 2.0 * gram).clamp_min(0.0)
-        self.ncc_bias = ncc_bias.masked_fill(~present.unsqueeze(0), float("inf"))
+        self.mean_distances = _mean_distances(self.means, gram)
+        self.ncc_bias = self.mean_distances.masked_fill(~present.unsqueeze(0), float("inf"))
         self.centred, self.gram_means = centred, gram
         self.weight = weight
         self.logit_offset = None if weight is None or bias is None else self.means @ weight.T + bias
         self.proj = centred if weight is None else torch.cat([centred, weight])
         self.gram = torch.zeros_like(gram)
-        self.class_sq = torch.zeros_like(sq)
-        # correct, disagree, samples seen, samples with a decision source
-        self.counters = torch.zeros(4, dtype=torch.int64, device=sums.device)
+        self.class_sq = torch.zeros(counts.shape[0], dtype=torch.float64, device=counts.device)
+        # correct, disagree, samples with a decision source
+        self.counters = torch.zeros(3, dtype=torch.int64, device=sums.device)
 
     def tensors(self) -> List[torch.Tensor]:
         return [self.gram, self.class_sq, self.counters]
@@ -279,15 +409,11 @@ class _SecondPass:
         self.gram += gram
         self.class_sq += class_sq
         self.counters[:2] += decisions
-        self.counters[2] += feats.shape[0]
         if predictions is not None or logit_offset is not None:
-            self.counters[3] += feats.shape[0]
+            self.counters[2] += feats.shape[0]
 
     def compute(self) -> NCMetrics:
-        correct, disagree, seen, decided = (int(v) for v in self.counters.tolist())
-        if seen != self.num_samples:
-            raise ValueError(f"the second pass saw {seen} samples but the first saw {self.num_samples}; "
-                             "feed the same data in both passes")
+        correct, disagree, decided = (int(v) for v in self.counters.tolist())
         idx = self.present
         nc3 = classifier_gram = None
         if self.weight is not None:
@@ -297,12 +423,15 @@ class _SecondPass:
         cpu = torch.device("cpu")
         return _metrics_from_statistics(
             gram_means=self.gram_means[idx][:, idx].to(cpu),
+            mean_distances=self.mean_distances[idx][:, idx].to(cpu),
+            null=self.null.to(cpu),
             gram_residuals=self.gram[idx][:, idx].to(cpu),
             class_sq=self.class_sq[idx].to(cpu),
             counts=self.counts[idx].to(cpu).double(),
             num_samples=self.num_samples,
             dim=self.means.shape[1],
             class_counts=[int(c) for c in self.counts.tolist()],
+            pinv_rtol=self.pinv_rtol,
             classifier_gram=classifier_gram,
             nc3=nc3,
             correct=correct,
@@ -313,7 +442,7 @@ class _SecondPass:
 def nc_metrics(feats: TensorLike, labels: TensorLike, num_classes: Optional[int] = None,
                classifier: Optional[TensorLike] = None, bias: Optional[TensorLike] = None,
                predictions: Optional[TensorLike] = None, global_mean: str = "unweighted",
-               pooling: str = "flatten") -> NCMetrics:
+               pooling: str = "flatten", pinv_rtol: Optional[float] = None) -> NCMetrics:
     """Exact neural-collapse metrics of one set of features (docs/spec.md sections 2-3).
 
     Args:
@@ -327,13 +456,18 @@ def nc_metrics(feats: TensorLike, labels: TensorLike, num_classes: Optional[int]
             and ``nc4``.
         predictions: ``(N,)`` predicted classes for ``nc4`` (instead of ``argmax(W h + b)``).
         global_mean: ``"unweighted"`` (mean of class means, Papyan) or ``"weighted"`` (sample mean).
+        pinv_rtol: eigenvalues of ``Sigma_B`` below this fraction of the largest count as 0 in
+            ``nc1``'s pseudo-inverse. Default: float64's noise level, ``size * eps`` for the
+            ``(K - 1) x (K - 1)`` matrix inverted (the convention of ``torch.linalg.pinv``);
+            ``LEGACY_PINV_RTOL`` (``1e-10``) is the cut-off of the first releases, which drops real
+            directions of nearly overlapping classes (docs/spec.md section 3).
 
     Returns:
         ``NCMetrics``. Two passes over ``feats``, float64 accumulation, no ``D x D`` matrix.
     """
     num_classes = _inputs.infer_num_classes(num_classes, labels)
     feats = _inputs.features(feats, pooling)  # pooled once here, not again in each pass
-    accumulator = NCAccumulator(num_classes, classifier, bias, global_mean, pooling="flatten")
+    accumulator = NCAccumulator(num_classes, classifier, bias, global_mean, pooling="flatten", pinv_rtol=pinv_rtol)
     accumulator.update(feats, labels)
     accumulator.next_pass()
     accumulator.update(feats, labels, predictions)

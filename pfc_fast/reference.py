@@ -13,8 +13,6 @@ import torch
 
 from ._inputs import TensorLike
 
-#: Same cut-off as the kernels' convention: eigenvalues below this fraction of the largest are 0.
-PINV_RTOL = 1e-10
 
 
 def _as_features(feats: TensorLike, pooling: str) -> torch.Tensor:
@@ -24,12 +22,14 @@ def _as_features(feats: TensorLike, pooling: str) -> torch.Tensor:
     return feats
 
 
-def _pinv(matrix: torch.Tensor) -> torch.Tensor:
-    """Pseudo-inverse of a symmetric PSD matrix from its eigendecomposition, eigenvalues below
-    ``PINV_RTOL`` times the largest dropped (written here, apart from pfc_fast.metrics, so that the
-    tests compare two independent implementations)."""
-    evals, evecs = torch.linalg.eigh(matrix)
-    keep = evals > PINV_RTOL * evals.max()
+def _pinv(matrix: torch.Tensor, rank: int) -> torch.Tensor:
+    """Pseudo-inverse of a symmetric PSD matrix of rank at most ``rank`` from its
+    eigendecomposition: the ``rank`` largest eigenvalues, less those below ``size * eps`` times the
+    largest (torch's and numpy's convention) (written here, apart from pfc_fast.metrics, so that
+    the tests compare two independent implementations)."""
+    evals, evecs = torch.linalg.eigh(matrix)  # ascending
+    size = matrix.shape[0]
+    keep = (evals > size * torch.finfo(matrix.dtype).eps * evals.max()) & (torch.arange(size) >= size - rank)
     return evecs[:, keep] @ torch.diag(1.0 / evals[keep]) @ evecs[:, keep].T
 
 
@@ -58,7 +58,7 @@ def nc_metrics(feats: TensorLike, labels: TensorLike, num_classes: Optional[int]
     residuals = feats - full_means[labels]
     sigma_w = residuals.T @ residuals / num_samples
     sigma_b = m @ m.T / k
-    sigma_b_pinv = _pinv(sigma_b)
+    sigma_b_pinv = _pinv(sigma_b, rank=min(k - 1, dim))
 
     variances = [float(((feats[labels == c] - means[j]) ** 2).sum(1).mean()) for j, c in enumerate(classes)]
     cdnv_terms = [
@@ -121,7 +121,7 @@ def nc1_projection(feats: TensorLike, labels: TensorLike) -> float:
     full_means[classes] = means
     z = (feats - full_means[labels]) @ m
     a = z.T @ z / feats.shape[0]
-    g_pinv = _pinv(m.T @ m)
+    g_pinv = _pinv(m.T @ m, rank=min(len(classes) - 1, feats.shape[1]))
     return float(torch.trace(g_pinv @ a @ g_pinv))
 
 

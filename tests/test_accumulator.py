@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 
 import pfc_fast
 
-from conftest import assert_metrics_close, make_features
+from conftest import assert_metrics_close, make_features, seed_for
 
 
 def _feed(acc, feats, labels, order, batch, predictions=None):
@@ -65,7 +65,7 @@ def test_pass_protocol_errors():
     acc.update(feats, labels)
     acc.next_pass()
     acc.update(feats[:50], labels[:50])
-    with pytest.raises(ValueError, match="saw 50 samples"):
+    with pytest.raises(ValueError, match=r"per-class sample counts differ \(class 0: \d+ then \d+"):
         acc.compute()
     with pytest.raises(ValueError, match="D = 5"):
         acc.update(torch.randn(10, 5), labels[:10])
@@ -101,3 +101,44 @@ def test_all_reduce_two_processes(tmp_path):
         assert set(result) == set(whole)
         for name, value in whole.items():
             assert result[name] == pytest.approx(value, rel=1e-10, abs=1e-14), name
+
+
+def test_second_pass_of_other_samples_with_the_same_counts():
+    """The second pass of other samples with the same per-class counts is caught by the
+    fingerprint, and so is one sample of a class replaced by another of that class."""
+    feats, labels = make_features(300, 20, 4, seed=seed_for("fingerprint"), dtype=torch.float64)
+    others, _ = make_features(300, 20, 4, seed=seed_for("fingerprint", "others"), dtype=torch.float64)
+    swapped = feats.clone()
+    first_of_class_1 = int((labels == 1).nonzero()[0])
+    swapped[first_of_class_1] = others[first_of_class_1]
+    for second in (others, swapped):
+        acc = pfc_fast.NCAccumulator(4)
+        acc.update(feats, labels)
+        acc.next_pass()
+        acc.update(second, labels)
+        with pytest.raises(ValueError, match=r"same counts but other feature values in class\(es\) \[.*1"):
+            acc.compute()
+    acc = pfc_fast.NCAccumulator(4)  # the same samples in another order and other batches pass
+    _feed(acc, feats, labels, torch.arange(300), 64)
+    acc.next_pass()
+    _feed(acc, feats, labels, torch.randperm(300, generator=torch.Generator().manual_seed(seed_for("fp"))), 50)
+    assert_metrics_close(acc.compute(), pfc_fast.reference.nc_metrics(feats, labels), rtol=1e-9)
+
+
+def test_update_after_compute_and_reset():
+    feats, labels = make_features(200, 6, 3, seed=seed_for("reset"), dtype=torch.float64)
+    acc = pfc_fast.NCAccumulator(3)
+    acc.update(feats, labels)
+    acc.next_pass()
+    acc.update(feats, labels)
+    first = acc.compute()
+    with pytest.raises(RuntimeError, match=r"update\(\) after compute\(\); call reset\(\)"):
+        acc.update(feats, labels)
+    acc.reset()
+    assert acc.current_pass == 1
+    other, other_labels = make_features(150, 6, 3, seed=seed_for("reset", 2), dtype=torch.float64)
+    acc.update(other, other_labels)
+    acc.next_pass()
+    acc.update(other, other_labels)
+    assert acc.compute().num_samples == 150 and first.num_samples == 200
+    assert_metrics_close(acc.compute(), pfc_fast.reference.nc_metrics(other, other_labels), rtol=1e-9)

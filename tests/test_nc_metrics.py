@@ -2,6 +2,8 @@
 random data: all input dtypes, K from 2 to 100, D from 1 to 2048, unbalanced and absent classes,
 with and without a classifier, the collapse regime, and D = 65,536 through the projection identity."""
 import numpy as np
+from fractions import Fraction
+
 import pytest
 import torch
 
@@ -108,3 +110,61 @@ def test_perfect_collapse_matches_closed_form():
     assert metrics.nc3_etf == pytest.approx(0, abs=1e-12)
     assert metrics.nc4 == 0 and metrics.ncc_accuracy == 1
     assert metrics.between_trace == pytest.approx((k - 1) / k)
+
+
+def test_cdnv_of_nearly_coinciding_means_is_exact():
+    """Two class means 2^-s apart at unit scale (dyadic data: the means are exact in float64): cdnv
+    against its closed form. The Gram expansion of the distance loses every digit at s = 26."""
+    for shift in (10, 17, 26, 40):
+        delta = 2.0 ** -shift
+        base = torch.tensor([[1.0, 0.5, 0.0], [1.0 + delta, 0.5, 0.0], [0.0, 1.0, 1.0]], dtype=torch.float64)
+        noise = torch.tensor([[0.25, 0.0, 0.0], [0.0, 0.125, 0.0]], dtype=torch.float64) * delta
+        feats = torch.cat([base[c] + sign * noise for c in range(3) for sign in (1, -1)])  # (12, 3), exact means
+        labels = torch.arange(3).repeat_interleave(4)
+        variances = torch.tensor([float((noise ** 2).sum(1).mean())] * 3)
+        distances = torch.cdist(base, base, compute_mode="donot_use_mm_for_euclid_dist") ** 2
+        expected = sum(float((variances[a] + variances[b]) / (2 * distances[a, b]))
+                       for a in range(3) for b in range(3) if a != b) / 6
+        ours = pfc_fast.nc_metrics(feats, labels)
+        assert ours.cdnv == pytest.approx(expected, rel=1e-12), shift
+
+
+def _exact_nc1(feats, labels):
+    """``Tr(Sigma_W Sigma_B^-1) / K`` in exact rational arithmetic, for D = 2 (Sigma_B invertible)."""
+    rows = [[Fraction(float(v)) for v in row] for row in feats.tolist()]
+    ys = labels.tolist()
+    classes = sorted(set(ys))
+    means = {c: [sum(r[j] for r, y in zip(rows, ys) if y == c) / ys.count(c) for j in range(2)] for c in classes}
+    centre = [sum(means[c][j] for c in classes) / len(classes) for j in range(2)]
+
+    def scatter(vectors, scale):
+        return [[sum(v[a] * v[b] for v in vectors) / scale for b in range(2)] for a in range(2)]
+
+    within = scatter([[r[j] - means[y][j] for j in range(2)] for r, y in zip(rows, ys)], len(rows))
+    between = scatter([[means[c][j] - centre[j] for j in range(2)] for c in classes], len(classes))
+    det = between[0][0] * between[1][1] - between[0][1] * between[1][0]
+    inverse = [[between[1][1] / det, -between[0][1] / det], [-between[1][0] / det, between[0][0] / det]]
+    trace = sum(within[a][b] * inverse[b][a] for a in range(2) for b in range(2))
+    return float(trace / len(classes))
+
+
+def test_overlapping_classes_keep_their_between_class_direction():
+    """Two classes whose means are 1e-7 apart (relative to the third): Sigma_B's small eigenvalue
+    is real, so nc1 is large, as the float64 reference (size x eps cut-off) and every published
+    code have it; the legacy 1e-10 cut-off drops it and reports collapse."""
+    gen = torch.Generator().manual_seed(seed_for("overlap"))
+    means = torch.tensor([[0.0, 0.0], [1e-7, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    labels = torch.arange(3).repeat(200)
+    noise = torch.randn(600, 2, generator=gen, dtype=torch.float64)
+    noise -= torch.stack([noise[labels == c].mean(0) for c in range(3)])[labels]  # the means are exact
+    feats = means[labels] + 1e-3 * noise
+    ours = pfc_fast.nc_metrics(feats, labels)
+    # Sigma_B's condition number is 1e14: its small eigenvalue, formed as a square, holds two digits
+    # in float64, in pfc_fast's K x K algebra as in the reference's D x D one
+    exact = _exact_nc1(feats, labels)
+    assert ours.nc1 > 1e7 and ours.nc1 == pytest.approx(exact, rel=5e-2)
+    assert pfc_fast.reference.nc_metrics(feats, labels)["nc1"] == pytest.approx(exact, rel=5e-2)
+    legacy = pfc_fast.nc_metrics(feats, labels, pinv_rtol=pfc_fast.metrics.LEGACY_PINV_RTOL)
+    assert legacy.nc1 < 1.0
+    with pytest.raises(ValueError, match="pinv_rtol must be a finite number >= 0"):
+        pfc_fast.nc_metrics(feats, labels, pinv_rtol=-1.0)
