@@ -15,7 +15,10 @@ inline void define_ops(torch::Library& m) {
   //                                             optionally the K classifier rows)
   //   gram[a, b]     = sum_i s_i[a] s_i[b]      for a, b < K   (the K x K accumulation)
   //   class_sq[c]    = sum_{y_i = c} ||r_i||^2 (per-class traces)
-  //   ncc_i          = argmin_c ncc_bias[y_i, c] - 2 s_i[c]   (nearest class centre; ties: lowest c)
+  //   ncc_i          = argmin_c ncc_bias[y_i, c] - 2 s_i[c]   (nearest class centre; ties: lowest c;
+  //                    ncc_bias[y, c] = ||means[y] - means[c]||^2, so this is argmin_c ||h_i - means[c]||^2;
+  //                    where another class is within the rounding of the expansion, the squared
+  //                    distances ||h_i - means[c]||^2 computed term by term decide)
   //   decisions[0]   = #{ncc_i == y_i}
   //   decisions[1]   = #{ncc_i != argmax_j (s_i[K + j] + logit_offset[y_i, j])} with a classifier,
   //                    #{ncc_i != predictions[i]} with predictions, else 0.

@@ -15,6 +15,7 @@ and every other metric is ``K x K`` work. Memory is ``O(K D + K^2)`` whatever ``
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -27,6 +28,10 @@ from ._inputs import TensorLike
 #: treated as 0 (``pinv_rtol=LEGACY_PINV_RTOL`` restores it). It drops real between-class directions
 #: of nearly overlapping classes, so the default is now float64's noise level (docs/spec.md section 3).
 LEGACY_PINV_RTOL = 1e-10
+
+#: float64 features of magnitude in this range have products that neither underflow nor overflow
+#: in the passes' sums; outside it they are rescaled exactly, by a power of two, to magnitude ~1.
+_SAFE_MAGNITUDE = (2.0 ** -240, 2.0 ** 240)
 
 #: Pairs of class means closer than this fraction of their squared norms get their squared distance
 #: from the difference of the means, not from the Gram matrix (whose expansion cancels there).
@@ -63,6 +68,14 @@ class NCMetrics:
     def to_dict(self) -> Dict[str, Any]:
         """The metrics as a JSON-serialisable dict."""
         return dataclasses.asdict(self)
+
+
+def _power_of_two_scale(magnitude: float) -> float:
+    """1 for features whose largest magnitude is in ``_SAFE_MAGNITUDE`` (or 0), else ``2^-e`` where
+    ``magnitude = m 2^e`` with ``0.5 <= m < 1``: the exact rescaling to a magnitude just below 1."""
+    if magnitude == 0.0 or _SAFE_MAGNITUDE[0] <= magnitude <= _SAFE_MAGNITUDE[1]:
+        return 1.0
+    return math.ldexp(1.0, -math.frexp(magnitude)[1])
 
 
 def _etf(k: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -131,6 +144,7 @@ def _off_diagonal_mean(matrix: torch.Tensor) -> float:
 def _metrics_from_statistics(gram_means: torch.Tensor, mean_distances: torch.Tensor, null: torch.Tensor,
                              gram_residuals: torch.Tensor, class_sq: torch.Tensor, counts: torch.Tensor,
                              num_samples: int, dim: int, class_counts: List[int], pinv_rtol: Optional[float],
+                             scale: float,
                              classifier_gram: Optional[torch.Tensor] = None, nc3: Optional[float] = None,
                              correct: int = 0, disagree: Optional[int] = None) -> NCMetrics:
     """The metrics from the ``K x K`` statistics of the present classes (all float64, CPU).
@@ -138,11 +152,12 @@ def _metrics_from_statistics(gram_means: torch.Tensor, mean_distances: torch.Ten
     gram_means = G = M M^T of the centred means, mean_distances[a, b] = ||mu_a - mu_b||^2,
     null = the weights of the
     global mean (``G null = 0``), gram_residuals = sum_i z_i z_i^T, class_sq[c] = sum ||r_i||^2,
-    classifier_gram = W M^T (rows of the present classes), nc3 computed on the device.
+    classifier_gram = W M^T (rows of the present classes), nc3 computed on the device. The
+    statistics are those of the features times ``scale`` (a power of two): only the two traces
+    depend on it.
     """
     k = counts.shape[0]
-    within = float(class_sq.sum()) / num_samples
-    between = float(torch.trace(gram_means)) / k
+    scaled_within, scaled_between = float(class_sq.sum()) / num_samples, float(torch.trace(gram_means)) / k
     g_pinv = _pinv_centred_gram(gram_means, null, dim, pinv_rtol)
     nc1 = float(torch.trace(g_pinv @ (gram_residuals / num_samples) @ g_pinv))
 
@@ -158,7 +173,7 @@ def _metrics_from_statistics(gram_means: torch.Tensor, mean_distances: torch.Ten
         nc3_etf = float(torch.linalg.norm(classifier_gram / torch.linalg.norm(classifier_gram) - etf))
     return NCMetrics(
         nc1=nc1,
-        nc1_quotient=within / between,
+        nc1_quotient=scaled_within / scaled_between,
         cdnv=cdnv,
         nc2_equinorm=float(norms.std() / norms.mean()),
         nc2_equiangle=_off_diagonal_mean((cosines + 1.0 / (k - 1)).abs()),
@@ -167,8 +182,8 @@ def _metrics_from_statistics(gram_means: torch.Tensor, mean_distances: torch.Ten
         nc3_etf=nc3_etf,
         nc4=None if disagree is None else disagree / num_samples,
         ncc_accuracy=correct / num_samples,
-        within_trace=within,
-        between_trace=between,
+        within_trace=scaled_within / scale / scale,
+        between_trace=scaled_between / scale / scale,
         num_samples=num_samples,
         class_counts=class_counts,
         num_classes=k,
@@ -271,6 +286,8 @@ class NCAccumulator:
         self._device: Optional[torch.device] = None
         self._dim: Optional[int] = None
         self._sums: Optional[torch.Tensor] = None
+        self._magnitude = 0.0  # the largest |h| of float64 features so far
+        self._scale = 1.0  # every statistic is of the features times this power of two
         self._tallies: List[_PassTally] = []
         self._second: Optional[_SecondPass] = None  # second-pass statistics
 
@@ -308,16 +325,27 @@ class NCAccumulator:
         if self._pass == 1:
             if predictions is not None:
                 raise ValueError("predictions are used in the second pass only (after next_pass())")
-            sums, _ = _ops.class_sums(feats, labels, self.num_classes)
+            self._tally().update(feats, labels)
+            if feats.dtype == torch.float64:
+                self._rescale(max(self._magnitude, float(feats.abs().amax())))
+            sums, _ = _ops.class_sums(feats if self._scale == 1.0 else feats * self._scale, labels, self.num_classes)
             _inputs.finite(sums, "feats")
             self._sums = sums if self._sums is None else self._sums + sums
-            self._tally().update(feats, labels)
             return
         assert self._second is not None  # set by next_pass()
         if predictions is not None:
             predictions = _inputs.class_indices(predictions, feats.shape[0], self.num_classes, feats, "predictions")
-        self._second.update(feats, labels, predictions)
         self._tally().update(feats, labels)
+        self._second.update(feats if self._scale == 1.0 else feats * self._scale, labels, predictions)
+
+    def _rescale(self, magnitude: float) -> None:
+        """Record the largest feature magnitude; where it calls for another power-of-two scale,
+        rescale the sums so far (exactly) to it."""
+        self._magnitude = magnitude
+        scale = _power_of_two_scale(magnitude)
+        if scale != self._scale and self._sums is not None:
+            self._sums *= scale / self._scale
+        self._scale = scale
 
     def next_pass(self) -> None:
         """End the first pass: fix the class means and start the second pass."""
@@ -326,7 +354,7 @@ class NCAccumulator:
         if self._sums is None:
             raise ValueError("no data: call update(feats, labels) before next_pass()")
         self._second = _SecondPass(self._sums, self._tallies[0].counts, self._weight, self._bias, self.global_mean,
-                                   self.pinv_rtol)
+                                   self.pinv_rtol, self._scale)
         self._pass, self._reduced = 2, False
 
     def all_reduce(self, group: Optional[Any] = None) -> None:
@@ -340,6 +368,9 @@ class NCAccumulator:
         if self._pass == 1:
             if self._sums is None:
                 raise ValueError("no data on this rank: call update() before all_reduce()")
+            magnitude = torch.tensor([self._magnitude], dtype=torch.float64, device=self._sums.device)
+            dist.all_reduce(magnitude, op=dist.ReduceOp.MAX, group=group)
+            self._rescale(float(magnitude))  # one scale on every rank
             tensors = [self._sums]
         else:
             assert self._second is not None  # set by next_pass()
@@ -367,8 +398,9 @@ class _SecondPass:
     """Class means fixed by the first pass and the statistics of the second."""
 
     def __init__(self, sums: torch.Tensor, counts: torch.Tensor, weight: Optional[torch.Tensor],
-                 bias: Optional[torch.Tensor], global_mean: str, pinv_rtol: Optional[float]) -> None:
+                 bias: Optional[torch.Tensor], global_mean: str, pinv_rtol: Optional[float], scale: float) -> None:
         self.counts = counts
+        self.scale = scale  # the sums and every feature of the second pass are times this
         self.num_samples = int(counts.sum())
         self.pinv_rtol = pinv_rtol
         present = counts > 0
@@ -390,7 +422,8 @@ class _SecondPass:
         self.ncc_bias = self.mean_distances.masked_fill(~present.unsqueeze(0), float("inf"))
         self.centred, self.gram_means = centred, gram
         self.weight = weight
-        self.logit_offset = None if weight is None or bias is None else self.means @ weight.T + bias
+        # scale * (W mu_y + b): the logits of the scaled features, whose argmax is that of the features'
+        self.logit_offset = None if weight is None or bias is None else self.means @ weight.T + scale * bias
         self.proj = centred if weight is None else torch.cat([centred, weight])
         self.gram = torch.zeros_like(gram)
         self.class_sq = torch.zeros(counts.shape[0], dtype=torch.float64, device=counts.device)
@@ -432,6 +465,7 @@ class _SecondPass:
             dim=self.means.shape[1],
             class_counts=[int(c) for c in self.counts.tolist()],
             pinv_rtol=self.pinv_rtol,
+            scale=self.scale,
             classifier_gram=classifier_gram,
             nc3=nc3,
             correct=correct,

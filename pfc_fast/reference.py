@@ -70,7 +70,8 @@ def nc_metrics(feats: TensorLike, labels: TensorLike, num_classes: Optional[int]
     etf = (torch.eye(k, dtype=torch.float64) - torch.ones(k, k, dtype=torch.float64) / k) / (k - 1) ** 0.5
     gram = (m.T @ m).cpu()
 
-    nearest = torch.tensor(classes, device=feats.device)[torch.cdist(feats, means).argmin(1)]
+    distances = torch.cdist(feats, means, compute_mode="donot_use_mm_for_euclid_dist")  # term by term: exact ties
+    nearest = torch.tensor(classes, device=feats.device)[distances.argmin(1)]  # first minimum: lowest index
     result = {
         "nc1": float(torch.trace(sigma_w @ sigma_b_pinv)) / k,
         "nc1_quotient": float(torch.trace(sigma_w) / torch.trace(sigma_b)),

@@ -89,7 +89,8 @@ def _expected_residual_stats(feats, labels, means, proj, ncc_bias, logit_offset,
     s = r @ proj.T
     gram = s[:, :k].T @ s[:, :k]
     class_sq = torch.zeros(k, dtype=torch.float64).index_add_(0, labels, (r * r).sum(1))
-    ncc = torch.argmin(ncc_bias[labels] - 2 * s[:, :k], dim=1)
+    distances = torch.cdist(feats.double(), means, compute_mode="donot_use_mm_for_euclid_dist")  # term by term
+    ncc = torch.argmin(distances.masked_fill(torch.isinf(ncc_bias[labels]), float("inf")), dim=1)
     correct = int((ncc == labels).sum())
     if logit_offset is not None:
         disagree = int((ncc != torch.argmax(s[:, k:] + logit_offset[labels], dim=1)).sum())

@@ -1,6 +1,8 @@
 """nc_metrics against the float64 reference (explicit Sigma_W, Sigma_B, pseudo-inverse) on fresh
 random data: all input dtypes, K from 2 to 100, D from 1 to 2048, unbalanced and absent classes,
 with and without a classifier, the collapse regime, and D = 65,536 through the projection identity."""
+import math
+
 import numpy as np
 from fractions import Fraction
 
@@ -168,3 +170,76 @@ def test_overlapping_classes_keep_their_between_class_direction():
     assert legacy.nc1 < 1.0
     with pytest.raises(ValueError, match="pinv_rtol must be a finite number >= 0"):
         pfc_fast.nc_metrics(feats, labels, pinv_rtol=-1.0)
+
+
+def _exact_nearest(feats, means):
+    """argmin_c ||h - mu_c||^2 in exact rational arithmetic, ties to the lowest c."""
+    rows = [[Fraction(float(v)) for v in row] for row in feats.tolist()]
+    centres = [[Fraction(float(v)) for v in row] for row in means.tolist()]
+    return [min(range(len(centres)), key=lambda c: (sum((a - b) ** 2 for a, b in zip(row, centres[c])), c))
+            for row in rows]
+
+
+def test_exact_ties_in_the_nearest_class_centre_go_to_the_lowest_index(device):
+    """Integer features far from the origin (2^20), many samples exactly halfway between two class
+    means: the expanded distances round differently for the two classes (for most seeds they decide
+    a dozen of these samples the wrong way), the decisions must not. Expected: exact rational arithmetic,
+    ties to the lowest index; the reference agrees."""
+    gen = torch.Generator().manual_seed(seed_for("ties"))
+    k, d, offset = 5, 40, 2.0 ** 20
+    centres = 2 * torch.randint(-20, 21, (k, d), generator=gen).double()  # even: integer midpoints
+    rows, labels = [], []
+    for c in range(k):
+        for j in range(d):
+            for sign in (1, -1):  # symmetric about the centre: the class mean is exactly the centre
+                rows.append(centres[c] + sign * 5 * torch.eye(d, dtype=torch.float64)[j])
+        for other in range(k):
+            if other != c:
+                tie = (centres[c] + centres[other]) / 2  # equidistant from both; its mirror stays in c
+                rows += [tie, 2 * centres[c] - tie] * 3
+        labels += [c] * (len(rows) - len(labels))
+    feats, labels = offset + torch.stack(rows), torch.tensor(labels)
+    expected = _exact_nearest(feats, offset + centres)
+    accuracy = sum(e == y for e, y in zip(expected, labels.tolist())) / len(expected)
+    assert 0.5 < accuracy < 1.0  # ties decided both ways
+    ours = pfc_fast.nc_metrics(feats.to(device), labels.to(device), predictions=torch.tensor(expected).to(device))
+    assert ours.ncc_accuracy == accuracy and ours.nc4 == 0.0
+    assert pfc_fast.reference.nc_metrics(feats, labels)["ncc_accuracy"] == accuracy
+
+
+@pytest.mark.parametrize("factor", [1e-300, 1e-150, 1e-100, 1e100, 1e150, 1e300])
+def test_metrics_are_scale_invariant_in_float64(device, factor):
+    """The metrics of c H equal those of H for c from 1e-300 to 1e300 (the traces scale by c^2):
+    float64 features are rescaled by a power of two where their products would leave float64's
+    range, and finite input is never called "NaN or Inf"."""
+    feats, labels = make_features(500, 12, 5, seed=seed_for("scale", factor), dtype=torch.float64, spread=0.3)
+    gen = torch.Generator().manual_seed(seed_for("scale-classifier"))
+    weight, bias = torch.randn(5, 12, generator=gen, dtype=torch.float64), torch.randn(5, generator=gen, dtype=torch.float64)
+    plain = pfc_fast.nc_metrics(feats.to(device), labels.to(device), classifier=weight.to(device), bias=bias.to(device))
+    scaled = pfc_fast.nc_metrics((factor * feats).to(device), labels.to(device), classifier=weight.to(device),
+                                 bias=(factor * bias).to(device))
+    for field, value in plain.to_dict().items():
+        other = getattr(scaled, field)
+        if field in ("within_trace", "between_trace"):
+            expected = factor * factor * value  # 0 or inf where float64 cannot hold it
+            if 1e-300 < expected < 1e300:
+                assert other == pytest.approx(expected, rel=1e-12), field
+        elif isinstance(value, float):
+            assert other == pytest.approx(value, rel=1e-10, abs=1e-14), field
+        else:
+            assert other == value, field
+    if not 1e-150 <= factor <= 1e150:
+        return  # batches 1e300 apart: their products cannot share float64's range
+    acc = pfc_fast.NCAccumulator(5)  # batches of very different magnitudes, rescaled on the way
+    order = torch.argsort(feats[:, 0])
+    for part in (order[:100], order[100:]):
+        acc.update(factor * feats[part] if part.numel() == 100 else feats[part], labels[part])
+    acc.next_pass()
+    for part in (order[:100], order[100:]):
+        acc.update(factor * feats[part] if part.numel() == 100 else feats[part], labels[part])
+    mixed = torch.cat([factor * feats[order[:100]], feats[order[100:]]])
+    reference_metrics = pfc_fast.reference.nc_metrics(mixed, labels[order]) if 1e-100 <= factor <= 1e100 else None
+    result = acc.compute()
+    assert math.isfinite(result.nc1) and math.isfinite(result.cdnv)
+    if reference_metrics is not None:
+        assert result.nc1 == pytest.approx(reference_metrics["nc1"], rel=1e-8)

@@ -107,6 +107,7 @@ struct ResidualInputs {
   const double* ncc_bias;      // (K, K)
   const double* logit_offset;  // (K, num_logits) or nullptr
   const int64_t* predictions;  // (N,) or nullptr
+  const double* mean_norm_max; // (): max_c ||m_c||, the largest centred mean (rows of proj up to K)
 };
 
 // The results of residual_stats, zeroed, for the backend to add to (as tensors: the CUDA backend
@@ -120,19 +121,64 @@ struct ResidualOutputs {
 // The decision rules of ncc_accuracy and nc4 (docs/spec.md section 3), one for every device: ties
 // go to the lowest index, a NaN never wins, and with no value below +inf (above -inf) index 0 does.
 
-// Index of the nearest class mean of one sample, given s = proj r (first K entries) and the row
-// ncc_bias[y] of its class.
-PFC_HOST_DEVICE inline int64_t nearest_class(const double* s, const double* bias_row, int64_t K) {
+// Bound on the rounding error of the expanded NCC value v_c = ||mu_y - mu_c||^2 - 2 m_c . r below:
+// a dot product of length D errs by at most D eps |m_c| |r| (Higham's gamma_D), the offset by a few
+// eps of itself.
+PFC_HOST_DEVICE inline double ncc_rounding(double offset, double mean_norm_max, double r_norm, int64_t D) {
+  constexpr double kEps = 2.220446049250313e-16;
+  return (static_cast<double>(D) + 4.0) * kEps * (2.0 * mean_norm_max * r_norm + offset);
+}
+
+// Squared distance ||h - mu_c||^2 of the features h (D values) to the class mean mu_c, term by term.
+template <typename scalar_t>
+PFC_HOST_DEVICE inline double direct_distance(const scalar_t* h, const double* mu, int64_t D) {
+  double sum = 0.0;
+  for (int64_t j = 0; j < D; ++j) {
+    const double v = as_double(h[j]) - mu[j];
+    sum += v * v;
+  }
+  return sum;
+}
+
+// Index of the nearest class mean of one sample h (label y) with ||r||^2 = r_sq, given s = proj r
+// (first K entries) and the row ncc_bias[y]. The expanded values v_c = ||h - mu_c||^2 - ||r||^2 -
+// 2 m_y . r decide, unless another class is within their rounding of the smallest: then the
+// squared distances of those candidates, computed term by term, decide (lowest index on ties).
+template <typename scalar_t>
+PFC_HOST_DEVICE inline int64_t nearest_class(const double* s, double r_sq, const scalar_t* h, int64_t y,
+                                             const ResidualInputs& in) {
+  const double* bias_row = in.ncc_bias + y * in.K;
+  const double r_norm = sqrt(r_sq), mean_norm_max = *in.mean_norm_max;
   int64_t best = 0;
   double best_value = INFINITY;
-  for (int64_t c = 0; c < K; ++c) {
+  for (int64_t c = 0; c < in.K; ++c) {
     const double v = bias_row[c] - 2.0 * s[c];
     if (v < best_value) {
       best_value = v;
       best = c;
     }
   }
-  return best;
+  if (!(best_value < INFINITY)) return best;
+  const double best_error = ncc_rounding(bias_row[best], mean_norm_max, r_norm, in.D);
+  bool contested = false;
+  for (int64_t c = 0; c < in.K && !contested; ++c) {
+    const double v = bias_row[c] - 2.0 * s[c];
+    contested = c != best && v <= best_value + best_error + ncc_rounding(bias_row[c], mean_norm_max, r_norm, in.D);
+  }
+  if (!contested) return best;
+  int64_t nearest = best;
+  double nearest_distance = INFINITY;
+  for (int64_t c = 0; c < in.K; ++c) {
+    const double v = bias_row[c] - 2.0 * s[c];
+    if (v <= best_value + best_error + ncc_rounding(bias_row[c], mean_norm_max, r_norm, in.D)) {
+      const double distance = direct_distance(h, in.means + c * in.D, in.D);
+      if (distance < nearest_distance) {
+        nearest_distance = distance;
+        nearest = c;
+      }
+    }
+  }
+  return nearest;
 }
 
 // Index of the classifier's largest logit, given the n logit projections s[K:] and the row
@@ -155,9 +201,11 @@ struct SampleDecisions {
   bool disagrees;  // the nearest class mean is not the classifier's (argmax of the logits, or the prediction)
 };
 
-// The decisions of sample i (label y in [0, K)) from s = proj r_i.
-PFC_HOST_DEVICE inline SampleDecisions decide(const double* s, int64_t i, int64_t y, const ResidualInputs& in) {
-  const int64_t ncc = nearest_class(s, in.ncc_bias + y * in.K, in.K);
+// The decisions of sample i (features h, label y in [0, K)) from s = proj r_i and r_sq = ||r_i||^2.
+template <typename scalar_t>
+PFC_HOST_DEVICE inline SampleDecisions decide(const double* s, double r_sq, const scalar_t* h, int64_t i, int64_t y,
+                                              const ResidualInputs& in) {
+  const int64_t ncc = nearest_class(s, r_sq, h, y, in);
   bool disagrees = false;
   if (in.logit_offset != nullptr) {
     disagrees = ncc != argmax_logit(s + in.K, in.logit_offset + y * in.num_logits, in.num_logits);
@@ -204,6 +252,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stats_op(
   const at::Tensor means = means_in.contiguous(), proj = proj_in.contiguous(), ncc_bias = ncc_bias_in.contiguous();
   const at::Tensor logit_offset = logit_offset_in.has_value() ? logit_offset_in->contiguous() : at::Tensor();
   const at::Tensor predictions = predictions_in.has_value() ? predictions_in->contiguous() : at::Tensor();
+  const at::Tensor mean_norm_max = proj.narrow(0, 0, K).norm(2, 1).max();
 
   const auto f64 = feats.options().dtype(at::kDouble);
   const ResidualOutputs out{at::zeros({K, K}, f64), at::zeros({K}, f64), at::zeros({2}, feats.options().dtype(at::kLong))};
@@ -217,7 +266,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stats_op(
                           proj.data_ptr<double>(),
                           ncc_bias.data_ptr<double>(),
                           logit_offset.defined() ? logit_offset.data_ptr<double>() : nullptr,
-                          predictions.defined() ? predictions.data_ptr<int64_t>() : nullptr};
+                          predictions.defined() ? predictions.data_ptr<int64_t>() : nullptr,
+                          mean_norm_max.data_ptr<double>()};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(), "residual_stats", [&] {
     Backend::template residual_stats<scalar_t>(feats, in, out);
   });

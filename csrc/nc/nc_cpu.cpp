@@ -155,7 +155,7 @@ void residual_stats_kernel(const scalar_t* x, int64_t row_stride, const Residual
           for (int64_t c = 0; c < K; ++c) g[c] += sa * s[c];
         }
         class_sq[y] += rr[r];
-        const SampleDecisions decision = decide(s, i, y, in);
+        const SampleDecisions decision = decide(s, rr[r], x + i * row_stride, i, y, in);
         correct += decision.correct;
         disagree += decision.disagrees;
       }

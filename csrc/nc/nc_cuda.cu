@@ -124,9 +124,10 @@ __global__ void project_residuals_kernel(const scalar_t* __restrict__ x, int64_t
 // Per-sample decisions (nc_common.h) from the projections of samples start .. start + rows - 1, and
 // their ||r||^2 added to class_sq. As in class_sums_kernel, the order of the atomicAdds into
 // class_sq is the GPU's, not reproduced exactly.
-__global__ void sample_decisions_kernel(const double* __restrict__ proj_out, const ResidualInputs in, int64_t start,
-                                        int64_t rows, double* __restrict__ class_sq,
-                                        unsigned long long* __restrict__ decisions) {
+template <typename scalar_t>
+__global__ void sample_decisions_kernel(const double* __restrict__ proj_out, const scalar_t* __restrict__ x,
+                                        int64_t row_stride, const ResidualInputs in, int64_t start, int64_t rows,
+                                        double* __restrict__ class_sq, unsigned long long* __restrict__ decisions) {
   PFC_SHARED(unsigned long long, block_counts, [2]);
   if (threadIdx.x < 2) block_counts[threadIdx.x] = 0;
   __syncthreads();
@@ -136,7 +137,7 @@ __global__ void sample_decisions_kernel(const double* __restrict__ proj_out, con
     const int64_t i = start + r, y = in.labels[i];
     if (y >= 0 && y < in.K) {
       const double* s = proj_out + r * (P + 1);
-      const SampleDecisions decision = decide(s, i, y, in);
+      const SampleDecisions decision = decide(s, s[P], x + i * row_stride, i, y, in);
       if (decision.correct) atomicAdd(&block_counts[0], 1ull);
       if (decision.disagrees) atomicAdd(&block_counts[1], 1ull);
       atomicAdd(class_sq + y, s[P]);
@@ -178,8 +179,9 @@ struct CudaBackend {
                      kWarps * 32, 0, stream)(feats.data_ptr<scalar_t>() + start * feats.stride(0), feats.stride(0),
                                              in.labels + start, rows, in.D, K, in.means, in.proj, P,
                                              scratch.data_ptr<double>());
-      device::launch(sample_decisions_kernel, static_cast<unsigned>((rows + 255) / 256), 256, 0, stream)(
-          scratch.data_ptr<double>(), in, start, rows, out.class_sq.data_ptr<double>(),
+      device::launch(sample_decisions_kernel<scalar_t>, static_cast<unsigned>((rows + 255) / 256), 256, 0, stream)(
+          scratch.data_ptr<double>(), feats.data_ptr<scalar_t>(), feats.stride(0), in, start, rows,
+          out.class_sq.data_ptr<double>(),
           reinterpret_cast<unsigned long long*>(out.decisions.data_ptr<int64_t>()));
       const at::Tensor z = scratch.narrow(0, 0, rows).narrow(1, 0, K);
       out.gram.addmm_(z.t(), z);
