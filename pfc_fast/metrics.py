@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 
 from . import _inputs, _ops
@@ -78,11 +79,6 @@ def _power_of_two_scale(magnitude: float) -> float:
     return math.ldexp(1.0, -math.frexp(magnitude)[1])
 
 
-def _etf(k: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """The simplex ETF Gram target ``(I - 11^T/K) / sqrt(K - 1)`` (unit Frobenius norm)."""
-    return (torch.eye(k, dtype=dtype) - 1.0 / k) / (k - 1) ** 0.5
-
-
 def default_pinv_rtol(size: int) -> float:
     """The pseudo-inverse cut-off for a ``size x size`` matrix: ``size * eps(float64)``, the
     convention of ``torch.linalg.pinv`` and ``numpy.linalg.pinv`` (eigenvalues closer to 0 than
@@ -90,21 +86,20 @@ def default_pinv_rtol(size: int) -> float:
     return size * torch.finfo(torch.float64).eps
 
 
-def _complement_basis(null: torch.Tensor) -> torch.Tensor:
+def _complement_basis(null: np.ndarray) -> np.ndarray:
     """An orthonormal basis ``(K, K - 1)`` of the vectors orthogonal to ``null (K,)``: the
     Householder reflection that maps ``e_1`` to ``null / |null|``, without its first column."""
-    k = null.shape[0]
-    v = null / torch.linalg.norm(null)
-    v = v - torch.eye(k, 1, dtype=null.dtype).flatten()
-    reflection = torch.eye(k, dtype=null.dtype)
-    if float(torch.linalg.norm(v)) > 0:
-        reflection -= 2.0 * torch.outer(v, v) / (v @ v)
+    v = null / np.linalg.norm(null)
+    v[0] -= 1.0
+    reflection = np.eye(null.shape[0])
+    if np.linalg.norm(v) > 0:
+        reflection -= (2.0 / (v @ v)) * np.outer(v, v)
     return reflection[:, 1:]
 
 
-def _pinv_centred_gram(gram: torch.Tensor, null: torch.Tensor, dim: int, rtol: Optional[float]) -> torch.Tensor:
-    """Pseudo-inverse of ``G = M M^T``, the Gram matrix of ``K`` centred class means in ``dim``
-    dimensions, whose rank is at most ``min(K - 1, dim)``.
+def _pinv_centred_gram(gram: np.ndarray, null: np.ndarray, dim: int, rtol: Optional[float]) -> np.ndarray:
+    """Pseudo-inverse of ``G = M M^T`` (CPU), the Gram matrix of ``K`` centred class means in
+    ``dim`` dimensions, whose rank is at most ``min(K - 1, dim)``.
 
     ``null`` (the weights of the global mean) is in the kernel of ``G`` exactly, so ``G`` is
     inverted on the complement of ``null``; at most ``dim`` eigenvalues are kept, none below
@@ -113,10 +108,12 @@ def _pinv_centred_gram(gram: torch.Tensor, null: torch.Tensor, dim: int, rtol: O
     basis = _complement_basis(null)
     size = basis.shape[1]
     cut = default_pinv_rtol(size) if rtol is None else rtol
-    evals, evecs = torch.linalg.eigh(basis.T @ gram @ basis)  # ascending
-    keep = (evals > cut * evals.max()) & (torch.arange(size) >= size - dim)
+    evals, evecs = np.linalg.eigh(basis.T @ gram @ basis)  # ascending
+    keep = evals > cut * evals[-1]
+    keep[:max(0, size - dim)] = False
     kept = basis @ evecs[:, keep]
-    return (kept / evals[keep]) @ kept.T
+    pinv: np.ndarray = (kept / evals[keep]) @ kept.T
+    return pinv
 
 
 def _mean_distances(means: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
@@ -136,48 +133,48 @@ def _mean_distances(means: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     return distances.fill_diagonal_(0.0)
 
 
-def _off_diagonal_mean(matrix: torch.Tensor) -> float:
-    k = matrix.shape[0]
-    return float(matrix[~torch.eye(k, dtype=torch.bool)].mean())
+def _off_diagonal_mean(matrix: np.ndarray) -> float:
+    return float(matrix[~np.eye(matrix.shape[0], dtype=bool)].mean())
 
 
 def _metrics_from_statistics(gram_means: torch.Tensor, mean_distances: torch.Tensor, null: torch.Tensor,
                              gram_residuals: torch.Tensor, class_sq: torch.Tensor, counts: torch.Tensor,
                              num_samples: int, dim: int, class_counts: List[int], pinv_rtol: Optional[float],
-                             scale: float,
-                             classifier_gram: Optional[torch.Tensor] = None, nc3: Optional[float] = None,
+                             scale: float, classifier_gram: Optional[torch.Tensor] = None, nc3: Optional[float] = None,
                              correct: int = 0, disagree: Optional[int] = None) -> NCMetrics:
     """The metrics from the ``K x K`` statistics of the present classes (all float64, CPU).
 
-    gram_means = G = M M^T of the centred means, mean_distances[a, b] = ||mu_a - mu_b||^2,
-    null = the weights of the
-    global mean (``G null = 0``), gram_residuals = sum_i z_i z_i^T, class_sq[c] = sum ||r_i||^2,
-    classifier_gram = W M^T (rows of the present classes), nc3 computed on the device. The
-    statistics are those of the features times ``scale`` (a power of two): only the two traces
-    depend on it.
+    gram_means = G = M M^T of the centred means, mean_distances[a, b] = ||mu_a - mu_b||^2, null =
+    the weights of the global mean (``G null = 0``), gram_residuals = sum_i z_i z_i^T, class_sq[c]
+    = sum ||r_i||^2, classifier_gram = W M^T (rows of the present classes), nc3 computed on the
+    device. The statistics are those of the features times ``scale`` (a power of two): only the two
+    traces depend on it. (NumPy here: ``K x K`` work, where torch's per-call overhead would dominate
+    for small K.)
     """
-    k = counts.shape[0]
-    scaled_within, scaled_between = float(class_sq.sum()) / num_samples, float(torch.trace(gram_means)) / k
-    g_pinv = _pinv_centred_gram(gram_means, null, dim, pinv_rtol)
-    nc1 = float(torch.trace(g_pinv @ (gram_residuals / num_samples) @ g_pinv))
+    g, distances, residuals, sq = (t.numpy() for t in (gram_means, mean_distances, gram_residuals, class_sq))
+    k = g.shape[0]
+    scaled_within, scaled_between = float(sq.sum()) / num_samples, float(np.trace(g)) / k
+    g_pinv = _pinv_centred_gram(g, null.numpy(), dim, pinv_rtol)
+    nc1 = float(np.trace(g_pinv @ (residuals / num_samples) @ g_pinv))
 
-    variances = class_sq / counts
-    sq_norms = torch.diagonal(gram_means)
-    cdnv = _off_diagonal_mean((variances[:, None] + variances[None, :]) / (2.0 * mean_distances))
+    variances = sq / counts.numpy()
+    with np.errstate(divide="ignore", invalid="ignore"):  # the diagonal (a class against itself) is left out
+        cdnv = _off_diagonal_mean((variances[:, None] + variances[None, :]) / (2.0 * distances))
 
-    norms = sq_norms.sqrt()
-    cosines = gram_means / (norms[:, None] * norms[None, :])
-    etf = _etf(k)
+    norms = np.sqrt(np.diagonal(g))
+    cosines = g / np.outer(norms, norms)
+    etf = (np.eye(k) - 1.0 / k) / np.sqrt(k - 1)  # the simplex ETF Gram target, unit Frobenius norm
     nc3_etf = None
     if classifier_gram is not None:
-        nc3_etf = float(torch.linalg.norm(classifier_gram / torch.linalg.norm(classifier_gram) - etf))
+        wm = classifier_gram.numpy()
+        nc3_etf = float(np.linalg.norm(wm / np.linalg.norm(wm) - etf))
     return NCMetrics(
         nc1=nc1,
         nc1_quotient=scaled_within / scaled_between,
         cdnv=cdnv,
-        nc2_equinorm=float(norms.std() / norms.mean()),
-        nc2_equiangle=_off_diagonal_mean((cosines + 1.0 / (k - 1)).abs()),
-        nc2_etf=float(torch.linalg.norm(gram_means / torch.linalg.norm(gram_means) - etf)),
+        nc2_equinorm=float(norms.std(ddof=1) / norms.mean()),
+        nc2_equiangle=_off_diagonal_mean(np.abs(cosines + 1.0 / (k - 1))),
+        nc2_etf=float(np.linalg.norm(g / np.linalg.norm(g) - etf)),
         nc3=nc3,
         nc3_etf=nc3_etf,
         nc4=None if disagree is None else disagree / num_samples,
@@ -203,12 +200,14 @@ class _PassTally:
         width = min(self.WIDTH, dim)
         self.start = int(torch.randint(0, dim - width + 1, (1,), generator=generator))
         self.weights = torch.randn(width, generator=generator, dtype=torch.float64).to(device)
+        self._weights_by_dtype: Dict[torch.dtype, torch.Tensor] = {}
         self.counts = torch.zeros(num_classes, dtype=torch.int64, device=device)
         self.fingerprint = torch.zeros(2, num_classes, dtype=torch.float64, device=device)
         self.eps = 0.0  # the precision of the coarsest feature dtype seen
 
     def update(self, feats: torch.Tensor, labels: torch.Tensor) -> None:
-        values = feats[:, self.start:self.start + self.weights.shape[0]].double() @ self.weights
+        weights = self._weights_by_dtype.setdefault(feats.dtype, self.weights.to(feats.dtype))
+        values = (feats[:, self.start:self.start + weights.shape[0]] @ weights).double()  # in the features' precision
         self.eps = max(self.eps, torch.finfo(feats.dtype).eps)
         self.counts += torch.bincount(labels, minlength=self.counts.shape[0])
         self.fingerprint[0].index_add_(0, labels, values)
@@ -276,6 +275,7 @@ class NCAccumulator:
         self.pooling = pooling
         self.pinv_rtol = None if pinv_rtol is None else _inputs.finite_number(pinv_rtol, "pinv_rtol")
         self._weight, self._bias = _inputs.classifier_weights(classifier, bias, self.num_classes)
+        self._check_passes = True  # nc_metrics, which feeds one tensor to both passes, turns the check off
         self.reset()
 
     def reset(self) -> None:
@@ -286,9 +286,10 @@ class NCAccumulator:
         self._device: Optional[torch.device] = None
         self._dim: Optional[int] = None
         self._sums: Optional[torch.Tensor] = None
+        self._counts: Optional[torch.Tensor] = None
         self._magnitude = 0.0  # the largest |h| of float64 features so far
         self._scale = 1.0  # every statistic is of the features times this power of two
-        self._tallies: List[_PassTally] = []
+        self._tallies: List[_PassTally] = []  # one per pass, made at the first batch
         self._second: Optional[_SecondPass] = None  # second-pass statistics
 
     @property
@@ -308,12 +309,13 @@ class NCAccumulator:
         labels = _inputs.class_indices(labels, feats.shape[0], self.num_classes, feats)
         return feats, labels
 
-    def _tally(self) -> _PassTally:
-        """The tally of the current pass (made at its first batch)."""
-        if len(self._tallies) < self._pass:
-            assert self._device is not None and self._dim is not None  # set by the first batch
-            self._tallies.append(_PassTally(self.num_classes, self._dim, self._device))
-        return self._tallies[self._pass - 1]
+    def _tally(self, feats: torch.Tensor, labels: torch.Tensor) -> None:
+        """Add the batch to the tally of the current pass (the tallies are made at the first batch)."""
+        if not self._check_passes:
+            return
+        if not self._tallies:
+            self._tallies = [_PassTally(self.num_classes, feats.shape[1], feats.device) for _ in range(2)]
+        self._tallies[self._pass - 1].update(feats, labels)
 
     def update(self, feats: TensorLike, labels: TensorLike, predictions: Optional[TensorLike] = None) -> None:
         """Add a batch: ``feats (B, D)`` or ``(B, C, h, w)``, ``labels (B,)``; ``predictions (B,)`` in pass 2."""
@@ -325,17 +327,22 @@ class NCAccumulator:
         if self._pass == 1:
             if predictions is not None:
                 raise ValueError("predictions are used in the second pass only (after next_pass())")
-            self._tally().update(feats, labels)
+            self._tally(feats, labels)
             if feats.dtype == torch.float64:
                 self._rescale(max(self._magnitude, float(feats.abs().amax())))
-            sums, _ = _ops.class_sums(feats if self._scale == 1.0 else feats * self._scale, labels, self.num_classes)
+            sums, counts = _ops.class_sums(feats if self._scale == 1.0 else feats * self._scale, labels,
+                                           self.num_classes)
             _inputs.finite(sums, "feats")
-            self._sums = sums if self._sums is None else self._sums + sums
+            if self._sums is None or self._counts is None:
+                self._sums, self._counts = sums, counts
+            else:
+                self._sums += sums
+                self._counts += counts
             return
         assert self._second is not None  # set by next_pass()
         if predictions is not None:
             predictions = _inputs.class_indices(predictions, feats.shape[0], self.num_classes, feats, "predictions")
-        self._tally().update(feats, labels)
+        self._tally(feats, labels)
         self._second.update(feats if self._scale == 1.0 else feats * self._scale, labels, predictions)
 
     def _rescale(self, magnitude: float) -> None:
@@ -351,9 +358,9 @@ class NCAccumulator:
         """End the first pass: fix the class means and start the second pass."""
         if self._pass != 1:
             raise RuntimeError("next_pass() was already called")
-        if self._sums is None:
+        if self._sums is None or self._counts is None:
             raise ValueError("no data: call update(feats, labels) before next_pass()")
-        self._second = _SecondPass(self._sums, self._tallies[0].counts, self._weight, self._bias, self.global_mean,
+        self._second = _SecondPass(self._sums, self._counts, self._weight, self._bias, self.global_mean,
                                    self.pinv_rtol, self._scale)
         self._pass, self._reduced = 2, False
 
@@ -366,16 +373,18 @@ class NCAccumulator:
         if self._reduced:
             raise RuntimeError("all_reduce() was already called in this pass")
         if self._pass == 1:
-            if self._sums is None:
+            if self._sums is None or self._counts is None:
                 raise ValueError("no data on this rank: call update() before all_reduce()")
             magnitude = torch.tensor([self._magnitude], dtype=torch.float64, device=self._sums.device)
             dist.all_reduce(magnitude, op=dist.ReduceOp.MAX, group=group)
             self._rescale(float(magnitude))  # one scale on every rank
-            tensors = [self._sums]
+            tensors = [self._sums, self._counts]
         else:
             assert self._second is not None  # set by next_pass()
             tensors = self._second.tensors()
-        for tensor in tensors + self._tally().tensors():
+        if self._tallies:
+            tensors += self._tallies[self._pass - 1].tensors()
+        for tensor in tensors:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
         self._reduced = True
 
@@ -384,9 +393,7 @@ class NCAccumulator:
         if self._pass != 2:
             raise RuntimeError("compute() needs both passes: call next_pass() and feed the data again")
         assert self._second is not None  # set by next_pass()
-        if len(self._tallies) < 2:
-            raise ValueError("the second pass saw no samples; feed the data of the first pass again")
-        different = self._tallies[1].differences(self._tallies[0])
+        different = self._tallies[1].differences(self._tallies[0]) if self._tallies else None
         if different is not None:
             raise ValueError(f"the second pass did not see the samples of the first: {different}; feed the same "
                              "data in both passes")
@@ -502,6 +509,7 @@ def nc_metrics(feats: TensorLike, labels: TensorLike, num_classes: Optional[int]
     num_classes = _inputs.infer_num_classes(num_classes, labels)
     feats = _inputs.features(feats, pooling)  # pooled once here, not again in each pass
     accumulator = NCAccumulator(num_classes, classifier, bias, global_mean, pooling="flatten", pinv_rtol=pinv_rtol)
+    accumulator._check_passes = False  # both passes read feats itself
     accumulator.update(feats, labels)
     accumulator.next_pass()
     accumulator.update(feats, labels, predictions)

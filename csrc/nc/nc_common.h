@@ -121,14 +121,6 @@ struct ResidualOutputs {
 // The decision rules of ncc_accuracy and nc4 (docs/spec.md section 3), one for every device: ties
 // go to the lowest index, a NaN never wins, and with no value below +inf (above -inf) index 0 does.
 
-// Bound on the rounding error of the expanded NCC value v_c = ||mu_y - mu_c||^2 - 2 m_c . r below:
-// a dot product of length D errs by at most D eps |m_c| |r| (Higham's gamma_D), the offset by a few
-// eps of itself.
-PFC_HOST_DEVICE inline double ncc_rounding(double offset, double mean_norm_max, double r_norm, int64_t D) {
-  constexpr double kEps = 2.220446049250313e-16;
-  return (static_cast<double>(D) + 4.0) * kEps * (2.0 * mean_norm_max * r_norm + offset);
-}
-
 // Squared distance ||h - mu_c||^2 of the features h (D values) to the class mean mu_c, term by term.
 template <typename scalar_t>
 PFC_HOST_DEVICE inline double direct_distance(const scalar_t* h, const double* mu, int64_t D) {
@@ -141,36 +133,40 @@ PFC_HOST_DEVICE inline double direct_distance(const scalar_t* h, const double* m
 }
 
 // Index of the nearest class mean of one sample h (label y) with ||r||^2 = r_sq, given s = proj r
-// (first K entries) and the row ncc_bias[y]. The expanded values v_c = ||h - mu_c||^2 - ||r||^2 -
-// 2 m_y . r decide, unless another class is within their rounding of the smallest: then the
-// squared distances of those candidates, computed term by term, decide (lowest index on ties).
+// (first K entries) and the row ncc_bias[y]. The expanded values v_c = ||mu_y - mu_c||^2 - 2 m_c . r
+// (= ||h - mu_c||^2 less a constant) decide, unless another class is within their rounding of the
+// smallest: then the squared distances of those candidates, computed term by term, decide. The
+// rounding bound of v_c: a dot product of length D errs by at most D eps |m_c| |r| (Higham's
+// gamma_D), the offset by a few eps of itself, so err_c = (D + 4) eps (2 max_c |m_c| |r| + offset_c).
 template <typename scalar_t>
 PFC_HOST_DEVICE inline int64_t nearest_class(const double* s, double r_sq, const scalar_t* h, int64_t y,
                                              const ResidualInputs& in) {
+  constexpr double kEps = 2.220446049250313e-16;
   const double* bias_row = in.ncc_bias + y * in.K;
-  const double r_norm = sqrt(r_sq), mean_norm_max = *in.mean_norm_max;
+  const double relative = (static_cast<double>(in.D) + 4.0) * kEps;
+  const double absolute = relative * 2.0 * *in.mean_norm_max * sqrt(r_sq);
   int64_t best = 0;
-  double best_value = INFINITY;
+  double best_value = INFINITY, best_low = INFINITY, best_high = INFINITY;
+  double others_low = INFINITY;  // min over the other classes of v_c - err_c
   for (int64_t c = 0; c < in.K; ++c) {
     const double v = bias_row[c] - 2.0 * s[c];
+    const double err = absolute + relative * bias_row[c];
     if (v < best_value) {
+      if (best_low < others_low) others_low = best_low;  // comparisons, not fmin: a NaN never counts
       best_value = v;
+      best_low = v - err;
+      best_high = v + err;
       best = c;
+    } else if (v - err < others_low) {
+      others_low = v - err;
     }
   }
-  if (!(best_value < INFINITY)) return best;
-  const double best_error = ncc_rounding(bias_row[best], mean_norm_max, r_norm, in.D);
-  bool contested = false;
-  for (int64_t c = 0; c < in.K && !contested; ++c) {
-    const double v = bias_row[c] - 2.0 * s[c];
-    contested = c != best && v <= best_value + best_error + ncc_rounding(bias_row[c], mean_norm_max, r_norm, in.D);
-  }
-  if (!contested) return best;
+  if (!(others_low <= best_high)) return best;  // uncontested (or nothing finite to contest)
   int64_t nearest = best;
   double nearest_distance = INFINITY;
   for (int64_t c = 0; c < in.K; ++c) {
     const double v = bias_row[c] - 2.0 * s[c];
-    if (v <= best_value + best_error + ncc_rounding(bias_row[c], mean_norm_max, r_norm, in.D)) {
+    if (v - (absolute + relative * bias_row[c]) <= best_high) {
       const double distance = direct_distance(h, in.means + c * in.D, in.D);
       if (distance < nearest_distance) {
         nearest_distance = distance;
@@ -218,8 +214,9 @@ PFC_HOST_DEVICE inline SampleDecisions decide(const double* s, double r_sq, cons
 // The ops for a Backend providing `template <typename scalar_t> static void class_sums(feats,
 // const ClassSumsArgs&)` (N, D > 0), `template <typename scalar_t> static void residual_stats(feats,
 // const ResidualInputs&, const ResidualOutputs&)` (N > 0), with feats (N, D) of dtype scalar_t
-// (rows with a stride, contiguous columns), and `static auto guard(const at::Tensor&)` (a device
-// guard, or nothing).
+// (rows with a stride, contiguous columns), `static at::Tensor max_row_norm(proj, K)` (the largest
+// Euclidean norm of the first K rows of the contiguous float64 proj, a 0-dim tensor on its device)
+// and `static auto guard(const at::Tensor&)` (a device guard, or nothing).
 template <typename Backend>
 std::tuple<at::Tensor, at::Tensor> class_sums_op(const at::Tensor& feats_in, const at::Tensor& labels_in,
                                                  int64_t num_classes) {
@@ -252,7 +249,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stats_op(
   const at::Tensor means = means_in.contiguous(), proj = proj_in.contiguous(), ncc_bias = ncc_bias_in.contiguous();
   const at::Tensor logit_offset = logit_offset_in.has_value() ? logit_offset_in->contiguous() : at::Tensor();
   const at::Tensor predictions = predictions_in.has_value() ? predictions_in->contiguous() : at::Tensor();
-  const at::Tensor mean_norm_max = proj.narrow(0, 0, K).norm(2, 1).max();
+  const at::Tensor mean_norm_max = Backend::max_row_norm(proj, K);
 
   const auto f64 = feats.options().dtype(at::kDouble);
   const ResidualOutputs out{at::zeros({K, K}, f64), at::zeros({K}, f64), at::zeros({2}, feats.options().dtype(at::kLong))};

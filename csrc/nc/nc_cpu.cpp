@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <mutex>
 #include <vector>
 
@@ -171,6 +172,18 @@ void residual_stats_kernel(const scalar_t* x, int64_t row_stride, const Residual
 // The backend of class_sums_op and residual_stats_op (nc_common.h).
 struct CpuBackend {
   static int guard(const at::Tensor&) { return 0; }  // nothing to switch on the CPU
+
+  static at::Tensor max_row_norm(const at::Tensor& proj, int64_t K) {  // a loop: K D is small
+    const double* p = proj.data_ptr<double>();
+    const int64_t D = proj.size(1);
+    double largest = 0.0;
+    for (int64_t k = 0; k < K; ++k) {
+      double sq = 0.0;
+      for (int64_t j = 0; j < D; ++j) sq += p[k * D + j] * p[k * D + j];
+      largest = std::max(largest, sq);
+    }
+    return at::scalar_tensor(std::sqrt(largest), proj.options());
+  }
 
   template <typename scalar_t>
   static void class_sums(const at::Tensor& feats, const ClassSumsArgs& args) {

@@ -151,6 +151,8 @@ __global__ void sample_decisions_kernel(const double* __restrict__ proj_out, con
 struct CudaBackend {
   static device::Guard guard(const at::Tensor& t) { return device::Guard(t.device()); }
 
+  static at::Tensor max_row_norm(const at::Tensor& proj, int64_t K) { return proj.narrow(0, 0, K).norm(2, 1).max(); }
+
   template <typename scalar_t>
   static void class_sums(const at::Tensor& feats, const ClassSumsArgs& args) {
     const int64_t N = args.N, D = args.D, K = args.K;
