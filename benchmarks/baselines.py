@@ -14,7 +14,10 @@ accumulates in float64 like pfc_fast, and assumes every class occurs, as that co
   (faster than theirs), their ``scipy.sparse.linalg.svds`` by ``torch.linalg.pinv``.
 - :func:`published_nc_metrics`, Wu & Papyan's ``neural-collapse`` package and the code of Zhu et
   al. (2021): ``Sigma_W = (1/N) sum_batches (X - M[y])^T (X - M[y])``, one GEMM per batch, and
-  the pseudo-inverse of ``Sigma_B``.
+  the pseudo-inverse of ``Sigma_B``; in float64 (as pfc_fast) or, as that package by default, in
+  float32.
+
+These are re-implementations of the published algorithms, not the published code itself.
 
 Optimal transport (docs/spec.md section 4; each is given its cost matrix, computed before the timing):
 
@@ -35,16 +38,17 @@ except ImportError:  # the GPU machine has POT only when benchmarks/wheels is ca
     ot = None
 
 
-def _batches(feats, labels, batch_size):
+def _batches(feats, labels, batch_size, dtype=torch.float64):
     for start in range(0, feats.shape[0], batch_size):
-        yield feats[start:start + batch_size].double(), labels[start:start + batch_size]
+        yield feats[start:start + batch_size].to(dtype), labels[start:start + batch_size]
 
 
 def _nc1(sigma_w, means, num_classes):
-    """``Tr(Sigma_W Sigma_B^+) / K`` and ``Sigma_B``, with the eigenvalue cut-off of pfc_fast."""
+    """``Tr(Sigma_W Sigma_B^+) / K`` and ``Sigma_B``, with torch's default cut-off (``size * eps``
+    of the dtype), the convention of pfc_fast's default."""
     centred = means - means.mean(0)
     sigma_b = centred.T @ centred / num_classes
-    pinv = torch.linalg.pinv(sigma_b, rtol=1e-10, hermitian=True)
+    pinv = torch.linalg.pinv(sigma_b, hermitian=True)
     return torch.trace(sigma_w @ pinv) / num_classes, sigma_b, centred
 
 
@@ -90,29 +94,31 @@ def papyan_nc_metrics(feats, labels, num_classes, batch_size=1024):
     }
 
 
-def published_nc_metrics(feats, labels, num_classes, batch_size=4096):
-    """nc1, nc1_quotient, nc2_etf and ncc_accuracy as Wu & Papyan's package computes them.
+def published_nc_metrics(feats, labels, num_classes, batch_size=4096, dtype=torch.float64):
+    """nc1, nc1_quotient, nc2_etf and ncc_accuracy by the algorithm of Wu & Papyan's package.
 
-    A per-class first pass for the means, then ``Sigma_W = (X - M[y])^T (X - M[y])`` one float64
-    GEMM per batch, ``pinv(Sigma_B)``, NCC by ``cdist``. Memory about ``7 D^2`` float64 values.
+    A per-class first pass for the means, then ``Sigma_W = (X - M[y])^T (X - M[y])`` one GEMM per
+    batch, ``pinv(Sigma_B)``, NCC by ``cdist``, all in ``dtype``: float64 by default (this
+    re-implementation accumulates in float64, as pfc_fast does), float32 for the package's own
+    default accumulators. Memory about ``7 D^2`` values.
     """
     num_samples, dim = feats.shape
     device = feats.device
     # pass 1: class means
-    means = torch.zeros(num_classes, dim, dtype=torch.float64, device=device)
+    means = torch.zeros(num_classes, dim, dtype=dtype, device=device)
     for c in range(num_classes):
-        means[c] = feats[labels == c].double().mean(0)
+        means[c] = feats[labels == c].to(dtype).mean(0)
     # pass 2: within-class covariance, one GEMM per batch, and NCC decisions
-    sigma_w = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+    sigma_w = torch.zeros(dim, dim, dtype=dtype, device=device)
     correct = 0
-    for x, y in _batches(feats, labels, batch_size):
+    for x, y in _batches(feats, labels, batch_size, dtype):
         centred = x - means[y]
         sigma_w += centred.T @ centred
         correct += int((torch.cdist(x, means).argmin(1) == y).sum())
     sigma_w /= num_samples
     nc1, sigma_b, centred = _nc1(sigma_w, means, num_classes)
     gram = centred @ centred.T
-    etf = (torch.eye(num_classes, dtype=torch.float64, device=device) - 1.0 / num_classes) / (num_classes - 1) ** 0.5
+    etf = (torch.eye(num_classes, dtype=dtype, device=device) - 1.0 / num_classes) / (num_classes - 1) ** 0.5
     return {
         "nc1": float(nc1),
         "nc1_quotient": float(torch.trace(sigma_w) / torch.trace(sigma_b)),

@@ -1,7 +1,9 @@
 """The nc_metrics benchmarks: :func:`pfc_fast.nc_metrics` (all the features in one call) and
 :class:`pfc_fast.NCAccumulator` (batches of ``BATCH`` rows, both passes) against the published
-baselines of :mod:`benchmarks.baselines` (Papyan et al. 2020's per-class outer products; Wu &
-Papyan's one GEMM per batch), which read the features in the same batches.
+baselines of :mod:`benchmarks.baselines`, float64 re-implementations of the published algorithms
+(Papyan et al. 2020's per-class outer products; Wu & Papyan's one GEMM per batch) and Wu &
+Papyan's in float32, their package's default accumulators, which read the features in the same
+batches.
 
 Inputs: ``N`` features of dimension ``D`` in ``K`` classes, ``h_i = mu_{y_i} + noise`` with unit
 Gaussian means and noise and uniformly drawn labels, in ``dtype`` (float32 or bfloat16), made on
@@ -30,14 +32,19 @@ CONTENDERS = {
     "ours": Contender("nc_metrics", "ours"),
     "ours_acc": Contender("NCAccumulator", "ours"),
     "papyan": Contender(
-        "Papyan et al.", "baseline",
+        "Papyan et al. (re-impl., f64)", "baseline",
         memory=lambda p: (1.5 * min(BATCH, p["N"]) / p["K"] + 6) * p["D"] ** 2 * 8,
         memory_text="(n_c, D, D) float64 outer products",
         work=lambda p: p["N"] * p["D"] ** 2, work_limit={"cpu": 1e9, "cuda": 1e12},
         work_text="N D^2 outer-product entries"),
     "wu_papyan": Contender(
-        "Wu & Papyan", "baseline",
+        "Wu & Papyan (re-impl., f64)", "baseline",
         memory=lambda p: 7 * p["D"] ** 2 * 8, memory_text="D x D float64 matrices",
+        work=lambda p: p["N"] * p["D"] ** 2 + 10 * p["D"] ** 3, work_limit={"cpu": 2e11, "cuda": 1e14},
+        work_text="N D^2 + 10 D^3 (GEMMs, eigh)"),
+    "wu_papyan_f32": Contender(
+        "Wu & Papyan package defaults (f32)", "baseline",
+        memory=lambda p: 7 * p["D"] ** 2 * 4, memory_text="D x D float32 matrices",
         work=lambda p: p["N"] * p["D"] ** 2 + 10 * p["D"] ** 3, work_limit={"cpu": 2e11, "cuda": 1e14},
         work_text="N D^2 + 10 D^3 (GEMMs, eigh)"),
 }
@@ -54,11 +61,13 @@ _GRIDS = {
             "N": [{"N": n} for n in (1_000, 5_000, 20_000, 100_000)],
             "D": [{"N": 5_000, "D": d} for d in (64, 256, 512, 1024, 4096, 16384, 65536)],
             "K": [{"K": k} for k in (10, 100, 1000)],
+            "K at D = 2,048": [{"D": 2048, "K": k} for k in (10, 1000)],
             "dtype": _DTYPES}),
         "cuda": (_BASE["cuda"], {
             "N": [{"N": n} for n in (10_000, 50_000, 1_000_000)],
             "D": [{"N": 10_000, "D": d} for d in (512, 4096, 65536)],
             "K": [{"K": k} for k in (10, 1000)],
+            "K at D = 2,048": [{"D": 2048, "K": k} for k in (10, 1000)],
             "dtype": _DTYPES}),
     },
     "full": {
@@ -66,11 +75,13 @@ _GRIDS = {
             "N": [{"N": n} for n in (1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 200_000, 500_000)],
             "D": [{"N": 5_000, "D": d} for d in (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)],
             "K": [{"K": k} for k in (10, 30, 100, 300, 1000)],
+            "K at D = 2,048": [{"D": 2048, "K": k} for k in (10, 100, 1000)],
             "dtype": _DTYPES}),
         "cuda": (_BASE["cuda"], {
             "N": [{"N": n} for n in (1_000, 3_000, 10_000, 30_000, 100_000, 300_000, 1_000_000)],
             "D": [{"N": 10_000, "D": d} for d in (64, 256, 512, 1024, 4096, 16384, 65536)],
             "K": [{"K": k} for k in (10, 100, 1000)],
+            "K at D = 2,048": [{"D": 2048, "K": k} for k in (10, 100, 1000)],
             "dtype": _DTYPES}),
     },
 }
@@ -114,6 +125,8 @@ def runner(case, inputs, name):
         "ours_acc": lambda: _accumulate(feats, labels, k),
         "papyan": lambda: baselines.papyan_nc_metrics(feats, labels, k, batch_size=BATCH),
         "wu_papyan": lambda: baselines.published_nc_metrics(feats, labels, k, batch_size=BATCH),
+        "wu_papyan_f32": lambda: baselines.published_nc_metrics(feats, labels, k, batch_size=BATCH,
+                                                                dtype=torch.float32),
     }
     return calls[name]
 
