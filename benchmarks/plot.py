@@ -7,6 +7,11 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
 
+def _swept(series):
+    """The param a series varies: its name's first word ("K" and "K at D = 2,048" vary K)."""
+    return series.split(" ")[0]
+
+
 def _panels(result):
     """``[(table name, series or None, cases)]``: a line panel per numeric sweep with two or more
     points, a bar panel (series ``None``) for a table that has none."""
@@ -19,16 +24,17 @@ def _panels(result):
         lines = []
         for series in names:
             members = [case for case in cases if series in case["series"]]
-            xs = {case["params"][series] for case in members}
+            param = _swept(series)
+            xs = {case["params"].get(param) for case in members}
             if len(xs) > 1 and all(isinstance(x, (int, float)) for x in xs):
-                lines.append((name, series, sorted(members, key=lambda case: case["params"][series])))
+                lines.append((name, series, sorted(members, key=lambda case: case["params"][param])))
         panels += lines or ([(name, None, cases)] if cases else [])
     return panels
 
 
 def _fixed(cases, series):
     """The params every case of a sweep shares, as text."""
-    keys = [key for key in cases[0]["params"] if key != series]
+    keys = [key for key in cases[0]["params"] if key != _swept(series)]
     same = [key for key in keys if len({str(case["params"][key]) for case in cases}) == 1]
     return ", ".join(f"{key}={cases[0]['params'][key]}" for key in same)
 
@@ -42,16 +48,16 @@ def _seconds(case, contender, table):
 
 def _line_panel(axes, name, table, series, cases):
     for index, (contender, label, role) in enumerate(table["contenders"]):
-        points = [(case["params"][series], _seconds(case, contender, table)) for case in cases]
+        points = [(case["params"][_swept(series)], _seconds(case, contender, table)) for case in cases]
         points = [(x, y) for x, y in points if y is not None]
         if points:
             axes.loglog(*zip(*points), marker="o" if role == "ours" else "s", color=f"C{index}",
                         linestyle="-" if role == "ours" else "--", label=label)
-    xs = [case["params"][series] for case in cases]
+    xs = [case["params"][_swept(series)] for case in cases]
     axes.set_xticks(xs)
     axes.set_xticklabels([f"{x:,}" for x in xs], fontsize=7)
     axes.xaxis.set_minor_formatter(NullFormatter())
-    axes.set_xlabel(series)
+    axes.set_xlabel(_swept(series))
     axes.set_title(f"{name} vs {series}\n({_fixed(cases, series)})", fontsize=9)
 
 

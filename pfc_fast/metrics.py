@@ -15,11 +15,11 @@ and every other metric is ``K x K`` work. Memory is ``O(K D + K^2)`` whatever ``
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
-import numpy as np
 import torch
 
 from . import _inputs, _ops
@@ -79,6 +79,11 @@ def _power_of_two_scale(magnitude: float) -> float:
     return math.ldexp(1.0, -math.frexp(magnitude)[1])
 
 
+def _etf(k: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The simplex ETF Gram target ``(I - 11^T/K) / sqrt(K - 1)`` (unit Frobenius norm)."""
+    return (torch.eye(k, dtype=dtype) - 1.0 / k) / (k - 1) ** 0.5
+
+
 def default_pinv_rtol(size: int) -> float:
     """The pseudo-inverse cut-off for a ``size x size`` matrix: ``size * eps(float64)``, the
     convention of ``torch.linalg.pinv`` and ``numpy.linalg.pinv`` (eigenvalues closer to 0 than
@@ -86,34 +91,41 @@ def default_pinv_rtol(size: int) -> float:
     return size * torch.finfo(torch.float64).eps
 
 
-def _complement_basis(null: np.ndarray) -> np.ndarray:
+@functools.lru_cache(maxsize=16)
+def _uniform_complement_basis(k: int) -> torch.Tensor:
+    """:func:`_complement_basis` of the uniform weights ``(1, ..., 1)`` (cached: it depends on K only)."""
+    return _complement_basis(torch.ones(k, dtype=torch.float64))
+
+
+def _complement_basis(null: torch.Tensor) -> torch.Tensor:
     """An orthonormal basis ``(K, K - 1)`` of the vectors orthogonal to ``null (K,)``: the
     Householder reflection that maps ``e_1`` to ``null / |null|``, without its first column."""
-    v = null / np.linalg.norm(null)
-    v[0] -= 1.0
-    reflection = np.eye(null.shape[0])
-    if np.linalg.norm(v) > 0:
-        reflection -= (2.0 / (v @ v)) * np.outer(v, v)
+    k = null.shape[0]
+    v = null / torch.linalg.norm(null)
+    v = v - torch.eye(k, 1, dtype=null.dtype).flatten()
+    reflection = torch.eye(k, dtype=null.dtype)
+    if float(torch.linalg.norm(v)) > 0:
+        reflection -= 2.0 * torch.outer(v, v) / (v @ v)
     return reflection[:, 1:]
 
 
-def _pinv_centred_gram(gram: np.ndarray, null: np.ndarray, dim: int, rtol: Optional[float]) -> np.ndarray:
-    """Pseudo-inverse of ``G = M M^T`` (CPU), the Gram matrix of ``K`` centred class means in
-    ``dim`` dimensions, whose rank is at most ``min(K - 1, dim)``.
+def _pinv_centred_gram(gram: torch.Tensor, null: Optional[torch.Tensor], dim: int,
+                       rtol: Optional[float]) -> torch.Tensor:
+    """Pseudo-inverse of ``G = M M^T``, the Gram matrix of ``K`` centred class means in ``dim``
+    dimensions, whose rank is at most ``min(K - 1, dim)``.
 
-    ``null`` (the weights of the global mean) is in the kernel of ``G`` exactly, so ``G`` is
-    inverted on the complement of ``null``; at most ``dim`` eigenvalues are kept, none below
-    ``rtol`` times the largest (``None``: the size of the matrix inverted times float64's eps).
+    ``null`` (the weights of the global mean; ``None``: uniform) is in the kernel of ``G`` exactly,
+    so ``G`` is inverted on the complement of ``null``; at most ``dim`` eigenvalues are kept, none
+    below ``rtol`` times the largest (``None``: the size of the matrix inverted times float64's eps).
     """
-    basis = _complement_basis(null)
+    basis = _uniform_complement_basis(gram.shape[0]) if null is None else _complement_basis(null)
     size = basis.shape[1]
     cut = default_pinv_rtol(size) if rtol is None else rtol
-    evals, evecs = np.linalg.eigh(basis.T @ gram @ basis)  # ascending
-    keep = evals > cut * evals[-1]
-    keep[:max(0, size - dim)] = False
-    kept = basis @ evecs[:, keep]
-    pinv: np.ndarray = (kept / evals[keep]) @ kept.T
-    return pinv
+    evals, evecs = torch.linalg.eigh(basis.T @ gram @ basis)  # ascending: what is kept is a suffix
+    values = evals.tolist()
+    first = max(size - dim, next((i for i, v in enumerate(values) if v > cut * values[-1]), size))
+    kept = basis @ evecs[:, first:]
+    return (kept / evals[first:]) @ kept.T
 
 
 def _mean_distances(means: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
@@ -133,48 +145,48 @@ def _mean_distances(means: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     return distances.fill_diagonal_(0.0)
 
 
-def _off_diagonal_mean(matrix: np.ndarray) -> float:
-    return float(matrix[~np.eye(matrix.shape[0], dtype=bool)].mean())
+def _off_diagonal_mean(matrix: torch.Tensor) -> float:
+    k = matrix.shape[0]
+    return float(matrix[~torch.eye(k, dtype=torch.bool)].mean())
 
 
-def _metrics_from_statistics(gram_means: torch.Tensor, mean_distances: torch.Tensor, null: torch.Tensor,
+def _metrics_from_statistics(gram_means: torch.Tensor, mean_distances: torch.Tensor, null: Optional[torch.Tensor],
                              gram_residuals: torch.Tensor, class_sq: torch.Tensor, counts: torch.Tensor,
                              num_samples: int, dim: int, class_counts: List[int], pinv_rtol: Optional[float],
-                             scale: float, classifier_gram: Optional[torch.Tensor] = None, nc3: Optional[float] = None,
+                             scale: float,
+                             classifier_gram: Optional[torch.Tensor] = None, nc3: Optional[float] = None,
                              correct: int = 0, disagree: Optional[int] = None) -> NCMetrics:
     """The metrics from the ``K x K`` statistics of the present classes (all float64, CPU).
 
-    gram_means = G = M M^T of the centred means, mean_distances[a, b] = ||mu_a - mu_b||^2, null =
-    the weights of the global mean (``G null = 0``), gram_residuals = sum_i z_i z_i^T, class_sq[c]
-    = sum ||r_i||^2, classifier_gram = W M^T (rows of the present classes), nc3 computed on the
-    device. The statistics are those of the features times ``scale`` (a power of two): only the two
-    traces depend on it. (NumPy here: ``K x K`` work, where torch's per-call overhead would dominate
-    for small K.)
+    gram_means = G = M M^T of the centred means, mean_distances[a, b] = ||mu_a - mu_b||^2,
+    null = the weights of the
+    global mean (``G null = 0``), gram_residuals = sum_i z_i z_i^T, class_sq[c] = sum ||r_i||^2,
+    classifier_gram = W M^T (rows of the present classes), nc3 computed on the device. The
+    statistics are those of the features times ``scale`` (a power of two): only the two traces
+    depend on it.
     """
-    g, distances, residuals, sq = (t.numpy() for t in (gram_means, mean_distances, gram_residuals, class_sq))
-    k = g.shape[0]
-    scaled_within, scaled_between = float(sq.sum()) / num_samples, float(np.trace(g)) / k
-    g_pinv = _pinv_centred_gram(g, null.numpy(), dim, pinv_rtol)
-    nc1 = float(np.trace(g_pinv @ (residuals / num_samples) @ g_pinv))
+    k = counts.shape[0]
+    scaled_within, scaled_between = float(class_sq.sum()) / num_samples, float(torch.trace(gram_means)) / k
+    g_pinv = _pinv_centred_gram(gram_means, null, dim, pinv_rtol)
+    nc1 = float(torch.trace(g_pinv @ (gram_residuals / num_samples) @ g_pinv))
 
-    variances = sq / counts.numpy()
-    with np.errstate(divide="ignore", invalid="ignore"):  # the diagonal (a class against itself) is left out
-        cdnv = _off_diagonal_mean((variances[:, None] + variances[None, :]) / (2.0 * distances))
+    variances = class_sq / counts
+    sq_norms = torch.diagonal(gram_means)
+    cdnv = _off_diagonal_mean((variances[:, None] + variances[None, :]) / (2.0 * mean_distances))
 
-    norms = np.sqrt(np.diagonal(g))
-    cosines = g / np.outer(norms, norms)
-    etf = (np.eye(k) - 1.0 / k) / np.sqrt(k - 1)  # the simplex ETF Gram target, unit Frobenius norm
+    norms = sq_norms.sqrt()
+    cosines = gram_means / (norms[:, None] * norms[None, :])
+    etf = _etf(k)
     nc3_etf = None
     if classifier_gram is not None:
-        wm = classifier_gram.numpy()
-        nc3_etf = float(np.linalg.norm(wm / np.linalg.norm(wm) - etf))
+        nc3_etf = float(torch.linalg.norm(classifier_gram / torch.linalg.norm(classifier_gram) - etf))
     return NCMetrics(
         nc1=nc1,
         nc1_quotient=scaled_within / scaled_between,
         cdnv=cdnv,
-        nc2_equinorm=float(norms.std(ddof=1) / norms.mean()),
-        nc2_equiangle=_off_diagonal_mean(np.abs(cosines + 1.0 / (k - 1))),
-        nc2_etf=float(np.linalg.norm(g / np.linalg.norm(g) - etf)),
+        nc2_equinorm=float(norms.std() / norms.mean()),
+        nc2_equiangle=_off_diagonal_mean((cosines + 1.0 / (k - 1)).abs()),
+        nc2_etf=float(torch.linalg.norm(gram_means / torch.linalg.norm(gram_means) - etf)),
         nc3=nc3,
         nc3_etf=nc3_etf,
         nc4=None if disagree is None else disagree / num_samples,
@@ -417,10 +429,10 @@ class _SecondPass:
         self.means = sums / counts.clamp_min(1).unsqueeze(1).double()
         if global_mean == "weighted":
             global_mu = sums.sum(0) / self.num_samples
-            self.null = counts[self.present].double()  # sum_c n_c m_c = 0
+            self.null: Optional[torch.Tensor] = counts[self.present].double()  # sum_c n_c m_c = 0
         else:
             global_mu = self.means[self.present].mean(0)
-            self.null = torch.ones(self.present.numel(), dtype=torch.float64, device=counts.device)
+            self.null = None  # uniform: sum_c m_c = 0
         centred = (self.means - global_mu) * present.unsqueeze(1)
         gram = centred @ centred.T
         if not float(torch.diagonal(gram).max()) > 0:
@@ -464,7 +476,7 @@ class _SecondPass:
         return _metrics_from_statistics(
             gram_means=self.gram_means[idx][:, idx].to(cpu),
             mean_distances=self.mean_distances[idx][:, idx].to(cpu),
-            null=self.null.to(cpu),
+            null=None if self.null is None else self.null.to(cpu),
             gram_residuals=self.gram[idx][:, idx].to(cpu),
             class_sq=self.class_sq[idx].to(cpu),
             counts=self.counts[idx].to(cpu).double(),
