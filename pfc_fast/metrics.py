@@ -76,7 +76,7 @@ def _power_of_two_scale(magnitude: float) -> float:
     ``magnitude = m 2^e`` with ``0.5 <= m < 1``: the exact rescaling to a magnitude just below 1."""
     if magnitude == 0.0 or _SAFE_MAGNITUDE[0] <= magnitude <= _SAFE_MAGNITUDE[1]:
         return 1.0
-    return math.ldexp(1.0, -math.frexp(magnitude)[1])
+    return math.ldexp(1.0, min(-math.frexp(magnitude)[1], 1000))  # subnormal input: up to 2^1000 (~2^-74 after)
 
 
 def _etf(k: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -202,24 +202,33 @@ def _metrics_from_statistics(gram_means: torch.Tensor, mean_distances: torch.Ten
 
 class _PassTally:
     """What identifies the samples of one pass: per-class counts and a per-class fingerprint, the
-    sums of ``h_i[window] . weights`` over a fixed window of up to 16 feature columns with fixed
-    random weights (and the sums of their absolute values, the fingerprint's scale)."""
+    sums of ``h_i[columns] . weights`` (float64) over ``WINDOWS`` windows of ``WIDTH`` consecutive
+    feature columns at fixed random places, with fixed random weights, and the sums of their
+    absolute values (the fingerprint's scale).
 
-    WIDTH = 16
+    Two passes agree when their fingerprints differ by at most ``4 eps / sqrt(n_c)`` of the scale
+    (eps of the coarsest feature dtype, ``n_c`` the class's samples; at least ``1e-12``): room for
+    features recomputed by kernels that round each value differently. One sample in place of
+    another moves a class's fingerprint by about ``1 / n_c`` of its scale, so it is caught for
+    classes of up to about ``(4 eps)^-2`` samples (1,000 in bfloat16, 65,000 in float16, 4e12 in
+    float32). Classes whose windows are all zero, or whose fingerprint overflows, are checked by
+    their counts only.
+    """
+
+    WINDOWS, WIDTH = 4, 4
 
     def __init__(self, num_classes: int, dim: int, device: torch.device) -> None:
         generator = torch.Generator().manual_seed(0x5EED + dim)
         width = min(self.WIDTH, dim)
-        self.start = int(torch.randint(0, dim - width + 1, (1,), generator=generator))
-        self.weights = torch.randn(width, generator=generator, dtype=torch.float64).to(device)
-        self._weights_by_dtype: Dict[torch.dtype, torch.Tensor] = {}
+        starts = torch.randint(0, dim - width + 1, (self.WINDOWS,), generator=generator)
+        self.columns = torch.unique(starts[:, None] + torch.arange(width)).to(device)
+        self.weights = torch.randn(self.columns.numel(), generator=generator, dtype=torch.float64).to(device)
         self.counts = torch.zeros(num_classes, dtype=torch.int64, device=device)
         self.fingerprint = torch.zeros(2, num_classes, dtype=torch.float64, device=device)
         self.eps = 0.0  # the precision of the coarsest feature dtype seen
 
     def update(self, feats: torch.Tensor, labels: torch.Tensor) -> None:
-        weights = self._weights_by_dtype.setdefault(feats.dtype, self.weights.to(feats.dtype))
-        values = (feats[:, self.start:self.start + weights.shape[0]] @ weights).double()  # in the features' precision
+        values = feats[:, self.columns].double() @ self.weights
         self.eps = max(self.eps, torch.finfo(feats.dtype).eps)
         self.counts += torch.bincount(labels, minlength=self.counts.shape[0])
         self.fingerprint[0].index_add_(0, labels, values)
@@ -234,19 +243,15 @@ class _PassTally:
         if counts:
             shown = ", ".join(f"class {c}: {int(first.counts[c])} then {int(self.counts[c])}" for c in counts[:5])
             return f"the per-class sample counts differ ({shown}{', ...' if len(counts) > 5 else ''})"
-        rtol = max(_FINGERPRINT_RTOL, 16 * max(self.eps, first.eps))
-        tolerance = rtol * first.fingerprint[1] + torch.finfo(torch.float64).tiny
-        moved = ((self.fingerprint[0] - first.fingerprint[0]).abs() > tolerance).nonzero().flatten().tolist()
-        if moved:
-            return (f"the same counts but other feature values in class(es) {moved[:10]}"
-                    f"{' ...' if len(moved) > 10 else ''} (per-class fingerprints differ)")
+        scale = first.fingerprint[1]
+        rtol = (4 * max(self.eps, first.eps) / first.counts.clamp_min(1).double().sqrt()).clamp_min(1e-12)
+        checked = torch.isfinite(first.fingerprint).all(0) & torch.isfinite(self.fingerprint).all(0) & (scale > 0)
+        moved = (checked & ((self.fingerprint[0] - first.fingerprint[0]).abs() > rtol * scale)).nonzero()
+        if moved.numel():
+            classes = moved.flatten().tolist()
+            return (f"the same counts but other feature values in class(es) {classes[:10]}"
+                    f"{' ...' if len(classes) > 10 else ''} (per-class fingerprints differ)")
         return None
-
-
-#: Relative agreement asked of the two passes' fingerprints (or 16 eps of the feature dtype, if
-#: coarser): room for features computed twice by kernels that round differently, far below what
-#: one sample in place of another changes.
-_FINGERPRINT_RTOL = 1e-5
 
 
 class NCAccumulator:
@@ -268,8 +273,7 @@ class NCAccumulator:
 
     ``compute()`` checks that the second pass saw the samples of the first: the per-class counts
     must be equal, and so must a per-class fingerprint of the features (sums of a fixed random
-    combination of 16 feature columns, to a relative ``1e-5``, or 16 eps of a coarser feature
-    dtype); otherwise it raises a
+    combination of 16 feature columns, see ``_PassTally`` for its tolerance and reach); otherwise it raises a
     ``ValueError`` that says what differs. After ``compute()``, ``reset()`` starts again.
     ``pinv_rtol``: the pseudo-inverse cut-off of ``nc1`` (see :func:`nc_metrics`).
 
@@ -286,6 +290,8 @@ class NCAccumulator:
         self.global_mean = global_mean
         self.pooling = pooling
         self.pinv_rtol = None if pinv_rtol is None else _inputs.finite_number(pinv_rtol, "pinv_rtol")
+        if self.pinv_rtol is not None and not self.pinv_rtol < 1.0:
+            raise ValueError(f"pinv_rtol must be < 1 (a fraction of the largest eigenvalue), got {pinv_rtol!r}")
         self._weight, self._bias = _inputs.classifier_weights(classifier, bias, self.num_classes)
         self._check_passes = True  # nc_metrics, which feeds one tensor to both passes, turns the check off
         self.reset()
@@ -441,9 +447,14 @@ class _SecondPass:
         self.ncc_bias = self.mean_distances.masked_fill(~present.unsqueeze(0), float("inf"))
         self.centred, self.gram_means = centred, gram
         self.weight = weight
-        # scale * (W mu_y + b): the logits of the scaled features, whose argmax is that of the features'
-        self.logit_offset = None if weight is None or bias is None else self.means @ weight.T + scale * bias
-        self.proj = centred if weight is None else torch.cat([centred, weight])
+        # The logits of the scaled features h' = scale h, with the argmax of the features' W h + b:
+        # W' h' + (W' mu'_y + b') with W' = W / scale, b' = b for tiny features (scale > 1: W h + b
+        # itself), W' = W, b' = scale b otherwise (scale (W h + b)), so that neither can overflow.
+        self.logit_weight = None if weight is None else (weight / scale if scale > 1.0 else weight)
+        self.logit_offset = None
+        if self.logit_weight is not None and bias is not None:
+            self.logit_offset = self.means @ self.logit_weight.T + (bias if scale > 1.0 else scale * bias)
+        self.proj = centred if self.logit_weight is None else torch.cat([centred, self.logit_weight])
         self.gram = torch.zeros_like(gram)
         self.class_sq = torch.zeros(counts.shape[0], dtype=torch.float64, device=counts.device)
         # correct, disagree, samples with a decision source

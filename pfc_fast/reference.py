@@ -22,14 +22,15 @@ def _as_features(feats: TensorLike, pooling: str) -> torch.Tensor:
     return feats
 
 
-def _pinv(matrix: torch.Tensor, rank: int) -> torch.Tensor:
+def _pinv(matrix: torch.Tensor, rank: int, num_classes: int) -> torch.Tensor:
     """Pseudo-inverse of a symmetric PSD matrix of rank at most ``rank`` from its
-    eigendecomposition: the ``rank`` largest eigenvalues, less those below ``size * eps`` times the
-    largest (torch's and numpy's convention) (written here, apart from pfc_fast.metrics, so that
-    the tests compare two independent implementations)."""
+    eigendecomposition: the ``rank`` largest eigenvalues, less those below ``(K - 1) eps`` times
+    the largest (docs/spec.md section 3, ``K = num_classes``, whatever the size of the matrix) (written here, apart from pfc_fast.metrics, so that the tests compare two
+    independent implementations)."""
     evals, evecs = torch.linalg.eigh(matrix)  # ascending
     size = matrix.shape[0]
-    keep = (evals > size * torch.finfo(matrix.dtype).eps * evals.max()) & (torch.arange(size) >= size - rank)
+    cut = (num_classes - 1) * torch.finfo(matrix.dtype).eps
+    keep = (evals > cut * evals.max()) & (torch.arange(size) >= size - rank)
     return evecs[:, keep] @ torch.diag(1.0 / evals[keep]) @ evecs[:, keep].T
 
 
@@ -58,7 +59,7 @@ def nc_metrics(feats: TensorLike, labels: TensorLike, num_classes: Optional[int]
     residuals = feats - full_means[labels]
     sigma_w = residuals.T @ residuals / num_samples
     sigma_b = m @ m.T / k
-    sigma_b_pinv = _pinv(sigma_b, rank=min(k - 1, dim))
+    sigma_b_pinv = _pinv(sigma_b, rank=min(k - 1, dim), num_classes=k)
 
     variances = [float(((feats[labels == c] - means[j]) ** 2).sum(1).mean()) for j, c in enumerate(classes)]
     cdnv_terms = [
@@ -122,7 +123,7 @@ def nc1_projection(feats: TensorLike, labels: TensorLike) -> float:
     full_means[classes] = means
     z = (feats - full_means[labels]) @ m
     a = z.T @ z / feats.shape[0]
-    g_pinv = _pinv(m.T @ m, rank=min(len(classes) - 1, feats.shape[1]))
+    g_pinv = _pinv(m.T @ m, rank=min(len(classes) - 1, feats.shape[1]), num_classes=len(classes))
     return float(torch.trace(g_pinv @ a @ g_pinv))
 
 

@@ -243,3 +243,18 @@ def test_metrics_are_scale_invariant_in_float64(device, factor):
     assert math.isfinite(result.nc1) and math.isfinite(result.cdnv)
     if reference_metrics is not None:
         assert result.nc1 == pytest.approx(reference_metrics["nc1"], rel=1e-8)
+
+
+def test_subnormal_features_and_a_bias_that_dwarfs_tiny_features():
+    """Subnormal float64 features (largest 1e-310) are rescaled, not refused; a classifier whose
+    bias dwarfs the logits of tiny features decides by the bias, as W h + b does in float64."""
+    feats, labels = make_features(400, 8, 4, seed=seed_for("subnormal"), dtype=torch.float64, spread=0.3)
+    plain = pfc_fast.nc_metrics(feats, labels)
+    tiny = pfc_fast.nc_metrics(feats / feats.abs().max() * 1e-310, labels)
+    assert tiny.nc1 == pytest.approx(plain.nc1, rel=1e-6) and tiny.ncc_accuracy == plain.ncc_accuracy
+    weight = torch.randn(4, 8, generator=torch.Generator().manual_seed(seed_for("bias")), dtype=torch.float64)
+    bias = torch.tensor([1e9, 2e9, 3e9, 4e9], dtype=torch.float64)  # argmax(W h + b) = 3 for every tiny h
+    expected = pfc_fast.nc_metrics(feats, labels, predictions=torch.full_like(labels, 3)).nc4
+    assert pfc_fast.nc_metrics(feats * 1e-300, labels, classifier=weight, bias=bias).nc4 == expected
+    with pytest.raises(ValueError, match="pinv_rtol must be < 1"):
+        pfc_fast.nc_metrics(feats, labels, pinv_rtol=1.0)

@@ -322,3 +322,39 @@ def test_epoch_records_and_configs_round_trip(tmp_path):
     assert directory.environment() == saved["environment"]
     with pytest.raises(FileNotFoundError, match="holds no pfc-fast run"):
         RunDirectory(str(tmp_path / "nothing")).config()
+
+
+@pytest.mark.parametrize("options,error,message", [
+    ({"augment": "bogus"}, ValueError, "augment must be one of 'none', 'crop', 'crop-flip', got 'bogus'"),
+    ({"schedule": "bogus"}, ValueError, "schedule must be one of"),
+    ({"width": -3}, ValueError, "width must be >= 1, got -3"),
+    ({"width": "x"}, TypeError, "width must be an integer"),
+    ({"epochs": 0}, ValueError, "epochs must be >= 1"),
+    ({"geodesic_samples": -5}, ValueError, "geodesic_samples must be >= 0"),
+    ({"lr": 0.0}, ValueError, "lr must be > 0"),
+    ({"model": "bogus"}, ValueError, "model must be one of"),
+    ([("width", 4)], TypeError, "options must be a mapping"),
+])
+def test_train_config_checks_every_option(options, error, message):
+    with pytest.raises(error, match=message):
+        TrainConfig.from_options(options)
+    with pytest.raises(ValueError, match="device 'bogus' is not a device"):
+        train.prepare({"dataset": "digits"}, device="bogus")
+
+
+def test_malformed_run_directory_files_are_named(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{not json")
+    (run / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl, line 1: not an epoch record"):
+        RunDirectory(str(run)).records()
+    with pytest.raises(ValueError, match=r"config.json is not a pfc-fast config"):
+        RunDirectory(str(run)).config()
+    with pytest.raises(SystemExit):
+        cli.main(["report", str(run)])
+    err = capsys.readouterr().err
+    assert "argument run_dir: " in err and "metrics.jsonl, line 1" in err
+    with pytest.raises(SystemExit):
+        train.main(["--out", str(run), "--resume"])
+    assert "argument --resume: " in capsys.readouterr().err

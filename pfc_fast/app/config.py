@@ -6,8 +6,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-#: Learning-rate schedules of ``--schedule``.
+from .._inputs import check_choice, finite_number, positive_int
+
+#: The allowed values of the options with a fixed set of them (``--model``, ``--dataset``, ...).
+MODELS = ("resnet18", "resnet34", "resnet50", "cwresnet")
+DATASETS = ("embedded", "fashion-mnist", "mnist", "cifar10", "cifar100", "svhn", "stl10", "digits")
+AUGMENTATIONS = ("none", "crop", "crop-flip")
 SCHEDULES = ("cosine", "step", "constant")
+POOLINGS = ("flatten", "gap")
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,26 @@ class TrainConfig:
     pooling: str = "flatten"
     geodesic_samples: int = 200
 
+    def __post_init__(self) -> None:
+        """Every option checked: ``ValueError`` / ``TypeError`` naming it."""
+        for name, choices in (("model", MODELS), ("dataset", DATASETS), ("augment", AUGMENTATIONS),
+                              ("schedule", SCHEDULES), ("pooling", POOLINGS)):
+            check_choice(getattr(self, name), name, choices)
+        for name in ("width", "epochs", "batch_size", "probe_per_class"):
+            positive_int(getattr(self, name), name)
+        for name in ("depth", "train_per_class"):
+            if getattr(self, name) is not None:
+                positive_int(getattr(self, name), name)
+        positive_int(self.geodesic_samples, "geodesic_samples", minimum=0)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TypeError(f"seed must be an integer, got {self.seed!r}")
+        if not finite_number(self.lr, "lr") > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        finite_number(self.momentum, "momentum")
+        finite_number(self.weight_decay, "weight_decay")
+        if self.data_dir is not None and not isinstance(self.data_dir, str):
+            raise TypeError(f"data_dir must be a path (str) or None, got {self.data_dir!r}")
+
     @classmethod
     def option_names(cls) -> tuple[str, ...]:
         """The option names, in the order of ``config.json``."""
@@ -45,6 +71,8 @@ class TrainConfig:
     def from_options(cls, options: Mapping[str, Any] | None = None) -> TrainConfig:
         """The defaults with ``options`` (a mapping of option names) over them; an unknown name is a
         ``ValueError``."""
+        if options is not None and not isinstance(options, Mapping):
+            raise TypeError(f"options must be a mapping of option names, got {type(options).__name__}")
         options = dict(options or {})
         unknown = sorted(set(options) - set(cls.option_names()))
         if unknown:

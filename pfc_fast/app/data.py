@@ -32,10 +32,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._inputs import positive_int
+from .._inputs import check_choice, positive_int
+from .config import AUGMENTATIONS, DATASETS
 
-DATASETS = ("embedded", "fashion-mnist", "mnist", "cifar10", "cifar100", "svhn", "stl10", "digits")
-AUGMENTATIONS = ("none", "crop", "crop-flip")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EMBEDDED_PATH = os.path.join(HERE, "datasets", "fashion_mnist_subset.npz")
@@ -278,6 +277,7 @@ def augment(images: torch.Tensor, kind: str, generator: torch.Generator) -> torc
     also mirror half of the images left-right (as in He et al. 2016 on CIFAR). The randomness comes
     from ``generator`` only, so a run replays exactly given the same generator state.
     """
+    check_choice(kind, "augment", AUGMENTATIONS)
     if kind == "none":
         return images
     batch, channels, height, width = images.shape

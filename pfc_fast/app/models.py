@@ -25,9 +25,8 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from .._inputs import positive_int
+from .config import MODELS
 
-#: Model names accepted by :func:`build_model` (and ``pfc-fast train --model``).
-MODELS = ("resnet18", "resnet34", "resnet50", "cwresnet")
 
 _RESNETS = {"resnet18": (BasicBlock, [2, 2, 2, 2]), "resnet34": (BasicBlock, [3, 4, 6, 3]),
             "resnet50": (Bottleneck, [3, 4, 6, 3])}

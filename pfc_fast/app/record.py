@@ -39,7 +39,9 @@ class EpochRecord:
 
     @classmethod
     def from_dict(cls, fields: Mapping[str, Any]) -> EpochRecord:
-        """The record of a parsed JSON line."""
+        """The record of a parsed JSON line (``TypeError`` for missing or unknown fields)."""
+        if not isinstance(fields, Mapping):
+            raise TypeError(f"an epoch record is a JSON object, got {type(fields).__name__}")
         return cls(**fields)
 
     def to_dict(self) -> dict[str, Any]:

@@ -90,14 +90,22 @@ class RunDirectory:
         if not self.holds_run():
             raise FileNotFoundError(f"{self.path} holds no pfc-fast run (no {self.CONFIG})")
         with open(self._file(self.CONFIG)) as handle:
-            saved: dict[str, Any] = json.load(handle)
+            try:
+                saved = json.load(handle)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{self._file(self.CONFIG)} is not a pfc-fast config ({error})") from error
+        if not isinstance(saved, dict):
+            raise ValueError(f"{self._file(self.CONFIG)} is not a pfc-fast config (not a JSON object)")
         return saved
 
     def config(self) -> TrainConfig:
         """The run's options (those a run of an older version did not save take their defaults);
         ``FileNotFoundError`` where no run was started."""
         saved = self._saved_config()
-        return TrainConfig.from_options({key: saved[key] for key in TrainConfig.option_names() if key in saved})
+        try:
+            return TrainConfig.from_options({key: saved[key] for key in TrainConfig.option_names() if key in saved})
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{self._file(self.CONFIG)}: {error}") from error
 
     def saved_options(self) -> dict[str, Any]:
         """The options as ``config.json`` holds them (without the environment)."""
@@ -112,8 +120,16 @@ class RunDirectory:
         """The finished epochs of ``metrics.jsonl``, in order (empty without the file)."""
         if not os.path.exists(self._file(self.METRICS)):
             return []
+        records = []
         with open(self._file(self.METRICS)) as handle:
-            return [EpochRecord.from_dict(json.loads(line)) for line in handle if line.strip()]
+            for number, line in enumerate(handle, 1):
+                if line.strip():
+                    try:
+                        records.append(EpochRecord.from_dict(json.loads(line)))
+                    except (TypeError, ValueError) as error:  # JSONDecodeError is a ValueError
+                        raise ValueError(f"{self._file(self.METRICS)}, line {number}: not an epoch record of "
+                                         f"pfc-fast train ({error})") from error
+        return records
 
     def write_records(self, records: Sequence[EpochRecord]) -> None:
         """Rewrite ``metrics.jsonl`` with ``records``, atomically."""

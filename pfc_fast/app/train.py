@@ -39,10 +39,10 @@ from tqdm import tqdm
 
 from .. import __version__, geodesic
 from ..monitor import PFCMonitor, PFCResult
-from .config import SCHEDULES, TrainConfig
-from .data import AUGMENTATIONS, DATASETS, augment, balanced_indices, load_dataset, to_float
+from .config import AUGMENTATIONS, DATASETS, MODELS, POOLINGS, SCHEDULES, TrainConfig
+from .data import augment, balanced_indices, load_dataset, to_float
 from .flags import UsageError, non_negative_float, non_negative_int, positive_float, positive_int
-from .models import MODELS, build_model
+from .models import build_model
 from .record import EpochRecord
 from .report import write_report
 from .run_directory import RunDirectory
@@ -72,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "training set with this many samples per class, drawn with --seed (default: all of it)")
     parser.add_argument("--probe-per-class", type=positive_int, help=f"training samples per class on which PFC "
                         f"is measured (default {d.probe_per_class})")
-    parser.add_argument("--pooling", choices=("flatten", "gap"), help=f"features of a conv layer: flatten "
+    parser.add_argument("--pooling", choices=POOLINGS, help=f"features of a conv layer: flatten "
                         f"(D = C*h*w) or global average pooling (D = C) (default {d.pooling})")
     parser.add_argument("--geodesic-samples", type=non_negative_int, help=f"probe samples for LSS and the W-path "
                         f"ratio of cwresnet (default {d.geodesic_samples}; 0: off)")
@@ -187,7 +187,10 @@ def _config(args: argparse.Namespace, ddp: Distributed) -> tuple[RunDirectory, T
         if not out.holds_run():
             raise UsageError("--resume", f"{out.path} holds no run to resume (no {RunDirectory.CONFIG}); drop "
                                          "--resume to start one")
-        saved = out.config()
+        try:
+            saved = out.config()
+        except ValueError as error:  # a config.json that is not one
+            raise UsageError("--resume", str(error)) from error
         for key, value in given.items():
             if getattr(saved, key) != value and key != "data_dir":  # the data may have moved
                 raise UsageError(f"--{key.replace('_', '-')}", f"the run in {out.path} has {getattr(saved, key)!r}, "
@@ -386,7 +389,11 @@ def prepare(options: Mapping[str, Any] | TrainConfig | None = None, device: torc
     checkpoint would be saved. Bad values raise :class:`UsageError` naming the flag.
     """
     config = options if isinstance(options, TrainConfig) else TrainConfig.from_options(options)
-    return TrainingRun(config, RunDirectory(out) if out is not None else None, torch.device(device), Distributed())
+    try:
+        where = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device {device!r} is not a device ({error})") from error
+    return TrainingRun(config, RunDirectory(out) if out is not None else None, where, Distributed())
 
 
 def restore(run_dir: str, device: torch.device | str = "cpu", checkpoint: bool = True) -> tuple[TrainingRun, int]:
