@@ -128,14 +128,15 @@ def _pinv_centred_gram(gram: torch.Tensor, null: Optional[torch.Tensor], dim: in
     return (kept / evals[first:]) @ kept.T
 
 
-def _mean_distances(means: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+def _mean_distances(means: torch.Tensor, gram: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
     """Squared distances ``||mu_a - mu_b||^2`` of the class means (rows of ``means``, ``K x D``),
-    accurate to float64 whatever the separation: from ``gram``, the Gram matrix of the centred
-    means, where its expansion is exact enough, from the differences of the means themselves where
-    two means nearly coincide."""
+    accurate to float64 whatever the separation for the classes in ``present`` (a ``(K,)`` mask):
+    from ``gram``, the Gram matrix of the centred means, where its expansion is exact enough, from
+    the differences of the means themselves where two present means nearly coincide."""
     sq = torch.diagonal(gram)
     distances = (sq[:, None] + sq[None, :] - 2.0 * gram).clamp_min(0.0)
-    close = (distances <= _DIRECT_DISTANCE_RATIO * (sq[:, None] + sq[None, :])).triu(1).nonzero()
+    close = distances <= _DIRECT_DISTANCE_RATIO * (sq[:, None] + sq[None, :])
+    close = (close & present[:, None] & present[None, :]).triu(1).nonzero()
     chunk = max(1, (1 << 24) // max(1, means.shape[1]))
     for start in range(0, close.shape[0], chunk):
         a, b = close[start:start + chunk].T
@@ -158,12 +159,11 @@ def _metrics_from_statistics(gram_means: torch.Tensor, mean_distances: torch.Ten
                              correct: int = 0, disagree: Optional[int] = None) -> NCMetrics:
     """The metrics from the ``K x K`` statistics of the present classes (all float64, CPU).
 
-    gram_means = G = M M^T of the centred means, mean_distances[a, b] = ||mu_a - mu_b||^2,
-    null = the weights of the
-    global mean (``G null = 0``), gram_residuals = sum_i z_i z_i^T, class_sq[c] = sum ||r_i||^2,
-    classifier_gram = W M^T (rows of the present classes), nc3 computed on the device. The
-    statistics are those of the features times ``scale`` (a power of two): only the two traces
-    depend on it.
+    gram_means = G = M M^T of the centred means, mean_distances[a, b] = ||mu_a - mu_b||^2, null =
+    the weights of the global mean (``G null = 0``; ``None``: uniform), gram_residuals = sum_i z_i
+    z_i^T, class_sq[c] = sum ||r_i||^2, classifier_gram = W M^T (rows of the present classes), nc3
+    computed on the device. The statistics are those of the features times ``scale`` (a power of
+    two): only the two traces depend on it.
     """
     k = counts.shape[0]
     scaled_within, scaled_between = float(class_sq.sum()) / num_samples, float(torch.trace(gram_means)) / k
@@ -348,8 +348,7 @@ class NCAccumulator:
             self._tally(feats, labels)
             if feats.dtype == torch.float64:
                 self._rescale(max(self._magnitude, float(feats.abs().amax())))
-            sums, counts = _ops.class_sums(feats if self._scale == 1.0 else feats * self._scale, labels,
-                                           self.num_classes)
+            sums, counts = _ops.class_sums(self._scaled(feats), labels, self.num_classes)
             _inputs.finite(sums, "feats")
             if self._sums is None or self._counts is None:
                 self._sums, self._counts = sums, counts
@@ -361,7 +360,11 @@ class NCAccumulator:
         if predictions is not None:
             predictions = _inputs.class_indices(predictions, feats.shape[0], self.num_classes, feats, "predictions")
         self._tally(feats, labels)
-        self._second.update(feats if self._scale == 1.0 else feats * self._scale, labels, predictions)
+        self._second.update(self._scaled(feats), labels, predictions)
+
+    def _scaled(self, feats: torch.Tensor) -> torch.Tensor:
+        """The features times the current power-of-two scale (the features themselves at 1)."""
+        return feats if self._scale == 1.0 else feats * self._scale
 
     def _rescale(self, magnitude: float) -> None:
         """Record the largest feature magnitude; where it calls for another power-of-two scale,
@@ -443,7 +446,7 @@ class _SecondPass:
         gram = centred @ centred.T
         if not float(torch.diagonal(gram).max()) > 0:
             raise ValueError("feats: all class means are equal (Sigma_B = 0); the NC metrics are undefined")
-        self.mean_distances = _mean_distances(self.means, gram)
+        self.mean_distances = _mean_distances(self.means, gram, present)
         self.ncc_bias = self.mean_distances.masked_fill(~present.unsqueeze(0), float("inf"))
         self.centred, self.gram_means = centred, gram
         self.weight = weight
