@@ -11,20 +11,24 @@ inline void define_ops(torch::Library& m) {
   // class counts. feats (N, D) floating, labels (N,) int64 in [0, num_classes).
   m.def("class_sums(Tensor feats, Tensor labels, int num_classes) -> (Tensor sums, Tensor counts)");
   // Second pass (docs/spec.md section 3). With r_i = h_i - means[y_i] (float64):
-  //   s_i = proj @ r_i                         (proj (P, D): the K centred class means, then
-  //                                             optionally the K classifier rows)
-  //   gram[a, b]     = sum_i s_i[a] s_i[b]      for a, b < K   (the K x K accumulation)
+  //   u_i = proj @ r_i        (proj (B + K_w, D): B orthonormal basis rows, then the K_w classifier
+  //                            rows when logit_offset is given)
+  //   t_i = u_i[:B],  scores_i = mean_coords @ t_i     (mean_coords (K, B): the centred class means
+  //                            m_c = mu_c - mu_G in the basis; score_error bounds |scores_i[c] -
+  //                            m_c . r_i| / ||r_i||, the basis' span defect and rounding together)
+  //   basis_sq[j]    = sum_i t_i[j]^2          (the within-class scatter along the basis)
   //   class_sq[c]    = sum_{y_i = c} ||r_i||^2 (per-class traces)
-  //   ncc_i          = argmin_c ncc_bias[y_i, c] - 2 s_i[c]   (nearest class centre; ties: lowest c;
+  //   ncc_i          = argmin_c ncc_bias[y_i, c] - 2 scores_i[c]   (nearest class centre; ties: lowest c;
   //                    ncc_bias[y, c] = ||means[y] - means[c]||^2, so this is argmin_c ||h_i - means[c]||^2;
-  //                    where another class is within the rounding of the expansion, the squared
+  //                    where another class is within the error of the expansion, the squared
   //                    distances ||h_i - means[c]||^2 computed term by term decide)
   //   decisions[0]   = #{ncc_i == y_i}
-  //   decisions[1]   = #{ncc_i != argmax_j (s_i[K + j] + logit_offset[y_i, j])} with a classifier,
+  //   decisions[1]   = #{ncc_i != argmax_j (u_i[B + j] + logit_offset[y_i, j])} with a classifier,
   //                    #{ncc_i != predictions[i]} with predictions, else 0.
   m.def(
-      "residual_stats(Tensor feats, Tensor labels, Tensor means, Tensor proj, Tensor ncc_bias, "
-      "Tensor? logit_offset, Tensor? predictions) -> (Tensor gram, Tensor class_sq, Tensor decisions)");
+      "residual_stats(Tensor feats, Tensor labels, Tensor means, Tensor proj, Tensor mean_coords, Tensor ncc_bias, "
+      "float score_error, Tensor? logit_offset, Tensor? predictions) -> (Tensor basis_sq, Tensor class_sq, "
+      "Tensor decisions)");
   // One half-step of log-domain Sinkhorn (docs/spec.md section 4), batched over B problems:
   //   out[b, i] = -eps * log sum_j exp(log_w[b, j] + (h[b, j] - C[b, i, j]) / eps)
   // with C = max(||x_i||^2 + ||y_j||^2 - 2 x_i . y_j, 0) computed tile by tile from x (B, N, D) and

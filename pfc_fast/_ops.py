@@ -56,12 +56,13 @@ def _class_sums_fake(feats: torch.Tensor, labels: torch.Tensor, num_classes: int
 
 @_register_fake("residual_stats")
 def _residual_stats_fake(feats: torch.Tensor, labels: torch.Tensor, means: torch.Tensor, proj: torch.Tensor,
-                         ncc_bias: torch.Tensor, logit_offset: Optional[torch.Tensor],
+                         mean_coords: torch.Tensor, ncc_bias: torch.Tensor, score_error: float,
+                         logit_offset: Optional[torch.Tensor],
                          predictions: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     num_classes = means.shape[0]
-    gram = feats.new_empty((num_classes, num_classes), dtype=torch.float64)
+    basis_sq = feats.new_empty((mean_coords.shape[1],), dtype=torch.float64)
     class_sq = feats.new_empty((num_classes,), dtype=torch.float64)
-    return gram, class_sq, feats.new_empty((2,), dtype=torch.int64)
+    return basis_sq, class_sq, feats.new_empty((2,), dtype=torch.int64)
 
 
 @_register_fake("sinkhorn_softmin")
@@ -128,9 +129,11 @@ def class_sums(feats: torch.Tensor, labels: torch.Tensor, num_classes: int) -> T
 
 
 def residual_stats(feats: torch.Tensor, labels: torch.Tensor, means: torch.Tensor, proj: torch.Tensor,
-                   ncc_bias: torch.Tensor, logit_offset: Optional[torch.Tensor],
+                   mean_coords: torch.Tensor, ncc_bias: torch.Tensor, score_error: float,
+                   logit_offset: Optional[torch.Tensor],
                    predictions: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return ops_for(feats).residual_stats(feats, labels, means, proj, ncc_bias, logit_offset, predictions)
+    return ops_for(feats).residual_stats(feats, labels, means, proj, mean_coords, ncc_bias, score_error, logit_offset,
+                                         predictions)
 
 
 def sinkhorn_softmin(x: Optional[torch.Tensor], y: Optional[torch.Tensor], cost: Optional[torch.Tensor],

@@ -1,16 +1,19 @@
-"""Exact neural-collapse metrics in two fused passes, without a ``D x D`` matrix.
+"""Exact neural-collapse metrics in two fused passes, without a ``D x D`` matrix of the features.
 
 Definitions: ``docs/spec.md`` section 2 (README "Metrics"). Method (section 3): the first
-pass gives the class sums and counts; the second gives, with ``r_i = h_i - mu_{y_i}`` formed in
-float64 and the centred class means ``M = [mu_c - mu_G]`` (``K x D`` here, rows),
+pass gives the class sums and counts, hence the centred class means ``M = [mu_c - mu_G]`` (``K x D``
+here, rows) and an orthonormal basis ``q_j`` of the directions of ``Sigma_B = M^T M / K`` that its
+pseudo-inverse keeps, with the eigenvalues ``lambda_j`` of ``M^T M`` along them (from the smaller of
+``G = M M^T`` and ``M^T M``). The second gives, with ``r_i = h_i - mu_{y_i}`` formed in float64,
 
-    z_i = M r_i,   A = (1/N) sum_i z_i z_i^T,   class_sq[c] = sum_{y_i = c} ||r_i||^2,
+    basis_sq[j] = sum_i (q_j . r_i)^2,   class_sq[c] = sum_{y_i = c} ||r_i||^2,
 
-and the nearest-class-centre decisions. Then, with ``G = M M^T``,
+and the nearest-class-centre decisions. Then
 
-    nc1 = Tr(Sigma_W Sigma_B^+) / K = Tr(G^+ A G^+)       (Sigma_B^+ = K M^T (G^+)^2 M)
+    nc1 = Tr(Sigma_W Sigma_B^+) / K = (1/N) sum_j basis_sq[j] / lambda_j
 
-and every other metric is ``K x K`` work. Memory is ``O(K D + K^2)`` whatever ``N`` and ``D``.
+and every other metric is ``K x K`` work. The second pass costs ``O(N D (K + min(K, D)))``, memory
+is ``O(K D + K^2)`` whatever ``N``.
 """
 from __future__ import annotations
 
@@ -109,23 +112,48 @@ def _complement_basis(null: torch.Tensor) -> torch.Tensor:
     return reflection[:, 1:]
 
 
-def _pinv_centred_gram(gram: torch.Tensor, null: Optional[torch.Tensor], dim: int,
-                       rtol: Optional[float]) -> torch.Tensor:
-    """Pseudo-inverse of ``G = M M^T``, the Gram matrix of ``K`` centred class means in ``dim``
-    dimensions, whose rank is at most ``min(K - 1, dim)``.
+def _between_class_basis(centred: torch.Tensor, gram: torch.Tensor, null: Optional[torch.Tensor],
+                         rtol: Optional[float]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """An orthonormal basis of the directions of ``Sigma_B`` that its pseudo-inverse keeps, and the
+    eigenvalues of ``M^T M = K Sigma_B`` along them, from the centred means ``M`` (rows, ``K x D``)
+    and their Gram matrix ``G = M M^T``; then ``Sigma_B^+ = K sum_j q_j q_j^T / lambda_j``.
 
-    ``null`` (the weights of the global mean; ``None``: uniform) is in the kernel of ``G`` exactly,
-    so ``G`` is inverted on the complement of ``null``; at most ``dim`` eigenvalues are kept, none
-    below ``rtol`` times the largest (``None``: the size of the matrix inverted times float64's eps).
+    ``M^T M`` and ``G`` share their nonzero eigenvalues, and there are at most ``r = min(K - 1, D)``:
+    ``null`` (the weights of the global mean; ``None``: uniform) is in the kernel of ``G`` exactly.
+    The eigendecomposition is of the smaller matrix: for ``K - 1 <= D``, of ``G`` on the complement
+    ``C`` of ``null`` (``C^T G C = U diag(lambda) U^T``, directions ``q_j = M^T C u_j / sqrt(lambda_j)``);
+    for ``D < K - 1``, of the ``D x D`` scatter ``M^T M`` (directions: its eigenvectors). At most ``r``
+    eigenvalues are kept, none below ``rtol`` times the largest (``None``: ``(K - 1)`` float64 eps).
+
+    Returns ``(directions (r', D), eigenvalues (r',))``, ``r' <= r``.
     """
-    basis = _uniform_complement_basis(gram.shape[0]) if null is None else _complement_basis(null)
-    size = basis.shape[1]
-    cut = default_pinv_rtol(size) if rtol is None else rtol
-    evals, evecs = torch.linalg.eigh(basis.T @ gram @ basis)  # ascending: what is kept is a suffix
-    values = evals.tolist()
-    first = max(size - dim, next((i for i, v in enumerate(values) if v > cut * values[-1]), size))
-    kept = basis @ evecs[:, first:]
-    return (kept / evals[first:]) @ kept.T
+    k, dim = centred.shape
+    cut = default_pinv_rtol(k - 1) if rtol is None else rtol
+    if k - 1 <= dim:
+        complement = (_uniform_complement_basis(k) if null is None else _complement_basis(null)).to(gram.device)
+        evals, evecs = torch.linalg.eigh(complement.T @ gram @ complement)
+    else:
+        evals, evecs = torch.linalg.eigh(centred.T @ centred)
+    values = evals.tolist()  # ascending: what is kept is a suffix
+    first = max(len(values) - (k - 1), next((i for i, v in enumerate(values) if v > cut * values[-1]), len(values)))
+    if k - 1 <= dim:
+        directions = ((complement @ evecs[:, first:]).T @ centred) / evals[first:].sqrt().unsqueeze(1)
+    else:
+        directions = evecs[:, first:].T
+    return directions.contiguous(), evals[first:]
+
+
+def _score_error(centred: torch.Tensor, mean_coords: torch.Tensor, directions: torch.Tensor) -> float:
+    """A bound on ``|s_c - m_c . r| / ||r||`` over the classes, where ``s_c = mean_coords[c] . t`` is
+    the score the second pass computes from the basis coordinates ``t = directions @ r`` (csrc/schemas.h):
+    the span defect ``||m_c - mean_coords[c] @ directions||`` (the part of ``m_c`` outside the basis)
+    plus the rounding of the two dot products, ``(D + B) sqrt(B) eps ||mean_coords[c]||`` (Higham's
+    ``gamma_n`` for the ``B`` sums of length ``D``, then one of length ``B``), doubled for the
+    rounding of the defect itself and of the residuals."""
+    dim, basis = centred.shape[1], directions.shape[0]
+    defect = torch.linalg.vector_norm(centred - mean_coords @ directions, dim=1)
+    rounding = 2.0 * (dim + basis + 8) * math.sqrt(basis) * torch.finfo(torch.float64).eps
+    return float((defect + rounding * torch.linalg.vector_norm(mean_coords, dim=1)).max())
 
 
 def _mean_distances(means: torch.Tensor, gram: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
@@ -151,24 +179,24 @@ def _off_diagonal_mean(matrix: torch.Tensor) -> float:
     return float(matrix[~torch.eye(k, dtype=torch.bool)].mean())
 
 
-def _metrics_from_statistics(gram_means: torch.Tensor, mean_distances: torch.Tensor, null: Optional[torch.Tensor],
-                             gram_residuals: torch.Tensor, class_sq: torch.Tensor, counts: torch.Tensor,
-                             num_samples: int, dim: int, class_counts: List[int], pinv_rtol: Optional[float],
-                             scale: float,
+def _metrics_from_statistics(gram_means: torch.Tensor, mean_distances: torch.Tensor, eigenvalues: torch.Tensor,
+                             basis_sq: torch.Tensor, class_sq: torch.Tensor, counts: torch.Tensor,
+                             num_samples: int, dim: int, class_counts: List[int], scale: float,
                              classifier_gram: Optional[torch.Tensor] = None, nc3: Optional[float] = None,
                              correct: int = 0, disagree: Optional[int] = None) -> NCMetrics:
-    """The metrics from the ``K x K`` statistics of the present classes (all float64, CPU).
+    """The metrics from the statistics of the present classes (all float64, CPU).
 
-    gram_means = G = M M^T of the centred means, mean_distances[a, b] = ||mu_a - mu_b||^2, null =
-    the weights of the global mean (``G null = 0``; ``None``: uniform), gram_residuals = sum_i z_i
-    z_i^T, class_sq[c] = sum ||r_i||^2, classifier_gram = W M^T (rows of the present classes), nc3
-    computed on the device. The statistics are those of the features times ``scale`` (a power of
-    two): only the two traces depend on it.
+    gram_means = G = M M^T of the centred means, mean_distances[a, b] = ||mu_a - mu_b||^2,
+    eigenvalues lambda_j of M^T M along the basis q_j of :func:`_between_class_basis`, basis_sq[j] =
+    sum_i (q_j . r_i)^2, class_sq[c] = sum ||r_i||^2, classifier_gram = W M^T (rows of the present
+    classes), nc3 computed on the device. The statistics are those of the features times ``scale``
+    (a power of two): only the two traces depend on it. With ``Sigma_B^+ = K sum_j q_j q_j^T / lambda_j``,
+
+        nc1 = Tr(Sigma_W Sigma_B^+) / K = (1/N) sum_j basis_sq[j] / lambda_j.
     """
     k = counts.shape[0]
     scaled_within, scaled_between = float(class_sq.sum()) / num_samples, float(torch.trace(gram_means)) / k
-    g_pinv = _pinv_centred_gram(gram_means, null, dim, pinv_rtol)
-    nc1 = float(torch.trace(g_pinv @ (gram_residuals / num_samples) @ g_pinv))
+    nc1 = float((basis_sq / eigenvalues).sum()) / num_samples
 
     variances = class_sq / counts
     sq_norms = torch.diagonal(gram_means)
@@ -430,7 +458,6 @@ class _SecondPass:
         self.counts = counts
         self.scale = scale  # the sums and every feature of the second pass are times this
         self.num_samples = int(counts.sum())
-        self.pinv_rtol = pinv_rtol
         present = counts > 0
         self.present = present.nonzero().flatten()
         if self.present.numel() < 2:
@@ -449,30 +476,37 @@ class _SecondPass:
         self.mean_distances = _mean_distances(self.means, gram, present)
         self.ncc_bias = self.mean_distances.masked_fill(~present.unsqueeze(0), float("inf"))
         self.centred, self.gram_means = centred, gram
+        directions, self.eigenvalues = _between_class_basis(centred[self.present], gram[self.present][:, self.present],
+                                                            self.null, pinv_rtol)
         self.weight = weight
         # The logits of the scaled features h' = scale h, with the argmax of the features' W h + b:
         # W' h' + (W' mu'_y + b') with W' = W / scale, b' = b for tiny features (scale > 1: W h + b
         # itself), W' = W, b' = scale b otherwise (scale (W h + b)), so that neither can overflow.
-        self.logit_weight = None if weight is None else (weight / scale if scale > 1.0 else weight)
+        logit_weight = None if weight is None else (weight / scale if scale > 1.0 else weight)
         self.logit_offset = None
-        if self.logit_weight is not None and bias is not None:
-            self.logit_offset = self.means @ self.logit_weight.T + (bias if scale > 1.0 else scale * bias)
-        self.proj = centred if self.logit_weight is None else torch.cat([centred, self.logit_weight])
-        self.gram = torch.zeros_like(gram)
+        if logit_weight is not None and bias is not None:
+            self.logit_offset = self.means @ logit_weight.T + (bias if scale > 1.0 else scale * bias)
+        # What the second pass projects on (csrc/schemas.h): the basis, then the classifier's rows
+        # where its logits decide nc4; the class scores are mean_coords @ t (t: the basis coordinates).
+        self.proj = directions if logit_weight is None else torch.cat([directions, logit_weight])
+        self.mean_coords = centred @ directions.T
+        self.score_error = _score_error(centred, self.mean_coords, directions)
+        self.basis_sq = torch.zeros_like(self.eigenvalues)
         self.class_sq = torch.zeros(counts.shape[0], dtype=torch.float64, device=counts.device)
         # correct, disagree, samples with a decision source
         self.counters = torch.zeros(3, dtype=torch.int64, device=sums.device)
 
     def tensors(self) -> List[torch.Tensor]:
-        return [self.gram, self.class_sq, self.counters]
+        return [self.basis_sq, self.class_sq, self.counters]
 
     def update(self, feats: torch.Tensor, labels: torch.Tensor, predictions: Optional[torch.Tensor]) -> None:
         logit_offset = self.logit_offset if predictions is None else None
-        gram, class_sq, decisions = _ops.residual_stats(
-            feats, labels, self.means, self.proj if logit_offset is not None else self.centred,
-            self.ncc_bias, logit_offset, predictions)
+        proj = self.proj if logit_offset is not None else self.proj[:self.mean_coords.shape[1]]
+        basis_sq, class_sq, decisions = _ops.residual_stats(feats, labels, self.means, proj, self.mean_coords,
+                                                            self.ncc_bias, self.score_error, logit_offset,
+                                                            predictions)
         _inputs.finite(class_sq, "feats")
-        self.gram += gram
+        self.basis_sq += basis_sq
         self.class_sq += class_sq
         self.counters[:2] += decisions
         if predictions is not None or logit_offset is not None:
@@ -490,14 +524,13 @@ class _SecondPass:
         return _metrics_from_statistics(
             gram_means=self.gram_means[idx][:, idx].to(cpu),
             mean_distances=self.mean_distances[idx][:, idx].to(cpu),
-            null=None if self.null is None else self.null.to(cpu),
-            gram_residuals=self.gram[idx][:, idx].to(cpu),
+            eigenvalues=self.eigenvalues.to(cpu),
+            basis_sq=self.basis_sq.to(cpu),
             class_sq=self.class_sq[idx].to(cpu),
             counts=self.counts[idx].to(cpu).double(),
             num_samples=self.num_samples,
             dim=self.means.shape[1],
             class_counts=[int(c) for c in self.counts.tolist()],
-            pinv_rtol=self.pinv_rtol,
             scale=self.scale,
             classifier_gram=classifier_gram,
             nc3=nc3,

@@ -36,8 +36,8 @@ def _problem(n, d, k, seed, dtype=torch.float32, row_stride=None):
 
 
 def _to(device, tensors):
-    """The tensors on ``device`` (None stays None: the optional arguments of residual_stats)."""
-    return [None if t is None else t.to(device) for t in tensors]
+    """The tensors on ``device`` (None and numbers stay: the optional arguments and score_error of residual_stats)."""
+    return [t.to(device) if isinstance(t, torch.Tensor) else t for t in tensors]
 
 
 def _expected_class_sums(feats, labels, k):
@@ -47,7 +47,7 @@ def _expected_class_sums(feats, labels, k):
 
 NC_SHAPES = [  # (N, D, K): one sample, one feature, past a warp's 4 samples / a block's 32 / the
     (1, 1, 2), (1, 7, 3), (5, 1, 4), (33, 129, 5), (37, 3, 1000), (300, 40, 48), (300, 40, 49),  # 48-class table
-    (129, 257, 10), (64, 4096, 3),
+    (129, 257, 10), (64, 4096, 3), (600, 40, 520),  # K >= 512: by BLAS products (nc_common.h)
 ]
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 
@@ -65,8 +65,11 @@ def test_class_sums(kernels, n, d, k, dtype):
     torch.testing.assert_close(sums.cpu(), cpu_sums, rtol=1e-12, atol=1e-12)
 
 
-def _residual_inputs(feats, labels, k, mode, seed):
-    """means, proj, ncc_bias, logit_offset, predictions of residual_stats as nc_metrics forms them."""
+def _residual_inputs(feats, labels, k, mode, seed, rank=None):
+    """means, proj, mean_coords, ncc_bias, score_error, logit_offset, predictions of residual_stats:
+    the basis is the top ``rank`` (default min(K - 1, D)) right singular vectors of the centred means,
+    and score_error the schema's bound (csrc/schemas.h) written out: the span defect plus
+    (D + B + 8) sqrt(B) eps ||mean_coords[c]||, doubled."""
     gen = torch.Generator().manual_seed(seed)
     sums, counts = _expected_class_sums(feats, labels, k)
     means = sums / counts.clamp_min(1).unsqueeze(1)
@@ -74,51 +77,58 @@ def _residual_inputs(feats, labels, k, mode, seed):
     gram = centred @ centred.T
     sq = torch.diagonal(gram)
     ncc_bias = (sq[:, None] + sq[None, :] - 2 * gram).clamp_min(0)
+    dim = feats.shape[1]
+    rank = min(k - 1, dim) if rank is None else rank
+    basis = torch.linalg.svd(centred, full_matrices=False)[2][:rank]
+    coords = centred @ basis.T
+    defect = (centred - coords @ basis).norm(dim=1)
+    score_error = float((defect + 4 * (dim + rank + 8) * rank ** 0.5 * 2.2205e-16 * coords.norm(dim=1)).max())
     if mode == "classifier":
-        weight = torch.randn(k, feats.shape[1], generator=gen, dtype=torch.float64)
+        weight = torch.randn(k, dim, generator=gen, dtype=torch.float64)
         bias = torch.randn(k, generator=gen, dtype=torch.float64)
-        return means, torch.cat([centred, weight]), ncc_bias, means @ weight.T + bias, None
+        return means, torch.cat([basis, weight]), coords, ncc_bias, score_error, means @ weight.T + bias, None
     predictions = torch.randint(0, k, (feats.shape[0],), generator=gen) if mode == "predictions" else None
-    return means, centred, ncc_bias, None, predictions
+    return means, basis, coords, ncc_bias, score_error, None, predictions
 
 
-def _expected_residual_stats(feats, labels, means, proj, ncc_bias, logit_offset, predictions):
-    """The schema's formulas (csrc/schemas.h) in float64."""
-    k = means.shape[0]
+def _expected_residual_stats(feats, labels, means, proj, mean_coords, ncc_bias, score_error, logit_offset,
+                             predictions):
+    """The schema's formulas (csrc/schemas.h) in float64; the decisions from term-by-term distances."""
+    k, basis = means.shape[0], mean_coords.shape[1]
     r = feats.double() - means[labels]
-    s = r @ proj.T
-    gram = s[:, :k].T @ s[:, :k]
+    u = r @ proj.T
+    basis_sq = (u[:, :basis] ** 2).sum(0)
     class_sq = torch.zeros(k, dtype=torch.float64).index_add_(0, labels, (r * r).sum(1))
     distances = torch.cdist(feats.double(), means, compute_mode="donot_use_mm_for_euclid_dist")  # term by term
     ncc = torch.argmin(distances.masked_fill(torch.isinf(ncc_bias[labels]), float("inf")), dim=1)
     correct = int((ncc == labels).sum())
     if logit_offset is not None:
-        disagree = int((ncc != torch.argmax(s[:, k:] + logit_offset[labels], dim=1)).sum())
+        disagree = int((ncc != torch.argmax(u[:, basis:] + logit_offset[labels], dim=1)).sum())
     elif predictions is not None:
         disagree = int((ncc != predictions).sum())
     else:
         disagree = 0
-    return gram, class_sq, torch.tensor([correct, disagree])
+    return basis_sq, class_sq, torch.tensor([correct, disagree])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mode", ["classifier", "predictions", "none"])
 @pytest.mark.parametrize("n,d,k", NC_SHAPES)
 def test_residual_stats(kernels, n, d, k, mode, dtype):
-    if k == 1000 and (dtype != torch.float32 or mode == "none"):
-        pytest.skip("K = 1,000 once per mode (the emulated warps take a while)")
+    if k >= 520 and (dtype != torch.float32 or mode == "none"):
+        pytest.skip("K >= 520 once per mode (the emulated warps take a while)")
     ops, device = kernels
     feats, labels = _problem(n, d, k, seed=n + 11 * d, dtype=dtype)
     inputs = _residual_inputs(feats, labels, k, mode, seed=k)
     on_device = _to(device, (feats, labels) + inputs)
-    gram, class_sq, decisions = (t.cpu() for t in ops.residual_stats(*on_device))
+    basis_sq, class_sq, decisions = (t.cpu() for t in ops.residual_stats(*on_device))
     expected = _expected_residual_stats(feats, labels, *inputs)
     scale = float(expected[0].abs().max()) + 1.0
-    torch.testing.assert_close(gram, expected[0], rtol=1e-10, atol=1e-12 * scale)
+    torch.testing.assert_close(basis_sq, expected[0], rtol=1e-10, atol=1e-12 * scale)
     torch.testing.assert_close(class_sq, expected[1], rtol=1e-10, atol=1e-12)
     assert decisions.tolist() == expected[2].tolist()
     cpu = torch.ops.pfc_fast.residual_stats(feats, labels, *inputs)
-    torch.testing.assert_close(gram, cpu[0], rtol=1e-10, atol=1e-12 * scale)
+    torch.testing.assert_close(basis_sq, cpu[0], rtol=1e-10, atol=1e-12 * scale)
     assert decisions.tolist() == cpu[2].tolist()
 
 
@@ -129,14 +139,45 @@ def test_exact_ties_go_to_the_lowest_class(kernels):
     ops, device = kernels
     feats = torch.tensor([[-3.0], [0.0], [0.0], [1.0]], dtype=torch.float64)
     labels = torch.tensor([0, 0, 0, 1])  # class means -1 and 1: the samples at 0 are a tie
-    means, centred, ncc_bias, _, _ = _residual_inputs(feats, labels, 2, "none", seed=0)
+    means, basis, coords, ncc_bias, score_error, _, _ = _residual_inputs(feats, labels, 2, "none", seed=0)
     weight, bias = torch.ones(2, 1, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
-    inputs = (means, torch.cat([centred, weight]), ncc_bias, means @ weight.T + bias, None)
+    inputs = (means, torch.cat([basis, weight]), coords, ncc_bias, score_error, means @ weight.T + bias, None)
     on_device = _to(device, (feats, labels) + inputs)
     decisions = ops.residual_stats(*on_device)[2].cpu()
     assert decisions.tolist() == [4, 1]  # all nearest to their own class; the sample at 1 disagrees with logit 0
     assert decisions.tolist() == _expected_residual_stats(feats, labels, *inputs)[2].tolist()
     assert decisions.tolist() == torch.ops.pfc_fast.residual_stats(feats, labels, *inputs)[2].tolist()
+
+
+@pytest.mark.parametrize("n,d,k", [(200, 16, 6), (700, 8, 600)])  # the fused kernel, the BLAS products
+def test_a_basis_that_misses_directions(kernels, n, d, k):
+    """A basis of 2 directions for means that span more: the scores miss the rest, score_error says by
+    how much (the span defect), and the term-by-term distances of the contested classes still give
+    the exact nearest class centre of every sample."""
+    ops, device = kernels
+    feats, labels = _problem(n, d, k, seed=d + k, dtype=torch.float32)
+    inputs = _residual_inputs(feats, labels, k, "classifier", seed=5, rank=2)
+    assert inputs[4] > 1e-3  # a large defect: most samples are decided on direct distances
+    basis_sq, _, decisions = (t.cpu() for t in ops.residual_stats(*_to(device, (feats, labels) + inputs)))
+    expected = _expected_residual_stats(feats, labels, *inputs)
+    assert decisions.tolist() == expected[2].tolist()
+    torch.testing.assert_close(basis_sq, expected[0], rtol=1e-10, atol=1e-12)
+
+
+def test_more_basis_rows_than_a_tile(kernels):
+    """600 basis rows (a full orthonormal basis of D = 600) for 3 classes: more than the fused CPU
+    kernel's tile holds, so the op takes the BLAS products, with the numbers of the formulas."""
+    ops, device = kernels
+    feats, labels = _problem(20, 600, 3, seed=8, dtype=torch.float32)
+    means, _, _, ncc_bias, _, _, _ = _residual_inputs(feats, labels, 3, "none", seed=6)
+    basis = torch.linalg.qr(torch.randn(600, 600, generator=torch.Generator().manual_seed(9), dtype=torch.float64))[0].T
+    centred = means - means.mean(0)
+    inputs = (means, basis, centred @ basis.T, ncc_bias, 1e-10, None, None)
+    basis_sq, class_sq, decisions = (t.cpu() for t in ops.residual_stats(*_to(device, (feats, labels) + inputs)))
+    expected = _expected_residual_stats(feats, labels, *inputs)
+    torch.testing.assert_close(basis_sq, expected[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(class_sq, expected[1], rtol=1e-10, atol=1e-12)
+    assert decisions.tolist() == expected[2].tolist()
 
 
 def test_strided_rows(kernels):
@@ -148,9 +189,9 @@ def test_strided_rows(kernels):
     sums, _ = ops.class_sums(feats.to(device), labels.to(device), 6)
     torch.testing.assert_close(sums.cpu(), _expected_class_sums(feats, labels, 6)[0], rtol=1e-12, atol=1e-12)
     on_device = _to(device, (feats, labels) + inputs)
-    gram, class_sq, decisions = (t.cpu() for t in ops.residual_stats(*on_device))
+    basis_sq, class_sq, decisions = (t.cpu() for t in ops.residual_stats(*on_device))
     expected = _expected_residual_stats(feats, labels, *inputs)
-    torch.testing.assert_close(gram, expected[0], rtol=1e-10, atol=1e-9)
+    torch.testing.assert_close(basis_sq, expected[0], rtol=1e-10, atol=1e-9)
     assert decisions.tolist() == expected[2].tolist()
 
 

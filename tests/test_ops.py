@@ -21,10 +21,12 @@ def _residual_args(feats, labels, k, classifier):
     gram = centred @ centred.T
     sq = torch.diagonal(gram)
     bias = sq[:, None] + sq[None, :] - 2 * gram
+    basis = torch.linalg.svd(centred, full_matrices=False)[2][:k - 1]
+    coords = centred @ basis.T
     if classifier is None:
-        return (feats, labels, means, centred, bias, None, labels.flip(0))
+        return (feats, labels, means, basis, coords, bias, 1e-10, None, labels.flip(0))
     weight = classifier.double()
-    return (feats, labels, means, torch.cat([centred, weight]), bias, means @ weight.T, None)
+    return (feats, labels, means, torch.cat([basis, weight]), coords, bias, 1e-10, means @ weight.T, None)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)

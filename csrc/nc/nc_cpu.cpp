@@ -2,17 +2,21 @@
 // `omp simd` and parallelised with at::parallel_for (so torch.set_num_threads applies).
 //
 // Pass 1, class_sums:   sums[c] = sum_{y_i = c} h_i                      (float64)
-// Pass 2, residual_stats, with r_i = h_i - mu_{y_i} in float64 and s_i = proj r_i:
-//   gram = sum_i s_i[:K] s_i[:K]^T,  class_sq[c] = sum_{y_i = c} ||r_i||^2, and the NCC decisions
+// Pass 2, residual_stats, with r_i = h_i - mu_{y_i} in float64, t_i = basis r_i and the class
+// scores s_i = mean_coords t_i (= M r_i):
+//   basis_sq[j] = sum_i t_i[j]^2,  class_sq[c] = sum_{y_i = c} ||r_i||^2, and the NCC decisions
 //   argmin_c ||h_i - mu_c||^2 = argmin_c (||mu_{y_i} - mu_c||^2 - 2 (mu_c - mu_G) . r_i)
 //   (the terms ||r_i||^2 and (mu_{y_i} - mu_G) . r_i do not depend on c).
-// Each pass reads every feature once; residuals are formed tile by tile and never stored whole.
+// Each pass reads every feature once; residuals are formed tile by tile and never stored whole. With
+// many rows of proj, the host side (nc_common.h) projects by BLAS products instead and leaves only the
+// decisions to sample_decisions below.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <mutex>
 #include <vector>
@@ -27,6 +31,7 @@ constexpr int64_t kColumnBlock = 256;          // columns one task of pass 1 own
 constexpr int64_t kPartialBytes = 256 << 20;   // bound on pass-1 per-chunk partial sums
 constexpr int64_t kRowBlock = 8;               // samples that share a cached tile of proj
 constexpr int64_t kTile = 512;                 // feature columns per residual tile
+static_assert(kFusedBasisMax <= kTile, "the fused kernel's basis coordinates fit a tile row");
 
 // Pass 1. Work is split into (row chunk, column block) tasks. With enough column blocks every
 // task writes straight into `sums` (each task owns its columns); with few columns (small D) the
@@ -73,15 +78,16 @@ void class_sums_kernel(const scalar_t* x, int64_t row_stride, const ClassSumsArg
   }
 }
 
-// s[r, k..k+3] += proj[k..k+3, tile] . R[r, tile] for the rows of one block.
-inline void project_tile(const double* R, int64_t rows, const double* proj, int64_t P, int64_t D,
+// S[r * P + k] += proj[k * ld, :len] . R[r * kTile, :len] for the k < P rows of proj and the
+// given rows of R: four rows of proj at a time, with one accumulator each, then the rest.
+inline void project_tile(const double* R, int64_t rows, const double* proj, int64_t P, int64_t ld,
                          int64_t len, double* S) {
   int64_t k = 0;
   for (; k + 4 <= P; k += 4) {
-    const double* p0 = proj + k * D;
-    const double* p1 = p0 + D;
-    const double* p2 = p1 + D;
-    const double* p3 = p2 + D;
+    const double* p0 = proj + k * ld;
+    const double* p1 = p0 + ld;
+    const double* p2 = p1 + ld;
+    const double* p3 = p2 + ld;
     for (int64_t r = 0; r < rows; ++r) {
       const double* v = R + r * kTile;
       double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
@@ -100,7 +106,7 @@ inline void project_tile(const double* R, int64_t rows, const double* proj, int6
     }
   }
   for (; k < P; ++k) {
-    const double* p = proj + k * D;
+    const double* p = proj + k * ld;
     for (int64_t r = 0; r < rows; ++r) {
       const double* v = R + r * kTile;
       double s = 0;
@@ -111,19 +117,19 @@ inline void project_tile(const double* R, int64_t rows, const double* proj, int6
   }
 }
 
-// Pass 2 over blocks of kRowBlock samples; every thread keeps its own K x K accumulator.
+// Pass 2 over blocks of kRowBlock samples; every thread keeps its own accumulators.
 template <typename scalar_t>
 void residual_stats_kernel(const scalar_t* x, int64_t row_stride, const ResidualInputs& in,
                            const ResidualOutputs& out) {
-  double* const gram_out = out.gram.data_ptr<double>();
+  double* const basis_sq_out = out.basis_sq.data_ptr<double>();
   double* const class_sq_out = out.class_sq.data_ptr<double>();
   int64_t* const decisions_out = out.decisions.data_ptr<int64_t>();
-  const int64_t K = in.K, D = in.D, P = in.K + in.num_logits;
+  const int64_t K = in.K, D = in.D, B = in.num_basis, P = in.num_basis + in.num_logits;
   const int64_t blocks = (in.N + kRowBlock - 1) / kRowBlock;
   std::mutex merge;
-  at::parallel_for(0, blocks, grain_for(kRowBlock * D * (P + 1)), [&](int64_t b0, int64_t b1) {
-    std::vector<double> R(kRowBlock * kTile), S(kRowBlock * P), rr(kRowBlock);
-    std::vector<double> gram(K * K, 0.0), class_sq(K, 0.0);
+  at::parallel_for(0, blocks, grain_for(kRowBlock * (D * (P + 1) + K * B)), [&](int64_t b0, int64_t b1) {
+    std::vector<double> R(kRowBlock * kTile), S(kRowBlock * P), rr(kRowBlock), scores(kRowBlock * K);
+    std::vector<double> basis_sq(B, 0.0), class_sq(K, 0.0);
     int64_t correct = 0, disagree = 0;
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t i0 = b * kRowBlock;
@@ -146,23 +152,23 @@ void residual_stats_kernel(const scalar_t* x, int64_t row_stride, const Residual
         }
         project_tile(R.data(), rows, in.proj + d0, P, D, len, S.data());
       }
+      // The class scores of the block: its basis coordinates (moved to R) times mean_coords.
+      std::fill(scores.begin(), scores.end(), 0.0);
+      for (int64_t r = 0; r < rows; ++r) std::copy(S.data() + r * P, S.data() + r * P + B, R.data() + r * kTile);
+      project_tile(R.data(), rows, in.mean_coords, K, B, B, scores.data());
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t i = i0 + r, y = in.labels[i];
-        const double* s = S.data() + r * P;
-        for (int64_t a = 0; a < K; ++a) {
-          double* g = gram.data() + a * K;
-          const double sa = s[a];
+        const double* t = S.data() + r * P;
 #pragma omp simd
-          for (int64_t c = 0; c < K; ++c) g[c] += sa * s[c];
-        }
+        for (int64_t j = 0; j < B; ++j) basis_sq[j] += t[j] * t[j];
         class_sq[y] += rr[r];
-        const SampleDecisions decision = decide(s, rr[r], x + i * row_stride, i, y, in);
+        const SampleDecisions decision = decide(scores.data() + r * K, t + B, rr[r], x + i * row_stride, i, y, in);
         correct += decision.correct;
         disagree += decision.disagrees;
       }
     }
     std::lock_guard<std::mutex> lock(merge);
-    for (int64_t e = 0; e < K * K; ++e) gram_out[e] += gram[e];
+    for (int64_t j = 0; j < B; ++j) basis_sq_out[j] += basis_sq[j];
     for (int64_t c = 0; c < K; ++c) class_sq_out[c] += class_sq[c];
     decisions_out[0] += correct;
     decisions_out[1] += disagree;
@@ -173,26 +179,43 @@ void residual_stats_kernel(const scalar_t* x, int64_t row_stride, const Residual
 struct CpuBackend {
   static int guard(const at::Tensor&) { return 0; }  // nothing to switch on the CPU
 
-  static at::Tensor max_row_norm(const at::Tensor& proj, int64_t K) {  // a loop: K D is small
-    const double* p = proj.data_ptr<double>();
-    const int64_t D = proj.size(1);
-    double largest = 0.0;
-    for (int64_t k = 0; k < K; ++k) {
-      double sq = 0.0;
-      for (int64_t j = 0; j < D; ++j) sq += p[k * D + j] * p[k * D + j];
-      largest = std::max(largest, sq);
-    }
-    return at::scalar_tensor(std::sqrt(largest), proj.options());
-  }
-
   template <typename scalar_t>
   static void class_sums(const at::Tensor& feats, const ClassSumsArgs& args) {
     class_sums_kernel<scalar_t>(feats.data_ptr<scalar_t>(), feats.stride(0), args);
   }
 
   template <typename scalar_t>
-  static void residual_stats(const at::Tensor& feats, const ResidualInputs& in, const ResidualOutputs& out) {
+  static void residual_stats(const at::Tensor& feats, const ResidualTensors&, const ResidualInputs& in,
+                             const ResidualOutputs& out) {
     residual_stats_kernel<scalar_t>(feats.data_ptr<scalar_t>(), feats.stride(0), in, out);
+  }
+
+  // The decisions of the samples start .. start + rows - 1 from their class scores (rows, K), their
+  // projections (rows, P) and ||r||^2.
+  template <typename scalar_t>
+  static void sample_decisions(const at::Tensor& scores, const at::Tensor& products, const at::Tensor& r_sq,
+                               const at::Tensor& feats, const ResidualInputs& in, int64_t start,
+                               const at::Tensor& decisions) {
+    const scalar_t* x = feats.data_ptr<scalar_t>();
+    const int64_t row_stride = feats.stride(0), P = products.size(1), K = in.K;
+    const double* s = scores.data_ptr<double>();
+    const double* logits = products.data_ptr<double>() + in.num_basis;
+    const double* sq = r_sq.data_ptr<double>();
+    std::atomic<int64_t> correct{0}, disagree{0};
+    at::parallel_for(0, scores.size(0), grain_for(K + in.num_logits), [&](int64_t r0, int64_t r1) {
+      int64_t c = 0, d = 0;
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t i = start + r;
+        const SampleDecisions decision =
+            decide(s + r * K, logits + r * P, sq[r], x + i * row_stride, i, in.labels[i], in);
+        c += decision.correct;
+        d += decision.disagrees;
+      }
+      correct += c;
+      disagree += d;
+    });
+    decisions[0] += correct.load();
+    decisions[1] += disagree.load();
   }
 };
 

@@ -8,13 +8,14 @@
 // Pass 2: project_residuals_kernel reads every feature once per tile of 8 projection rows: a warp
 // handles 4 samples, its lanes stride over the columns, forming r = h - mu_y in float64 and
 // accumulating s = proj r (4 x 8 register tile) and ||r||^2, reduced over the warp. The
-// projections of a chunk of rows go to a scratch buffer (rows x (P + 1), far smaller than the
-// features when P << D); sample_decisions_kernel then takes the nearest-class-centre and
-// classifier decisions and per-class traces, and the K x K accumulation is a cuBLAS product of
-// the scratch with itself.
+// projections of a chunk of rows go to a scratch buffer (rows x P and rows, far smaller than the
+// features when P << D); a cuBLAS product turns their basis coordinates into class scores,
+// sample_decisions_kernel takes the nearest-class-centre and classifier decisions, and tensor ops
+// add the per-class traces and the basis sums (nc_common.h, add_chunk). With many projection rows
+// the host side projects by cuBLAS products instead and only sample_decisions_kernel runs here.
 //
-// The same source builds for the SIMT layer (device.h); run there, the K x K product is a CPU BLAS
-// call instead of cuBLAS.
+// The same source builds for the SIMT layer (device.h); run there, the tensor ops and products are
+// the CPU's.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -68,12 +69,13 @@ __global__ void class_sums_kernel(const scalar_t* __restrict__ x, int64_t row_st
   }
 }
 
-// Projections of a chunk of samples: out[i, p] = proj[p] . r_i for p < P, out[i, P] = ||r_i||^2.
+// Projections of a chunk of samples: out[i, p] = proj[p] . r_i (p < P), r_sq[i] = ||r_i||^2.
 template <typename scalar_t>
 __global__ void project_residuals_kernel(const scalar_t* __restrict__ x, int64_t row_stride,
                                          const int64_t* __restrict__ labels, int64_t rows, int64_t D,
                                          int64_t K, const double* __restrict__ means,
-                                         const double* __restrict__ proj, int64_t P, double* __restrict__ out) {
+                                         const double* __restrict__ proj, int64_t P, double* __restrict__ out,
+                                         double* __restrict__ r_sq) {
   const int lane = threadIdx.x % 32;
   const int64_t first = (static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32) * kWarpSamples;
   if (first >= rows) return;
@@ -109,7 +111,7 @@ __global__ void project_residuals_kernel(const scalar_t* __restrict__ x, int64_t
       for (int q = 0; q < kWarpRows; ++q) {
         double v = acc[s][q];
         for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
-        if (lane == 0 && valid[s] && p0 + q < P) out[(first + s) * (P + 1) + p0 + q] = v;
+        if (lane == 0 && valid[s] && p0 + q < P) out[(first + s) * P + p0 + q] = v;
       }
     }
   }
@@ -117,30 +119,28 @@ __global__ void project_residuals_kernel(const scalar_t* __restrict__ x, int64_t
   for (int s = 0; s < kWarpSamples; ++s) {
     double v = sq[s];
     for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
-    if (lane == 0 && valid[s]) out[(first + s) * (P + 1) + P] = v;
+    if (lane == 0 && valid[s]) r_sq[first + s] = v;
   }
 }
 
-// Per-sample decisions (nc_common.h) from the projections of samples start .. start + rows - 1, and
-// their ||r||^2 added to class_sq. As in class_sums_kernel, the order of the atomicAdds into
-// class_sq is the GPU's, not reproduced exactly.
+// Per-sample decisions (nc_common.h) of samples start .. start + rows - 1 from their class scores
+// (rows, K), their projections products (rows, P) (the logits' from column num_basis) and r_sq (rows,).
 template <typename scalar_t>
-__global__ void sample_decisions_kernel(const double* __restrict__ proj_out, const scalar_t* __restrict__ x,
+__global__ void sample_decisions_kernel(const double* __restrict__ scores, const double* __restrict__ products,
+                                        const double* __restrict__ r_sq, const scalar_t* __restrict__ x,
                                         int64_t row_stride, const ResidualInputs in, int64_t start, int64_t rows,
-                                        double* __restrict__ class_sq, unsigned long long* __restrict__ decisions) {
+                                        int64_t P, unsigned long long* __restrict__ decisions) {
   PFC_SHARED(unsigned long long, block_counts, [2]);
   if (threadIdx.x < 2) block_counts[threadIdx.x] = 0;
   __syncthreads();
   const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t P = in.K + in.num_logits;
   if (r < rows) {
     const int64_t i = start + r, y = in.labels[i];
     if (y >= 0 && y < in.K) {
-      const double* s = proj_out + r * (P + 1);
-      const SampleDecisions decision = decide(s, s[P], x + i * row_stride, i, y, in);
+      const SampleDecisions decision =
+          decide(scores + r * in.K, products + r * P + in.num_basis, r_sq[r], x + i * row_stride, i, y, in);
       if (decision.correct) atomicAdd(&block_counts[0], 1ull);
       if (decision.disagrees) atomicAdd(&block_counts[1], 1ull);
-      atomicAdd(class_sq + y, s[P]);
     }
   }
   __syncthreads();
@@ -150,8 +150,6 @@ __global__ void sample_decisions_kernel(const double* __restrict__ proj_out, con
 // The backend of class_sums_op and residual_stats_op (nc_common.h).
 struct CudaBackend {
   static device::Guard guard(const at::Tensor& t) { return device::Guard(t.device()); }
-
-  static at::Tensor max_row_norm(const at::Tensor& proj, int64_t K) { return proj.narrow(0, 0, K).norm(2, 1).max(); }
 
   template <typename scalar_t>
   static void class_sums(const at::Tensor& feats, const ClassSumsArgs& args) {
@@ -167,27 +165,35 @@ struct CudaBackend {
         feats.data_ptr<scalar_t>(), feats.stride(0), args.labels, N, D, K, rows_per_chunk, shared_table, args.sums);
   }
 
-  // Chunks of samples, each projected into a scratch buffer, then decided and multiplied out.
+  // Chunks of samples, each projected into a scratch buffer, then scored, decided and summed (add_chunk).
   template <typename scalar_t>
-  static void residual_stats(const at::Tensor& feats, const ResidualInputs& in, const ResidualOutputs& out) {
-    const int64_t N = in.N, K = in.K, P = in.K + in.num_logits;
-    const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(N, kScratchBytes / ((P + 1) * 8)));
-    at::Tensor scratch = at::empty({chunk, P + 1}, out.gram.options());
-    const cudaStream_t stream = device::current_stream();
+  static void residual_stats(const at::Tensor& feats, const ResidualTensors& t, const ResidualInputs& in,
+                             const ResidualOutputs& out) {
+    const int64_t N = in.N, P = t.proj.size(0);
+    const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(N, kScratchBytes / ((P + in.K + 1) * 8)));
+    const at::Tensor products = at::empty({chunk, P}, out.class_sq.options());
+    const at::Tensor r_sq = at::empty({chunk}, out.class_sq.options());
     const int64_t per_block = kWarps * kWarpSamples;
     for (int64_t start = 0; start < N; start += chunk) {
       const int64_t rows = std::min(chunk, N - start);
       device::launch(project_residuals_kernel<scalar_t>, static_cast<unsigned>((rows + per_block - 1) / per_block),
-                     kWarps * 32, 0, stream)(feats.data_ptr<scalar_t>() + start * feats.stride(0), feats.stride(0),
-                                             in.labels + start, rows, in.D, K, in.means, in.proj, P,
-                                             scratch.data_ptr<double>());
-      device::launch(sample_decisions_kernel<scalar_t>, static_cast<unsigned>((rows + 255) / 256), 256, 0, stream)(
-          scratch.data_ptr<double>(), feats.data_ptr<scalar_t>(), feats.stride(0), in, start, rows,
-          out.class_sq.data_ptr<double>(),
-          reinterpret_cast<unsigned long long*>(out.decisions.data_ptr<int64_t>()));
-      const at::Tensor z = scratch.narrow(0, 0, rows).narrow(1, 0, K);
-      out.gram.addmm_(z.t(), z);
+                     kWarps * 32, 0, device::current_stream())(
+          feats.data_ptr<scalar_t>() + start * feats.stride(0), feats.stride(0), in.labels + start, rows, in.D, in.K,
+          in.means, in.proj, P, products.data_ptr<double>(), r_sq.data_ptr<double>());
+      add_chunk<CudaBackend, scalar_t>(products.narrow(0, 0, rows), r_sq.narrow(0, 0, rows), feats, t, in, start, out);
     }
+  }
+
+  template <typename scalar_t>
+  static void sample_decisions(const at::Tensor& scores, const at::Tensor& products, const at::Tensor& r_sq,
+                               const at::Tensor& feats, const ResidualInputs& in, int64_t start,
+                               const at::Tensor& decisions) {
+    const int64_t rows = scores.size(0);
+    device::launch(sample_decisions_kernel<scalar_t>, static_cast<unsigned>((rows + 255) / 256), 256, 0,
+                   device::current_stream())(
+        scores.data_ptr<double>(), products.data_ptr<double>(), r_sq.data_ptr<double>(), feats.data_ptr<scalar_t>(),
+        feats.stride(0), in, start, rows, products.size(1),
+        reinterpret_cast<unsigned long long*>(decisions.data_ptr<int64_t>()));
   }
 };
 
