@@ -43,13 +43,36 @@ _DIRECT_DISTANCE_RATIO = 1e-3
 
 
 @dataclass(frozen=True)
+class NCClassStatistics:
+    """Per-class statistics beside the scalar metrics (``nc_metrics(..., per_class=True)``): row
+    ``j`` of each is class ``classes[j]`` (the classes present), float64 CPU tensors.
+
+    ``mean_norms[j] = ||mu_c - mu_G||``, ``within_variances[j] = (1/n_c) sum_{y_i = c} ||h_i - mu_c||^2``,
+    ``cdnv[a, b] = (var_a + var_b) / (2 ||mu_a - mu_b||^2)`` (Galanti et al. 2022; 0 on the diagonal;
+    the scalar ``cdnv`` is the mean of its off-diagonal entries).
+    """
+
+    classes: List[int]
+    mean_norms: torch.Tensor
+    within_variances: torch.Tensor
+    cdnv: torch.Tensor
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The statistics as a JSON-serialisable dict (nested lists)."""
+        return {"classes": list(self.classes), "mean_norms": self.mean_norms.tolist(),
+                "within_variances": self.within_variances.tolist(), "cdnv": self.cdnv.tolist()}
+
+
+@dataclass(frozen=True)
 class NCMetrics:
     """Neural-collapse metrics of one set of features (docs/spec.md section 2; lower = more collapsed).
 
     ``num_classes`` is the number of classes present (the ``K`` of every formula);
     ``class_counts`` has one entry per class index ``0..num_classes_total-1``, zeros included.
-    Fields that need a classifier (``nc3``, ``nc3_etf``) or a decision (``nc4``) are ``None``
-    without one.
+    Fields that need a classifier (``nc3``, ``nc3_etf``, ``nc3_uniform``), a decision (``nc4``) or
+    out-of-distribution features (``nc5``) are ``None`` without them; ``gnc2_riesz_log`` is ``None``
+    for ``D = 1``. ``per_class`` (:class:`NCClassStatistics`) is set only when asked for, and is
+    not part of :meth:`to_dict`.
     """
 
     nc1: float
@@ -58,9 +81,14 @@ class NCMetrics:
     nc2_equinorm: float
     nc2_equiangle: float
     nc2_etf: float
+    gnc2_log: float
+    gnc2_log_var: float
+    gnc2_riesz_log: Optional[float]
     nc3: Optional[float]
     nc3_etf: Optional[float]
+    nc3_uniform: Optional[float]
     nc4: Optional[float]
+    nc5: Optional[float]
     ncc_accuracy: float
     within_trace: float
     between_trace: float
@@ -68,10 +96,12 @@ class NCMetrics:
     class_counts: List[int]
     num_classes: int
     dim: int
+    per_class: Optional[NCClassStatistics] = dataclasses.field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> Dict[str, Any]:
-        """The metrics as a JSON-serialisable dict."""
-        return dataclasses.asdict(self)
+        """The scalar metrics as a JSON-serialisable dict (``per_class`` has its own ``to_dict``)."""
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)
+                if field.name != "per_class"}
 
 
 def _power_of_two_scale(magnitude: float) -> float:
@@ -179,18 +209,46 @@ def _off_diagonal_mean(matrix: torch.Tensor) -> float:
     return float(matrix[~torch.eye(k, dtype=torch.bool)].mean())
 
 
-def _metrics_from_statistics(gram_means: torch.Tensor, mean_distances: torch.Tensor, eigenvalues: torch.Tensor,
-                             basis_sq: torch.Tensor, class_sq: torch.Tensor, counts: torch.Tensor,
-                             num_samples: int, dim: int, class_counts: List[int], scale: float,
+def _hyperspherical_energies(unit_distances: torch.Tensor, dim: int) -> Tuple[float, float, Optional[float]]:
+    """The mean and variance over the pairs ``a < b`` of the logarithmic kernel ``log(1 / d_ab)``,
+    and the log of the mean Riesz ``s``-energy ``d_ab^-s``, ``s = D - 2`` (``None`` for ``D = 1``),
+    of the distances ``d_ab`` of the normalised centred means (``unit_distances``: their squares).
+    The Riesz mean is taken as a log-sum-exp: ``d^-(D-2)`` overflows float64 for ``D`` in the hundreds."""
+    k = unit_distances.shape[0]
+    a, b = torch.triu_indices(k, k, 1)
+    log_distances = 0.5 * torch.log(unit_distances[a, b])
+    log_kernel = -log_distances
+    mean = float(log_kernel.mean())
+    variance = float(((log_kernel - mean) ** 2).mean()) if math.isfinite(mean) else math.inf
+    riesz = None
+    if dim >= 2:
+        riesz = float(torch.logsumexp(-(dim - 2) * log_distances, 0)) - math.log(log_distances.numel())
+    return mean, variance, riesz
+
+
+def _coefficient_of_variation(values: torch.Tensor) -> float:
+    """``std / mean`` (the sample standard deviation, as ``nc2_equinorm``)."""
+    return float(values.std() / values.mean())
+
+
+def _metrics_from_statistics(gram_means: torch.Tensor, mean_distances: torch.Tensor, unit_distances: torch.Tensor,
+                             eigenvalues: torch.Tensor, basis_sq: torch.Tensor, class_sq: torch.Tensor,
+                             counts: torch.Tensor, classes: List[int], num_samples: int, dim: int,
+                             class_counts: List[int], scale: float, per_class: bool = False,
                              classifier_gram: Optional[torch.Tensor] = None, nc3: Optional[float] = None,
+                             classifier_cosines: Optional[torch.Tensor] = None,
+                             ood_cosines: Optional[torch.Tensor] = None,
                              correct: int = 0, disagree: Optional[int] = None) -> NCMetrics:
-    """The metrics from the statistics of the present classes (all float64, CPU).
+    """The metrics from the statistics of the present classes ``classes`` (all float64, CPU).
 
     gram_means = G = M M^T of the centred means, mean_distances[a, b] = ||mu_a - mu_b||^2,
-    eigenvalues lambda_j of M^T M along the basis q_j of :func:`_between_class_basis`, basis_sq[j] =
-    sum_i (q_j . r_i)^2, class_sq[c] = sum ||r_i||^2, classifier_gram = W M^T (rows of the present
-    classes), nc3 computed on the device. The statistics are those of the features times ``scale``
-    (a power of two): only the two traces depend on it. With ``Sigma_B^+ = K sum_j q_j q_j^T / lambda_j``,
+    unit_distances[a, b] = the same of the normalised centred means, eigenvalues lambda_j of M^T M
+    along the basis q_j of :func:`_between_class_basis`, basis_sq[j] = sum_i (q_j . r_i)^2,
+    class_sq[c] = sum ||r_i||^2, classifier_gram = W M^T (rows of the present classes),
+    classifier_cosines[c] = cos(w_c, m_c), ood_cosines[c] = cos(m_c, mu_OOD - mu_G), nc3 computed
+    on the device. The statistics are those of the features times ``scale`` (a power of two): only
+    the traces and the per-class norms and variances depend on it. With
+    ``Sigma_B^+ = K sum_j q_j q_j^T / lambda_j``,
 
         nc1 = Tr(Sigma_W Sigma_B^+) / K = (1/N) sum_j basis_sq[j] / lambda_j.
     """
@@ -200,7 +258,8 @@ def _metrics_from_statistics(gram_means: torch.Tensor, mean_distances: torch.Ten
 
     variances = class_sq / counts
     sq_norms = torch.diagonal(gram_means)
-    cdnv = _off_diagonal_mean((variances[:, None] + variances[None, :]) / (2.0 * mean_distances))
+    cdnv_matrix = (variances[:, None] + variances[None, :]) / (2.0 * mean_distances)
+    cdnv = _off_diagonal_mean(cdnv_matrix)
 
     norms = sq_norms.sqrt()
     cosines = gram_means / (norms[:, None] * norms[None, :])
@@ -208,16 +267,26 @@ def _metrics_from_statistics(gram_means: torch.Tensor, mean_distances: torch.Ten
     nc3_etf = None
     if classifier_gram is not None:
         nc3_etf = float(torch.linalg.norm(classifier_gram / torch.linalg.norm(classifier_gram) - etf))
+    gnc2_log, gnc2_log_var, gnc2_riesz_log = _hyperspherical_energies(unit_distances, dim)
+    statistics = None
+    if per_class:
+        statistics = NCClassStatistics(classes=classes, mean_norms=norms / scale, within_variances=variances / scale ** 2,
+                                       cdnv=cdnv_matrix.fill_diagonal_(0.0))
     return NCMetrics(
         nc1=nc1,
         nc1_quotient=scaled_within / scaled_between,
         cdnv=cdnv,
-        nc2_equinorm=float(norms.std() / norms.mean()),
+        nc2_equinorm=_coefficient_of_variation(norms),
         nc2_equiangle=_off_diagonal_mean((cosines + 1.0 / (k - 1)).abs()),
         nc2_etf=float(torch.linalg.norm(gram_means / torch.linalg.norm(gram_means) - etf)),
+        gnc2_log=gnc2_log,
+        gnc2_log_var=gnc2_log_var,
+        gnc2_riesz_log=gnc2_riesz_log,
         nc3=nc3,
         nc3_etf=nc3_etf,
+        nc3_uniform=None if classifier_cosines is None else _coefficient_of_variation(classifier_cosines),
         nc4=None if disagree is None else disagree / num_samples,
+        nc5=None if ood_cosines is None else float(ood_cosines.abs().mean()),
         ncc_accuracy=correct / num_samples,
         within_trace=scaled_within / scale / scale,
         between_trace=scaled_between / scale / scale,
@@ -225,6 +294,7 @@ def _metrics_from_statistics(gram_means: torch.Tensor, mean_distances: torch.Ten
         class_counts=class_counts,
         num_classes=k,
         dim=dim,
+        per_class=statistics,
     )
 
 
@@ -337,6 +407,8 @@ class NCAccumulator:
         self._scale = 1.0  # every statistic is of the features times this power of two
         self._tallies: List[_PassTally] = []  # one per pass, made at the first batch
         self._second: Optional[_SecondPass] = None  # second-pass statistics
+        self._ood_sum: Optional[torch.Tensor] = None  # float64 sum of the out-of-distribution features (unscaled)
+        self._ood_count: Optional[torch.Tensor] = None
 
     @property
     def current_pass(self) -> int:
@@ -430,15 +502,47 @@ class NCAccumulator:
             tensors = [self._sums, self._counts]
         else:
             assert self._second is not None  # set by next_pass()
-            tensors = self._second.tensors()
+            tensors = self._second.tensors() + self._ood_tensors()
         if self._tallies:
             tensors += self._tallies[self._pass - 1].tensors()
         for tensor in tensors:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
         self._reduced = True
 
-    def compute(self) -> NCMetrics:
-        """The metrics (``NCMetrics``) after both passes."""
+    def update_ood(self, feats: TensorLike) -> None:
+        """Add a batch of out-of-distribution features ``(B, D)`` (or maps, pooled as ``feats``), in
+        either pass: ``nc5`` compares their mean with the class means (docs/spec.md section 2)."""
+        if self._computed:
+            raise RuntimeError("update_ood() after compute(); call reset() to measure other data")
+        if self._pass == 2 and self._reduced:
+            raise RuntimeError("update_ood() after the second pass's all_reduce(); feed it before")
+        feats = _inputs.features(feats, self.pooling, name="ood_feats")
+        if self._dim is not None and feats.shape[1] != self._dim:
+            raise ValueError(f"ood_feats has D = {feats.shape[1]} but feats has D = {self._dim}")
+        if self._ood_sum is None:
+            self._ood_sum = torch.zeros(feats.shape[1], dtype=torch.float64, device=feats.device)
+            self._ood_count = torch.zeros(1, dtype=torch.int64, device=feats.device)
+        elif feats.shape[1] != self._ood_sum.shape[0] or feats.device != self._ood_sum.device:
+            raise ValueError(f"ood_feats has D = {feats.shape[1]} on {feats.device}, earlier batches D = "
+                             f"{self._ood_sum.shape[0]} on {self._ood_sum.device}")
+        _inputs.finite(feats, "ood_feats")
+        self._ood_sum += feats.double().sum(0)
+        self._ood_count += feats.shape[0]
+        if not bool(torch.isfinite(self._ood_sum).all()):
+            raise ValueError("ood_feats: their float64 sum overflows; rescale them")
+
+    def _ood_tensors(self) -> List[torch.Tensor]:
+        """The out-of-distribution sums for all_reduce (zeros where this rank has none)."""
+        if self._ood_sum is None:
+            assert self._sums is not None  # the second pass has begun
+            self._ood_sum = torch.zeros(self._sums.shape[1], dtype=torch.float64, device=self._sums.device)
+            self._ood_count = torch.zeros(1, dtype=torch.int64, device=self._sums.device)
+        assert self._ood_count is not None
+        return [self._ood_sum, self._ood_count]
+
+    def compute(self, per_class: bool = False) -> NCMetrics:
+        """The metrics (``NCMetrics``) after both passes; ``per_class`` adds :class:`NCClassStatistics`."""
+        _inputs.check_bool(per_class, "per_class")
         if self._pass != 2:
             raise RuntimeError("compute() needs both passes: call next_pass() and feed the data again")
         assert self._second is not None  # set by next_pass()
@@ -446,8 +550,13 @@ class NCAccumulator:
         if different is not None:
             raise ValueError(f"the second pass did not see the samples of the first: {different}; feed the same "
                              "data in both passes")
+        ood_mean = None
+        if self._ood_sum is not None and self._ood_count is not None and int(self._ood_count) > 0:
+            if self._ood_sum.shape[0] != self._dim:
+                raise ValueError(f"ood_feats has D = {self._ood_sum.shape[0]} but feats has D = {self._dim}")
+            ood_mean = self._ood_sum / int(self._ood_count)
         self._computed = True
-        return self._second.compute()
+        return self._second.compute(per_class, ood_mean)
 
 
 class _SecondPass:
@@ -469,11 +578,14 @@ class _SecondPass:
         else:
             global_mu = self.means[self.present].mean(0)
             self.null = None  # uniform: sum_c m_c = 0
+        self.global_mu = global_mu
         centred = (self.means - global_mu) * present.unsqueeze(1)
         gram = centred @ centred.T
         if not float(torch.diagonal(gram).max()) > 0:
             raise ValueError("feats: all class means are equal (Sigma_B = 0); the NC metrics are undefined")
         self.mean_distances = _mean_distances(self.means, gram, present)
+        norms = torch.where(present, torch.diagonal(gram).sqrt(), 1.0)
+        self.unit_distances = _mean_distances(centred / norms.unsqueeze(1), gram / torch.outer(norms, norms), present)
         self.ncc_bias = self.mean_distances.masked_fill(~present.unsqueeze(0), float("inf"))
         self.centred, self.gram_means = centred, gram
         directions, self.eigenvalues = _between_class_basis(centred[self.present], gram[self.present][:, self.present],
@@ -512,28 +624,47 @@ class _SecondPass:
         if predictions is not None or logit_offset is not None:
             self.counters[2] += feats.shape[0]
 
-    def compute(self) -> NCMetrics:
+    def compute(self, per_class: bool, ood_mean: Optional[torch.Tensor]) -> NCMetrics:
+        """The metrics; ``ood_mean``: the mean of out-of-distribution features (unscaled) for ``nc5``."""
         correct, disagree, decided = (int(v) for v in self.counters.tolist())
         idx = self.present
-        nc3 = classifier_gram = None
+        centred = self.centred[idx]
+        norms = torch.linalg.vector_norm(centred, dim=1)
+        nc3 = classifier_gram = classifier_cosines = ood_cosines = None
         if self.weight is not None:
-            weight, centred = self.weight[idx], self.centred[idx]
+            weight = self.weight[idx]
             nc3 = float(((weight / torch.linalg.norm(weight) - centred / torch.linalg.norm(centred)) ** 2).sum())
             classifier_gram = (weight @ centred.T).cpu()
+            classifier_cosines = ((weight * centred).sum(1) / (torch.linalg.vector_norm(weight, dim=1) * norms)).cpu()
+        if ood_mean is not None:
+            ood_mu = ood_mean.to(self.global_mu.device) * self.scale
+            direction = ood_mu - self.global_mu
+            length = torch.linalg.vector_norm(direction)
+            rounding = 64 * torch.finfo(torch.float64).eps * (torch.linalg.vector_norm(ood_mu)
+                                                              + torch.linalg.vector_norm(self.global_mu))
+            if not float(length) > float(rounding):
+                raise ValueError("ood_feats: their mean equals the global mean of feats (to rounding), so nc5 "
+                                 "(the cosines with mu_OOD - mu_G) is undefined")
+            ood_cosines = ((centred @ direction) / (norms * length)).cpu()
         cpu = torch.device("cpu")
         return _metrics_from_statistics(
             gram_means=self.gram_means[idx][:, idx].to(cpu),
             mean_distances=self.mean_distances[idx][:, idx].to(cpu),
+            unit_distances=self.unit_distances[idx][:, idx].to(cpu),
             eigenvalues=self.eigenvalues.to(cpu),
             basis_sq=self.basis_sq.to(cpu),
             class_sq=self.class_sq[idx].to(cpu),
             counts=self.counts[idx].to(cpu).double(),
+            classes=idx.tolist(),
             num_samples=self.num_samples,
             dim=self.means.shape[1],
             class_counts=[int(c) for c in self.counts.tolist()],
             scale=self.scale,
+            per_class=per_class,
             classifier_gram=classifier_gram,
             nc3=nc3,
+            classifier_cosines=classifier_cosines,
+            ood_cosines=ood_cosines,
             correct=correct,
             disagree=disagree if decided == self.num_samples else None,
         )
@@ -542,7 +673,8 @@ class _SecondPass:
 def nc_metrics(feats: TensorLike, labels: TensorLike, num_classes: Optional[int] = None,
                classifier: Optional[TensorLike] = None, bias: Optional[TensorLike] = None,
                predictions: Optional[TensorLike] = None, global_mean: str = "unweighted",
-               pooling: str = "flatten", pinv_rtol: Optional[float] = None) -> NCMetrics:
+               pooling: str = "flatten", pinv_rtol: Optional[float] = None, ood_feats: Optional[TensorLike] = None,
+               per_class: bool = False) -> NCMetrics:
     """Exact neural-collapse metrics of one set of features (docs/spec.md sections 2-3).
 
     Args:
@@ -552,8 +684,8 @@ def nc_metrics(feats: TensorLike, labels: TensorLike, num_classes: Optional[int]
         labels: ``(N,)`` integer classes in ``[0, num_classes)``.
         num_classes: total number of classes (default ``max(labels) + 1``); classes absent from
             the data are left out of every formula.
-        classifier, bias: last-layer ``W (num_classes, D)`` and ``b`` for ``nc3``, ``nc3_etf``
-            and ``nc4``.
+        classifier, bias: last-layer ``W (num_classes, D)`` and ``b`` for ``nc3``, ``nc3_etf``,
+            ``nc3_uniform`` and ``nc4``.
         predictions: ``(N,)`` predicted classes for ``nc4`` (instead of ``argmax(W h + b)``).
         global_mean: ``"unweighted"`` (mean of class means, Papyan) or ``"weighted"`` (sample mean).
         pinv_rtol: eigenvalues of ``Sigma_B`` below this fraction of the largest count as 0 in
@@ -561,6 +693,9 @@ def nc_metrics(feats: TensorLike, labels: TensorLike, num_classes: Optional[int]
             ``(K - 1) x (K - 1)`` matrix inverted (the convention of ``torch.linalg.pinv``);
             ``LEGACY_PINV_RTOL`` (``1e-10``) is the cut-off of the first releases, which drops real
             directions of nearly overlapping classes (docs/spec.md section 3).
+        ood_feats: out-of-distribution features ``(M, D)`` (or maps, pooled alike) for ``nc5``.
+        per_class: also return the per-class statistics (``NCMetrics.per_class``: class-mean norms,
+            within-class variances, the CDNV matrix).
 
     Returns:
         ``NCMetrics``. Two passes over ``feats``, float64 accumulation, no ``D x D`` matrix.
@@ -572,4 +707,6 @@ def nc_metrics(feats: TensorLike, labels: TensorLike, num_classes: Optional[int]
     accumulator.update(feats, labels)
     accumulator.next_pass()
     accumulator.update(feats, labels, predictions)
-    return accumulator.compute()
+    if ood_feats is not None:
+        accumulator.update_ood(ood_feats)
+    return accumulator.compute(per_class)

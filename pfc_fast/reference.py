@@ -7,6 +7,7 @@ kernels or with :mod:`pfc_fast.metrics`, and are meant for D up to a few thousan
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, Optional, Sequence
 
 import torch
@@ -41,7 +42,7 @@ def _class_means(feats: torch.Tensor, labels: torch.Tensor, classes: Sequence[in
 def nc_metrics(feats: TensorLike, labels: TensorLike, num_classes: Optional[int] = None,
                classifier: Optional[TensorLike] = None, bias: Optional[TensorLike] = None,
                predictions: Optional[TensorLike] = None, global_mean: str = "unweighted",
-               pooling: str = "flatten") -> Dict[str, Any]:
+               pooling: str = "flatten", ood_feats: Optional[TensorLike] = None) -> Dict[str, Any]:
     """The metrics of docs/spec.md section 2 as a dict, computed directly in float64."""
     feats = _as_features(feats, pooling)
     labels = torch.as_tensor(labels).to(feats.device).long()
@@ -71,6 +72,11 @@ def nc_metrics(feats: TensorLike, labels: TensorLike, num_classes: Optional[int]
     etf = (torch.eye(k, dtype=torch.float64) - torch.ones(k, k, dtype=torch.float64) / k) / (k - 1) ** 0.5
     gram = (m.T @ m).cpu()
 
+    unit = m.T / norms[:, None]                                       # (K, D) normalised centred means
+    first, second = torch.triu_indices(k, k, 1)
+    pair_distances = torch.linalg.vector_norm(unit[first] - unit[second], dim=1)
+    log_kernel = -torch.log(pair_distances)                           # Liu et al. 2023, log kernel
+
     distances = torch.cdist(feats, means, compute_mode="donot_use_mm_for_euclid_dist")  # term by term: exact ties
     nearest = torch.tensor(classes, device=feats.device)[distances.argmin(1)]  # first minimum: lowest index
     result = {
@@ -80,9 +86,16 @@ def nc_metrics(feats: TensorLike, labels: TensorLike, num_classes: Optional[int]
         "nc2_equinorm": float(norms.std() / norms.mean()),
         "nc2_equiangle": sum(abs(c + 1.0 / (k - 1)) for c in cosines) / len(cosines),
         "nc2_etf": float(torch.linalg.norm(gram / torch.linalg.norm(gram) - etf)),
+        "gnc2_log": float(log_kernel.mean()),
+        "gnc2_log_var": float(((log_kernel - log_kernel.mean()) ** 2).mean()),
+        # log of the mean of d^-(D-2), taken as a log-sum-exp (the terms under- or overflow for large D)
+        "gnc2_riesz_log": None if dim < 2 else (float(torch.logsumexp(-(dim - 2) * torch.log(pair_distances), 0))
+                                                      - math.log(len(pair_distances))),
         "nc3": None,
         "nc3_etf": None,
+        "nc3_uniform": None,
         "nc4": None,
+        "nc5": None,
         "ncc_accuracy": float((nearest == labels).double().mean()),
         "within_trace": float(torch.trace(sigma_w)),
         "between_trace": float(torch.trace(sigma_b)),
@@ -97,6 +110,8 @@ def nc_metrics(feats: TensorLike, labels: TensorLike, num_classes: Optional[int]
         result["nc3"] = float(torch.linalg.norm(w_present.T / torch.linalg.norm(w_present) - m / torch.linalg.norm(m)) ** 2)
         wm = (w_present @ m).cpu()
         result["nc3_etf"] = float(torch.linalg.norm(wm / torch.linalg.norm(wm) - etf))
+        duality = torch.nn.functional.cosine_similarity(w_present, m.T, dim=1)  # cos(w_c, mu_c - mu_G)
+        result["nc3_uniform"] = float(duality.std() / duality.mean())
         offset = 0.0 if bias is None else torch.as_tensor(bias).detach().to(feats.device, torch.float64)
         decided = (feats @ weight.T + offset).argmax(1)
     else:
@@ -105,6 +120,9 @@ def nc_metrics(feats: TensorLike, labels: TensorLike, num_classes: Optional[int]
         decided = torch.as_tensor(predictions).to(feats.device).long()
     if decided is not None:
         result["nc4"] = float((nearest != decided).double().mean())
+    if ood_feats is not None:
+        ood_direction = _as_features(ood_feats, pooling).to(feats.device).mean(0) - global_mu
+        result["nc5"] = float(torch.nn.functional.cosine_similarity(m.T, ood_direction[None, :], dim=1).abs().mean())
     return result
 
 

@@ -76,9 +76,11 @@ def test_pass_protocol_errors():
 def _rank_main(rank, world, init_file, shards, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        feats, labels, weight = shards[rank]
+        feats, labels, weight, ood = shards[rank]
         acc = pfc_fast.NCAccumulator(8, classifier=weight)
         acc.update(feats, labels)
+        if ood is not None:
+            acc.update_ood(ood)
         acc.all_reduce()
         acc.next_pass()
         acc.update(feats, labels)
@@ -92,15 +94,16 @@ def _rank_main(rank, world, init_file, shards, out_dir):
 def test_all_reduce_two_processes(tmp_path):
     feats, labels = make_features(2000, 24, 8, seed=26, absent=(2,))
     weight = torch.randn(8, 24, generator=torch.Generator().manual_seed(27))
-    whole = pfc_fast.nc_metrics(feats, labels, num_classes=8, classifier=weight).to_dict()
-    shards = [(feats[:700], labels[:700], weight), (feats[700:], labels[700:], weight)]  # unequal shards
+    ood = torch.randn(300, 24, generator=torch.Generator().manual_seed(28)) + 0.5
+    whole = pfc_fast.nc_metrics(feats, labels, num_classes=8, classifier=weight, ood_feats=ood)
+    # unequal shards; the out-of-distribution features all on rank 1 (rank 0 reduces zeros)
+    shards = [(feats[:700], labels[:700], weight, None), (feats[700:], labels[700:], weight, ood)]
     mp.spawn(_rank_main, args=(2, str(tmp_path / "init"), shards, str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         with open(tmp_path / f"rank{rank}.pkl", "rb") as handle:
             result = pickle.load(handle)
-        assert set(result) == set(whole)
-        for name, value in whole.items():
-            assert result[name] == pytest.approx(value, rel=1e-10, abs=1e-14), name
+        assert result["nc5"] is not None
+        assert_metrics_close(pfc_fast.NCMetrics(**result), whole.to_dict(), rtol=1e-10)
 
 
 def test_second_pass_of_other_samples_with_the_same_counts():

@@ -44,6 +44,19 @@ def test_against_reference(device, dtype, shape, with_classifier):
     assert_metrics_close(ours, ref, rtol=1e-8, abs_tol=1e-12)
 
 
+@pytest.mark.parametrize("d", [48, 700])  # D < K: the basis from the D x D scatter; D > K: from the Gram
+def test_many_classes_against_reference(device, d):
+    """K = 600 (>= 512: the second pass by BLAS products, csrc/nc/nc_common.h) with a classifier
+    and two absent classes."""
+    k = 600
+    feats, labels = make_features(3000, d, k, seed=seed_for("many", d), device=device, balanced=True, spread=0.7,
+                                  absent=(0, 599))
+    gen = torch.Generator().manual_seed(seed_for("many-w", d))
+    kwargs = {"classifier": torch.randn(k, d, generator=gen).to(device), "bias": torch.randn(k, generator=gen).to(device)}
+    ours = pfc_fast.nc_metrics(feats, labels, num_classes=k, **kwargs)
+    assert_metrics_close(ours, reference.nc_metrics(feats.double(), labels, num_classes=k, **kwargs), rtol=1e-8)
+
+
 @pytest.mark.parametrize("target", [1e-2, 1e-4, 1e-6, 1e-8, 1e-10])
 @pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-4), (torch.float64, 1e-9)], ids=["fp32", "fp64"])
 def test_collapse_regime(device, target, dtype, rtol):
