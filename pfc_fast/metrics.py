@@ -368,6 +368,8 @@ class NCAccumulator:
     ``nc4`` compares the nearest-class-centre decision with ``predictions`` given to the
     second-pass ``update`` (e.g. the network's own predicted classes), or else with
     ``argmax(W h + b)`` of the constructor's classifier; without either it is ``None``.
+    ``update_ood(feats)`` (either pass) adds out-of-distribution features for ``nc5``;
+    ``compute(per_class=True)`` adds the per-class statistics.
 
     ``compute()`` checks that the second pass saw the samples of the first: the per-class counts
     must be equal, and so must a per-class fingerprint of the features (sums of a fixed random
@@ -407,8 +409,8 @@ class NCAccumulator:
         self._scale = 1.0  # every statistic is of the features times this power of two
         self._tallies: List[_PassTally] = []  # one per pass, made at the first batch
         self._second: Optional[_SecondPass] = None  # second-pass statistics
-        self._ood_sum: Optional[torch.Tensor] = None  # float64 sum of the out-of-distribution features (unscaled)
-        self._ood_count: Optional[torch.Tensor] = None
+        # the float64 sum of the out-of-distribution features (unscaled), then their count
+        self._ood: Optional[torch.Tensor] = None
 
     @property
     def current_pass(self) -> int:
@@ -519,26 +521,23 @@ class NCAccumulator:
         feats = _inputs.features(feats, self.pooling, name="ood_feats")
         if self._dim is not None and feats.shape[1] != self._dim:
             raise ValueError(f"ood_feats has D = {feats.shape[1]} but feats has D = {self._dim}")
-        if self._ood_sum is None:
-            self._ood_sum = torch.zeros(feats.shape[1], dtype=torch.float64, device=feats.device)
-            self._ood_count = torch.zeros(1, dtype=torch.int64, device=feats.device)
-        elif feats.shape[1] != self._ood_sum.shape[0] or feats.device != self._ood_sum.device:
+        if self._ood is None:
+            self._ood = torch.zeros(feats.shape[1] + 1, dtype=torch.float64, device=feats.device)
+        elif feats.shape[1] != self._ood.shape[0] - 1 or feats.device != self._ood.device:
             raise ValueError(f"ood_feats has D = {feats.shape[1]} on {feats.device}, earlier batches D = "
-                             f"{self._ood_sum.shape[0]} on {self._ood_sum.device}")
+                             f"{self._ood.shape[0] - 1} on {self._ood.device}")
         _inputs.finite(feats, "ood_feats")
-        self._ood_sum += feats.double().sum(0)
-        self._ood_count += feats.shape[0]
-        if not bool(torch.isfinite(self._ood_sum).all()):
+        self._ood[:-1] += feats.double().sum(0)
+        self._ood[-1] += feats.shape[0]
+        if not bool(torch.isfinite(self._ood).all()):
             raise ValueError("ood_feats: their float64 sum overflows; rescale them")
 
     def _ood_tensors(self) -> List[torch.Tensor]:
         """The out-of-distribution sums for all_reduce (zeros where this rank has none)."""
-        if self._ood_sum is None:
+        if self._ood is None:
             assert self._sums is not None  # the second pass has begun
-            self._ood_sum = torch.zeros(self._sums.shape[1], dtype=torch.float64, device=self._sums.device)
-            self._ood_count = torch.zeros(1, dtype=torch.int64, device=self._sums.device)
-        assert self._ood_count is not None
-        return [self._ood_sum, self._ood_count]
+            self._ood = torch.zeros(self._sums.shape[1] + 1, dtype=torch.float64, device=self._sums.device)
+        return [self._ood]
 
     def compute(self, per_class: bool = False) -> NCMetrics:
         """The metrics (``NCMetrics``) after both passes; ``per_class`` adds :class:`NCClassStatistics`."""
@@ -551,10 +550,10 @@ class NCAccumulator:
             raise ValueError(f"the second pass did not see the samples of the first: {different}; feed the same "
                              "data in both passes")
         ood_mean = None
-        if self._ood_sum is not None and self._ood_count is not None and int(self._ood_count) > 0:
-            if self._ood_sum.shape[0] != self._dim:
-                raise ValueError(f"ood_feats has D = {self._ood_sum.shape[0]} but feats has D = {self._dim}")
-            ood_mean = self._ood_sum / int(self._ood_count)
+        if self._ood is not None and float(self._ood[-1]) > 0:
+            if self._ood.shape[0] - 1 != self._dim:
+                raise ValueError(f"ood_feats has D = {self._ood.shape[0] - 1} but feats has D = {self._dim}")
+            ood_mean = self._ood[:-1] / self._ood[-1]
         self._computed = True
         return self._second.compute(per_class, ood_mean)
 
