@@ -12,7 +12,8 @@ accumulates in float64 like pfc_fast, and assumes every class occurs, as that co
   Sigma_B^+) / K`` with ``Sigma_B = (1/K) sum_c (mu_c - mu_G)(mu_c - mu_G)^T``. Their
   nearest-class-centre loop over single samples is replaced by one ``cdist`` per class and batch
   (faster than theirs), their ``scipy.sparse.linalg.svds`` by ``torch.linalg.pinv``.
-- :func:`published_nc_metrics`, Wu & Papyan's ``neural-collapse`` package and the code of Zhu et
+- :func:`published_nc_metrics` (features in memory) and :func:`published_nc_metrics_stream`
+  (batches made on the fly), Wu & Papyan's ``neural-collapse`` package and the code of Zhu et
   al. (2021): ``Sigma_W = (1/N) sum_batches (X - M[y])^T (X - M[y])``, one GEMM per batch, and
   the pseudo-inverse of ``Sigma_B``; in float64 (as pfc_fast) or, as that package by default, in
   float32.
@@ -95,23 +96,32 @@ def papyan_nc_metrics(feats, labels, num_classes, batch_size=1024):
 
 
 def published_nc_metrics(feats, labels, num_classes, batch_size=4096, dtype=torch.float64):
-    """nc1, nc1_quotient, nc2_etf and ncc_accuracy by the algorithm of Wu & Papyan's package.
+    """nc1, nc1_quotient, nc2_etf and ncc_accuracy by the algorithm of Wu & Papyan's package, on
+    features in memory read in batches of ``batch_size`` rows (:func:`published_nc_metrics_stream`)."""
+    return published_nc_metrics_stream(lambda: _batches(feats, labels, batch_size), num_classes, feats.shape[1],
+                                       feats.device, dtype)
 
-    A per-class first pass for the means, then ``Sigma_W = (X - M[y])^T (X - M[y])`` one GEMM per
-    batch, ``pinv(Sigma_B)``, NCC by ``cdist``, all in ``dtype``: float64 by default (this
-    re-implementation accumulates in float64, as pfc_fast does), float32 for the package's own
-    default accumulators. Memory about ``7 D^2`` values.
+
+def published_nc_metrics_stream(batches, num_classes, dim, device, dtype=torch.float64):
+    """The algorithm of Wu & Papyan's package (its accumulators) on a stream: ``batches()`` yields
+    ``(x, y)`` batches, the same ones each time it is called (once per pass).
+
+    Pass 1: the class sums; pass 2: ``Sigma_W = (1/N) sum_batches (X - M[y])^T (X - M[y])``, one GEMM
+    per batch, and the NCC decisions by ``cdist``; then ``pinv(Sigma_B)``; all in ``dtype``: float64
+    by default (this re-implementation accumulates in float64, as pfc_fast does), float32 for the
+    package's own default accumulators. Memory about ``7 D^2`` values.
     """
-    num_samples, dim = feats.shape
-    device = feats.device
-    # pass 1: class means
-    means = torch.zeros(num_classes, dim, dtype=dtype, device=device)
-    for c in range(num_classes):
-        means[c] = feats[labels == c].to(dtype).mean(0)
-    # pass 2: within-class covariance, one GEMM per batch, and NCC decisions
+    sums = torch.zeros(num_classes, dim, dtype=dtype, device=device)
+    counts = torch.zeros(num_classes, dtype=dtype, device=device)
+    for x, y in batches():  # pass 1: class means
+        sums.index_add_(0, y, x.to(dtype))
+        counts += torch.bincount(y, minlength=num_classes).to(dtype)
+    means = sums / counts[:, None]
+    num_samples = int(counts.sum())
     sigma_w = torch.zeros(dim, dim, dtype=dtype, device=device)
     correct = 0
-    for x, y in _batches(feats, labels, batch_size, dtype):
+    for x, y in batches():  # pass 2: within-class covariance, one GEMM per batch, and NCC decisions
+        x = x.to(dtype)
         centred = x - means[y]
         sigma_w += centred.T @ centred
         correct += int((torch.cdist(x, means).argmin(1) == y).sum())

@@ -26,8 +26,8 @@ from pfc_fast._memory import free_bytes
 #: acceptance targets and short sweeps), ``full`` (the whole sweep of the device).
 SIZES = ("tiny", "quick", "full")
 #: The groups of benchmarks and their modules.
-GROUPS = {"nc": "benchmarks.nc_metrics_bench", "sinkhorn": "benchmarks.sinkhorn_bench",
-          "monitor": "benchmarks.monitor_bench"}
+GROUPS = {"nc": "benchmarks.nc_metrics_bench", "stream": "benchmarks.stream_bench",
+          "sinkhorn": "benchmarks.sinkhorn_bench", "monitor": "benchmarks.monitor_bench"}
 #: Largest share of the free memory a case may take (the CPU is shared with other processes).
 MEMORY_FRACTION = {"cpu": 0.5, "cuda": 0.85}
 
@@ -56,14 +56,17 @@ class Contender:
 @dataclass(frozen=True)
 class Table:
     """How a table shows its cases: ``columns`` ``((param, header), ...)``, times per call or, with
-    ``per_iteration``, divided by the case's ``iterations``."""
+    ``per_iteration``, divided by the case's ``iterations``; ``with_memory``: each contender's peak
+    memory is measured in one more run (:func:`benchmarks.timing.peak_memory`) and shown beside its time."""
 
     title: str
     columns: Tuple[Tuple[str, str], ...]
     per_iteration: bool = False
+    with_memory: bool = False
 
     def to_dict(self, contenders, names):
         return {"title": self.title, "columns": [list(c) for c in self.columns], "per_iteration": self.per_iteration,
+                "with_memory": self.with_memory,
                 "contenders": [[n, contenders[n].label, contenders[n].role] for n in names]}
 
 

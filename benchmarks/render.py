@@ -2,7 +2,8 @@
 report of one run, and tables that gather the rows of several machines (the README's section).
 
 A row shows the case's params, the median time of every contender (per iteration where the table
-says so), each baseline's speed-up ``baseline time / time of the fastest of ours`` in the same run,
+says so) and, where the table measures it, its peak memory, each baseline's speed-up ``baseline
+time / time of the fastest of ours`` in the same run,
 ``ours / reference`` where the table has a reference (a training epoch), and on a GPU the fraction
 of the floor each of ours reached (``floor time / measured time``). Skipped contenders point to a
 numbered note with the recorded reason.
@@ -22,6 +23,14 @@ def seconds_text(seconds):
     if seconds >= 1e-3:
         return f"{_number(seconds * 1e3)} ms"
     return f"{_number(seconds * 1e6)} µs"
+
+
+def bytes_text(count):
+    """``1.2 GB``, ``34 MB``, ``5.6 kB``."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= size:
+            return f"{_number(count / size)} {unit}"
+    return f"{count:.0f} B"
 
 
 def ratio_text(ratio):
@@ -60,6 +69,8 @@ def _row(result, case, table, notes, with_machine, with_floor):
             text = seconds_text(entry["seconds"] / scale)
             if role == "baseline" and ours:
                 text += f" ({ratio_text(entry['seconds'] / ours)})"
+            if "peak_bytes" in entry:
+                text += f", peak {bytes_text(entry['peak_bytes'])}"
             if role == "reference":
                 reference = entry["seconds"]
             cells.append(text)

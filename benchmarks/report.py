@@ -1,7 +1,8 @@
 """``python -m benchmarks`` (run in the repository root): time pfc_fast against its baselines.
 
-Runs the benchmark groups (``nc``: :mod:`benchmarks.nc_metrics_bench`, ``sinkhorn``:
-:mod:`benchmarks.sinkhorn_bench`, ``monitor``: :mod:`benchmarks.monitor_bench`) at a size preset
+Runs the benchmark groups (``nc``: :mod:`benchmarks.nc_metrics_bench`, ``stream``:
+:mod:`benchmarks.stream_bench`, ``sinkhorn``: :mod:`benchmarks.sinkhorn_bench`, ``monitor``:
+:mod:`benchmarks.monitor_bench`) at a size preset
 (``--quick``: the acceptance targets and short sweeps, a few minutes on a 2-core CPU; default: the
 full sweep of the device), printing a line per case as it goes, then the tables: each case's
 params, the median time of ours and of every baseline (speed-up = baseline / fastest of ours, same
@@ -37,8 +38,8 @@ from .baselines import ot
 from .cases import GROUPS, SIZES, check_size, group_module, input_skip_reason, skip_reason
 from .plot import plot
 from .readme import update_readme
-from .render import ratio_text, report_markdown, seconds_text
-from .timing import device_name, device_rates, machine_name, run_times
+from .render import bytes_text, ratio_text, report_markdown, seconds_text
+from .timing import device_name, device_rates, machine_name, peak_memory, run_times
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -85,11 +86,15 @@ def _time_contender(module, case, inputs, name, device, sizes, rates):
     if reason:
         return {"skipped": reason}
     repeat, budget = TIMING[sizes]
+    fn = module.runner(case, inputs, name)
     try:
-        times = run_times(module.runner(case, inputs, name), device, repeat, budget)
+        times = run_times(fn, device, repeat, budget)
+        peak = peak_memory(fn, device) if module.TABLES[case.table].with_memory else None
     except (torch.OutOfMemoryError, MemoryError) as error:
         return {"skipped": f"out of memory ({str(error).splitlines()[0][:120]})"}
     entry = {"seconds": statistics.median(times), "min_s": min(times), "runs": len(times)}
+    if peak is not None:
+        entry["peak_bytes"] = peak
     floor = module.floor(case, name, rates)
     if floor is not None:
         entry["floor_s"] = floor
@@ -101,6 +106,8 @@ def _entry_text(entry, label, ours):
         return f"    {label}: not run: {entry['skipped']}"
     runs = f"{entry['runs']} run" + ("s" if entry["runs"] > 1 else "")
     text = f"    {label}: {seconds_text(entry['seconds'])} ({runs})"
+    if "peak_bytes" in entry:
+        text += f", peak {bytes_text(entry['peak_bytes'])}"
     return text + (f", {ratio_text(entry['seconds'] / ours)} ours" if ours else "")
 
 

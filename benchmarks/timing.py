@@ -39,6 +39,31 @@ def timed(fn, device, repeat, budget=math.inf):
     return statistics.median(run_times(fn, device, repeat, budget))
 
 
+def _status_bytes(field):
+    """A ``kB`` field of /proc/self/status (``VmRSS``, ``VmHWM``) in bytes."""
+    with open("/proc/self/status") as handle:
+        line = next(line for line in handle if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+
+def peak_memory(fn, device):
+    """Bytes ``fn()`` takes at its peak beyond what was in use before it: on a GPU the peak of
+    torch's allocator; on the CPU the process's peak resident set (``VmHWM``, reset through
+    ``/proc/self/clear_refs``), so every allocation counts, torch's or not (Linux only)."""
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")  # the peak resident set back to the current one
+    before = _status_bytes("VmRSS")
+    fn()
+    return max(0, _status_bytes("VmHWM") - before)
+
+
 def cpu_model():
     """The CPU's model name from /proc/cpuinfo (``platform.processor()`` elsewhere)."""
     try:

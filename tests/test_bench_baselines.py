@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import pfc_fast
-from benchmarks import baselines, nc_metrics_bench, sinkhorn_bench
+from benchmarks import baselines, nc_metrics_bench, sinkhorn_bench, stream_bench, timing
 from benchmarks.cases import Case
 from pfc_fast import reference
 
@@ -43,6 +43,23 @@ def test_nc_contenders_compute_nc1():
         output = nc_metrics_bench.runner(case, inputs, name)()
         nc1 = output["nc1"] if isinstance(output, dict) else output.nc1
         assert nc1 == pytest.approx(expected, rel=1e-4 if name == "wu_papyan_f32" else 1e-9), name
+
+
+def test_stream_contenders_compute_nc1_of_the_same_rows():
+    """The streaming case makes the same batches in each pass; every contender's nc1 is the reference's
+    on those rows gathered, and the peak-memory probe sees an allocation it is told about."""
+    case = stream_bench.cases("cpu", "tiny")[0]
+    inputs = stream_bench.make_inputs(case, torch.device("cpu"))
+    first, second = list(inputs["stream"]()), list(inputs["stream"]())
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, second))
+    feats, labels = torch.cat([f for f, _ in first]), torch.cat([y for _, y in first])
+    assert feats.shape == (case.params["N"], case.params["D"])
+    expected = reference.nc_metrics(feats.double(), labels)["nc1"]
+    for name in ("ours", "wu_papyan", "wu_papyan_f32"):
+        output = stream_bench.runner(case, inputs, name)()
+        nc1 = output["nc1"] if isinstance(output, dict) else output.nc1
+        assert nc1 == pytest.approx(expected, rel=1e-4 if name == "wu_papyan_f32" else 1e-9), name
+    assert timing.peak_memory(lambda: torch.ones(64 << 20, dtype=torch.uint8).sum(), torch.device("cpu")) >= 60 << 20
 
 
 def _problem(device, batch=(), n=40, m=30, seed=62):

@@ -30,11 +30,12 @@ def test_bench_writes_json_markdown_and_plot(tiny_run, capsys):
         result = json.load(handle)
     assert os.path.basename(stem) == f"bench-{result['machine']}" and result["machine"].endswith("t")
     assert result["sizes"] == "tiny" and result["device"] == "cpu" and result["targets"] == []
-    assert set(result["tables"]) == {"nc", "sinkhorn", "sinkhorn-batch", "monitor"}
+    assert set(result["tables"]) == {"nc", "stream", "sinkhorn", "sinkhorn-batch", "monitor"}
     for case in result["cases"]:
         assert set(case["results"]) == {name for name, _, _ in result["tables"][case["table"]]["contenders"]}
         for entry in case["results"].values():
             assert entry["seconds"] > 0 and entry["runs"] == 1
+            assert ("peak_bytes" in entry) == result["tables"][case["table"]]["with_memory"]
     with open(stem + ".md") as handle:
         text = handle.read()
     assert all(table["title"] in text for table in result["tables"].values())
