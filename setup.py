@@ -4,8 +4,14 @@ The C++ (CPU, OpenMP) kernels are always built. The CUDA kernels are built when 
 to torch, or when ``FORCE_CUDA=1`` (to compile them on a machine without a GPU, as CI does);
 ``FORCE_ONLY_CPU=1`` skips them. Same switches as pytorch_scatter.
 
-``PFC_FAST_NATIVE=0`` builds the CPU kernels without ``-march=native`` (for a binary that must run
-on another CPU than the one it was built on).
+The CPU kernels are built for the x86-64 baseline (any x86-64 CPU) unless ``PFC_FAST_NATIVE=1``
+asks for ``-march=native`` (faster on the build machine, see README.md "Install"; such a binary
+may not run on another CPU).
+
+The metadata (dependencies, extras, version, licence) is in pyproject.toml. The build needs the
+torch that is already installed, so it runs without pip's build isolation
+(``pip install --no-build-isolation .``); without torch this file still makes the sdist and the
+metadata, and stops a build at once, naming that command.
 
 ``pfc_fast._simt`` is the CUDA kernels built by the host compiler against the SIMT layer
 (``csrc/simt``), which runs them on CPU tensors: the tests' ``simt`` cases. It needs Boost.Context
@@ -17,11 +23,20 @@ import glob
 import os
 import sys
 
-from setuptools import find_packages, setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
-import torch
+from setuptools import setup
+
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError:  # an sdist or metadata build, or a build in pip's isolated environment
+    torch = None
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+#: The setup.py commands that compile the core (and so need torch).
+BUILD_COMMANDS = {"build", "build_ext", "bdist_wheel", "develop", "install", "editable_wheel"}
+NO_TORCH = ("pfc_fast compiles its C++/CUDA core against the torch that is installed, and this Python has no "
+            "torch (pip's default build isolation hides it). Install torch (>= 2.11, < 2.15) first, then build "
+            "without isolation: pip install --no-build-isolation .  (README.md, Install)")
 
 
 def _with_cuda():
@@ -39,7 +54,10 @@ def _cpu_flags():
     if sys.platform != "darwin":
         cxx.append("-fopenmp")
         link.append("-fopenmp")
-    if os.getenv("PFC_FAST_NATIVE", "1") == "1":
+    native = os.getenv("PFC_FAST_NATIVE", "0")
+    if native not in ("0", "1"):
+        raise SystemExit(f"PFC_FAST_NATIVE must be 0 or 1, got {native!r}")
+    if native == "1":
         cxx.append("-march=native")
     return cxx, link
 
@@ -59,6 +77,7 @@ def _extension():
     else:
         kwargs["extra_compile_args"] = {"cxx": cxx}
         extension = CppExtension
+    macros.append(("PFC_NATIVE", "1" if "-march=native" in cxx else "0"))
     return extension(
         "pfc_fast._C",
         sources,
@@ -112,17 +131,10 @@ def _simt_extension():
     )
 
 
+if torch is None and BUILD_COMMANDS & set(sys.argv[1:]):
+    raise SystemExit(NO_TORCH)
 setup(
-    name="pfc_fast",
-    version="0.1.0",
-    description="Exact neural-collapse and progressive-feedforward-collapse metrics for every layer of a "
-    "ResNet, with fused C++/CUDA kernels, and optimal-transport tools",
-    packages=find_packages(include=["pfc_fast", "pfc_fast.*"]),
-    package_data={"pfc_fast": ["py.typed", "*.pyi"], "pfc_fast.app": ["datasets/*"]},
-    python_requires=">=3.10",
-    install_requires=["torch>=2.11", "numpy", "scipy", "matplotlib", "tqdm"],
-    ext_modules=[ext for ext in (_extension(), _simt_extension()) if ext is not None],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    entry_points={"console_scripts": ["pfc-fast=pfc_fast.app.cli:main"]},
+    ext_modules=[] if torch is None else [ext for ext in (_extension(), _simt_extension()) if ext is not None],
+    cmdclass={} if torch is None else {"build_ext": BuildExtension.with_options(use_ninja=True)},
     zip_safe=False,
 )

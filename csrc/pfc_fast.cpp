@@ -26,6 +26,7 @@ PyObject* PyInit__C(void) {
 #else
   PyModule_AddIntConstant(module, "with_openmp", 0);
 #endif
+  PyModule_AddIntConstant(module, "native", PFC_NATIVE);  // built with -march=native (setup.py)
   PyModule_AddIntConstant(module, "torch_version_major", TORCH_VERSION_MAJOR);
   PyModule_AddIntConstant(module, "torch_version_minor", TORCH_VERSION_MINOR);
   PyModule_AddIntConstant(module, "torch_version_patch", TORCH_VERSION_PATCH);

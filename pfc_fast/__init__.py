@@ -15,7 +15,7 @@ from .monitor import PFCMonitor, PFCResult
 from .transport import SinkhornResult, median_cost, sinkhorn, sinkhorn_divergence, wasserstein2
 from . import geodesic, mufm, reference
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = ["NCAccumulator", "NCMetrics", "PFCMonitor", "PFCResult", "SinkhornResult", "build_info", "geodesic",
            "median_cost", "mufm", "nc_metrics", "reference", "sinkhorn", "sinkhorn_divergence", "use_simt",

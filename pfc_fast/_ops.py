@@ -21,10 +21,24 @@ try:
     from . import _C
 except ImportError as error:  # pragma: no cover - only without a build
     raise ImportError(
-        "pfc_fast's compiled core (pfc_fast._C) could not be loaded. Build it with "
-        "`pip install --no-build-isolation .` (see README.md); importing pfc_fast from a source "
-        "checkout that was never built also ends here."
+        f"pfc_fast's compiled core (pfc_fast._C) could not be loaded with torch {torch.__version__}: {error}. "
+        "Build it with `pip install --no-build-isolation .` (README.md, Install); importing pfc_fast from a "
+        "source checkout that was never built, or after torch was upgraded or downgraded, also ends here."
     ) from error
+
+
+def check_torch_version(built: Tuple[int, int], running: str) -> None:
+    """Raises ``ImportError`` when the core was compiled against another torch ``major.minor``
+    (``built``) than the one imported (``running``, e.g. ``"2.14.1+cu130"``): torch's C++ ABI
+    changes between minor releases, so such a core would crash or misbehave."""
+    version = tuple(int(part) for part in running.split("+")[0].split(".")[:2])
+    if version != built:
+        raise ImportError(f"pfc_fast's compiled core was built against torch {built[0]}.{built[1]}, but torch "
+                          f"{running} is imported: rebuild pfc_fast against this torch "
+                          "(`pip install --no-build-isolation --force-reinstall --no-deps .`, README.md, Install)")
+
+
+check_torch_version((_C.torch_version_major, _C.torch_version_minor), torch.__version__)
 
 _simt: Optional[ModuleType]
 try:
@@ -156,6 +170,7 @@ class BuildInfo(TypedDict):
     """What :func:`build_info` returns."""
 
     cuda: bool
+    native: bool
     simt: bool
     simt_active: bool
     openmp: bool
@@ -168,7 +183,8 @@ class BuildInfo(TypedDict):
 def build_info() -> BuildInfo:
     """What the compiled core was built with.
 
-    Returns a dict: ``cuda`` (CUDA kernels compiled in), ``simt`` (the CUDA kernels also built for
+    Returns a dict: ``cuda`` (CUDA kernels compiled in), ``native`` (the CPU kernels built with
+    ``-march=native``, ``PFC_FAST_NATIVE=1``; else for the x86-64 baseline), ``simt`` (the CUDA kernels also built for
     the SIMT layer, ``pfc_fast._simt``), ``simt_active`` (:func:`use_simt` is on), ``openmp`` (CPU
     kernels built with OpenMP), ``torch`` (the torch version the core was compiled against),
     ``torch_runtime`` (the torch imported now), ``cuda_available`` (a GPU usable now) and
@@ -176,6 +192,7 @@ def build_info() -> BuildInfo:
     """
     return {
         "cuda": bool(_C.with_cuda),
+        "native": bool(_C.native),
         "simt": _simt is not None,
         "simt_active": _simt_active,
         "openmp": bool(_C.with_openmp),

@@ -64,12 +64,15 @@ def default_layers(model: nn.Module) -> OrderedDict[str, str]:
     ``layer1.0``, ``layer1.1``, ..., ``layer4.{last}``. Any model with a ``pfc_layers()`` method
     (e.g. :class:`pfc_fast.app.models.ConstantWidthResNet`): what it returns.
     """
-    from torchvision.models import ResNet
+    try:
+        from torchvision.models import ResNet
+    except ImportError:  # without torchvision, no model is a torchvision ResNet
+        ResNet = None
 
     pfc_layers = getattr(model, "pfc_layers", None)
     if pfc_layers is not None:
         return OrderedDict(pfc_layers())
-    if isinstance(model, ResNet):
+    if ResNet is not None and isinstance(model, ResNet):
         names = [("stem", "maxpool")]
         for stage in ("layer1", "layer2", "layer3", "layer4"):
             names += [(f"{stage}.{i}", f"{stage}.{i}") for i in range(len(getattr(model, stage)))]

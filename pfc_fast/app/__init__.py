@@ -13,3 +13,12 @@ measured at every layer every epoch, its run directories and their reports.
 
 The library never imports this package; ``import pfc_fast`` does not load it.
 """
+import importlib.util
+
+#: The modules the application needs beyond the library, and their distributions (the ``app`` extra).
+REQUIRED = {"torchvision": "torchvision", "sklearn": "scikit-learn"}
+
+_missing = [name for module, name in REQUIRED.items() if importlib.util.find_spec(module) is None]
+if _missing:
+    raise ImportError(f"the pfc-fast application needs {' and '.join(_missing)}, which this Python lacks: "
+                      'pip install "pfc_fast[app]" (the library, import pfc_fast, works without them)')
