@@ -11,12 +11,19 @@ tests that draw it (``seed_for``), so a failure replays with the seed the header
 import math
 import os
 import random
+import sys
 import zlib
 
 import pytest
 import torch
 
 import pfc_fast
+
+# benchmarks/ and experiments/ for tests run from outside the source tree (against an installed
+# wheel): appended, so an installed pfc_fast still comes before the checkout's
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.append(_ROOT)
 
 SESSION_SEED = int(os.environ.get("PFC_FAST_TEST_SEED", random.SystemRandom().randrange(2**32)))
 
