@@ -4,9 +4,10 @@ The C++ (CPU, OpenMP) kernels are always built. The CUDA kernels are built when 
 to torch, or when ``FORCE_CUDA=1`` (to compile them on a machine without a GPU, as CI does);
 ``FORCE_ONLY_CPU=1`` skips them. Same switches as pytorch_scatter.
 
-The CPU kernels are built for the x86-64 baseline (any x86-64 CPU) unless ``PFC_FAST_NATIVE=1``
-asks for ``-march=native`` (faster on the build machine, see README.md "Install"; such a binary
-may not run on another CPU).
+The CPU kernels are built for the x86-64 baseline and, on x86-64, also for AVX2 + FMA and for
+AVX-512, the best variant the CPU supports being chosen at load time (csrc/common/cpu_isa.h), so
+one binary runs fast on any x86-64 CPU; ``PFC_FAST_NATIVE=1`` builds one variant with
+``-march=native`` instead (for the build machine only; see README.md "Install").
 
 The metadata (dependencies, extras, version, licence) is in pyproject.toml. The build needs the
 torch that is already installed, so it runs without pip's build isolation
@@ -21,6 +22,7 @@ AddressSanitizer (run Python with ``LD_PRELOAD`` of libasan; see tools/simt_asan
 """
 import glob
 import os
+import platform
 import sys
 
 from setuptools import setup
@@ -68,6 +70,10 @@ def _extension():
     sources = [os.path.join("csrc", "pfc_fast.cpp")] + sorted(glob.glob(os.path.join("csrc", "*", "*_cpu.cpp")))
     cxx, link = _cpu_flags()
     macros = []
+    if "-march=native" not in cxx and platform.machine().lower() in ("x86_64", "amd64"):
+        # the CPU kernels twice more, for AVX2 + FMA and for AVX-512, chosen at load time (csrc/common/cpu_isa.h)
+        sources += sorted(glob.glob(os.path.join("csrc", "*", "*_cpu_avx*.cpp")))
+        macros.append(("PFC_CPU_VARIANTS", None))
     kwargs = {}
     if with_cuda:
         sources += sorted(glob.glob(os.path.join("csrc", "*", "*_cuda.cu")))

@@ -138,7 +138,10 @@ def targets_markdown(results, with_machine=False):
 def machine_line(result):
     """What and how a result was measured, in one line."""
     versions = result["versions"]
-    line = (f"{result['device_name']} ({result['device']}, {result['threads']} threads), torch {versions['torch']}, "
+    build = result.get("build", {})
+    kernels = build.get("cpu_kernels", "native" if build.get("native", True) else "baseline")
+    line = (f"{result['device_name']} ({result['device']}, {result['threads']} threads, {kernels} CPU kernels), "
+            f"torch {versions['torch']}, "
             f"POT {versions['pot'] or 'absent'}, {result['date']}, sizes `{result['sizes']}`, "
             f"{result['seconds']:.0f} s: `{result['command']}`")
     rates = result.get("rates")

@@ -2,6 +2,7 @@
 with_cuda: int
 with_openmp: int
 native: int
+cpu_kernels: str
 torch_version_major: int
 torch_version_minor: int
 torch_version_patch: int

@@ -17,6 +17,13 @@ import torch
 
 from . import _inputs
 
+#: PFC_FAST_CPU_KERNELS: run a lower variant of the CPU kernels than the CPU supports (for tests
+#: and benchmarks of the portable builds); read when pfc_fast._C loads.
+CPU_KERNEL_VARIANTS = ("baseline", "avx2", "avx512")
+if os.getenv("PFC_FAST_CPU_KERNELS", CPU_KERNEL_VARIANTS[-1]) not in CPU_KERNEL_VARIANTS:
+    raise ValueError(f"PFC_FAST_CPU_KERNELS must be one of {', '.join(CPU_KERNEL_VARIANTS)}, got "
+                     f"{os.environ['PFC_FAST_CPU_KERNELS']!r}")
+
 try:
     from . import _C
 except ImportError as error:  # pragma: no cover - only without a build
@@ -171,6 +178,7 @@ class BuildInfo(TypedDict):
 
     cuda: bool
     native: bool
+    cpu_kernels: str
     simt: bool
     simt_active: bool
     openmp: bool
@@ -184,7 +192,8 @@ def build_info() -> BuildInfo:
     """What the compiled core was built with.
 
     Returns a dict: ``cuda`` (CUDA kernels compiled in), ``native`` (the CPU kernels built with
-    ``-march=native``, ``PFC_FAST_NATIVE=1``; else for the x86-64 baseline), ``simt`` (the CUDA kernels also built for
+    ``-march=native``, ``PFC_FAST_NATIVE=1``), ``cpu_kernels`` (the variant that runs: ``"native"``,
+    ``"avx2"`` (AVX2 + FMA, chosen at load time where the CPU has them) or ``"baseline"`` (x86-64)), ``simt`` (the CUDA kernels also built for
     the SIMT layer, ``pfc_fast._simt``), ``simt_active`` (:func:`use_simt` is on), ``openmp`` (CPU
     kernels built with OpenMP), ``torch`` (the torch version the core was compiled against),
     ``torch_runtime`` (the torch imported now), ``cuda_available`` (a GPU usable now) and
@@ -193,6 +202,7 @@ def build_info() -> BuildInfo:
     return {
         "cuda": bool(_C.with_cuda),
         "native": bool(_C.native),
+        "cpu_kernels": _C.cpu_kernels,
         "simt": _simt is not None,
         "simt_active": _simt_active,
         "openmp": bool(_C.with_openmp),

@@ -24,7 +24,11 @@
 #include "nc/nc_common.h"
 #include "common/grain.h"
 
+#include "common/cpu_isa.h"
+
+PFC_CPU_ISA_BEGIN
 namespace pfc_fast {
+namespace PFC_CPU_ISA {
 namespace {
 
 constexpr int64_t kColumnBlock = 256;          // columns one task of pass 1 owns
@@ -221,9 +225,11 @@ struct CpuBackend {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pfc_fast, CPU, m) {
+void register_nc_cpu(torch::Library& m) {
   m.impl("class_sums", &class_sums_op<CpuBackend>);
   m.impl("residual_stats", &residual_stats_op<CpuBackend>);
 }
 
+}  // namespace PFC_CPU_ISA
 }  // namespace pfc_fast
+PFC_CPU_ISA_END

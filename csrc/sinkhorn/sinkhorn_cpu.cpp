@@ -28,9 +28,13 @@
 
 #include "sinkhorn/sinkhorn_common.h"
 #include "common/grain.h"
-#include "sinkhorn/vec_pow2.h"
 
+#include "common/cpu_isa.h"
+
+PFC_CPU_ISA_BEGIN
+#include "sinkhorn/vec_pow2.h"
 namespace pfc_fast {
+namespace PFC_CPU_ISA {
 namespace {
 
 constexpr int kRows = 4;  // rows of x per register tile
@@ -310,9 +314,9 @@ void sweep_online(const T* x, const T* yt, const T* sq_y, const std::vector<T>& 
 // Fold over all pairs, online from x and y or dense from cost.
 struct CpuBackend {
   template <typename T>
-  using SoftminFold = pfc_fast::SoftminFold<T>;
+  using SoftminFold = pfc_fast::PFC_CPU_ISA::SoftminFold<T>;
   template <typename T>
-  using PlanFold = pfc_fast::PlanFold<T>;
+  using PlanFold = pfc_fast::PFC_CPU_ISA::PlanFold<T>;
   static int guard(const at::Tensor&) { return 0; }  // nothing to switch on the CPU
 
   template <typename T, typename Fold>
@@ -346,9 +350,11 @@ struct CpuBackend {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pfc_fast, CPU, m) {
+void register_sinkhorn_cpu(torch::Library& m) {
   m.impl("sinkhorn_softmin", &sinkhorn_softmin_op<CpuBackend>);
   m.impl("sinkhorn_plan_sums", &sinkhorn_plan_sums_op<CpuBackend>);
 }
 
+}  // namespace PFC_CPU_ISA
 }  // namespace pfc_fast
+PFC_CPU_ISA_END

@@ -8,11 +8,17 @@
 // trick, which also leaves n in the low bits. u is clamped to [-126, 127] in float, [-1022, 1023]
 // in double: below, the result is the smallest normal number instead of 0, irrelevant next to
 // the terms that matter; above, the largest power of two (2^u overflows there anyway).
+//
+// CPU kernel code: included inside PFC_CPU_ISA_BEGIN/END (common/cpu_isa.h), so each variant of the
+// kernels gets its own copy, compiled for its instruction set.
 #pragma once
 #include <bit>
 #include <cstdint>
 
+#include "common/cpu_isa.h"
+
 namespace pfc_fast {
+namespace PFC_CPU_ISA {
 
 inline constexpr double kLog2e = 1.4426950408889634074;
 inline constexpr double kLn2 = 0.69314718055994530942;
@@ -75,4 +81,5 @@ inline T vec_pow2(T u) {
   return p * std::bit_cast<T>(static_cast<Bits>((n_bits + C::kBias) << C::kMantissaBits));
 }
 
+}  // namespace PFC_CPU_ISA
 }  // namespace pfc_fast
