@@ -25,7 +25,12 @@ import os
 import platform
 import sys
 
+import setuptools
 from setuptools import setup
+
+if int(setuptools.__version__.split(".")[0]) < 77:  # pyproject.toml's licence expression needs it
+    raise SystemExit(f"pfc_fast needs setuptools >= 77 to build (this Python has {setuptools.__version__}): "
+                     'pip install "setuptools>=77" wheel ninja')
 
 try:
     import torch
