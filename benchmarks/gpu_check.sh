@@ -23,6 +23,7 @@ log="$RESULTS/gpu-check-$card.log"
 {
   echo "# gpu_check $(date -u +%FT%TZ) on $card"
   "$PY" -c "import torch, platform; print('python', platform.python_version(), 'torch', torch.__version__, 'cuda', torch.version.cuda)"
+  "$PY" -c "import setuptools; print('setuptools', setuptools.__version__, '(the build needs >= 77: tools/fetch_gpu_wheels.sh)')" || true
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 } > "$log"
 
