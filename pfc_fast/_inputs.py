@@ -19,6 +19,19 @@ POOLINGS = ("flatten", "gap")
 GLOBAL_MEANS = ("unweighted", "weighted")
 
 _INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+#: Unsigned dtypes whose every value int64 holds: class indices in them are widened first.
+_WIDENED_DTYPES = (torch.uint16, torch.uint32)
+
+
+def _integer_labels(tensor: torch.Tensor, name: str) -> torch.Tensor:
+    """An integer tensor as one of ``_INTEGER_DTYPES`` (uint16 and uint32 widened to int64)."""
+    if tensor.dtype in _WIDENED_DTYPES:
+        return tensor.to(torch.int64)
+    if tensor.dtype == torch.uint64:
+        raise TypeError(f"{name} has dtype torch.uint64, whose values int64 cannot all hold: convert it to int64")
+    if tensor.dtype not in _INTEGER_DTYPES:
+        raise TypeError(f"{name} must have an integer dtype, got {tensor.dtype}")
+    return tensor
 
 
 def as_tensor(value: object, name: str) -> torch.Tensor:
@@ -67,8 +80,17 @@ def positive_int(value: object, name: str, minimum: int = 1) -> int:
 
 
 def finite_number(value: object, name: str, positive: bool = False) -> float:
-    """``value`` as a finite float ``>= 0`` (``> 0`` with ``positive``): TypeError for a bool or a
-    non-number, ValueError out of range."""
+    """``value`` as a finite float ``>= 0`` (``> 0`` with ``positive``): a Python, numpy or 0-d
+    tensor / array real number; TypeError for a bool or a non-number, ValueError out of range."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0:
+        if value.dtype == torch.bool or value.dtype.is_complex or value.is_meta:
+            where = " on the meta device" if value.is_meta else ""
+            raise TypeError(f"{name} must be a real number, got a 0-d tensor of dtype {value.dtype}{where}")
+        value = value.item()
+    elif isinstance(value, np.ndarray) and value.ndim == 0:
+        if not (np.issubdtype(value.dtype, np.integer) or np.issubdtype(value.dtype, np.floating)):
+            raise TypeError(f"{name} must be a real number, got a 0-d array of dtype {value.dtype}")
+        value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(f"{name} must be a real number, got {value!r}")
     number = float(value)
@@ -121,9 +143,7 @@ def _same_device(tensor: torch.Tensor, feats: torch.Tensor, name: str) -> None:
 def class_indices(value: object, num_samples: int, num_classes: int, feats: torch.Tensor,
                   name: str = "labels") -> torch.Tensor:
     """Integer class indices ``(N,)`` in ``[0, num_classes)`` as int64 on the features' device."""
-    labels = as_tensor(value, name)
-    if labels.dtype not in _INTEGER_DTYPES:
-        raise TypeError(f"{name} must have an integer dtype, got {labels.dtype}")
+    labels = _integer_labels(as_tensor(value, name), name)
     if labels.dim() != 1 or labels.shape[0] != num_samples:
         raise ValueError(f"{name} must have shape ({num_samples},) to match feats, got {tuple(labels.shape)}")
     _same_device(labels, feats, name)
@@ -137,9 +157,7 @@ def infer_num_classes(num_classes: object, labels: object) -> int:
     """``num_classes`` as given (an int >= 2), or ``max(labels) + 1``."""
     if num_classes is not None:
         return positive_int(num_classes, "num_classes", minimum=2)
-    tensor = as_tensor(labels, "labels")
-    if tensor.dtype not in _INTEGER_DTYPES:
-        raise TypeError(f"labels must have an integer dtype, got {tensor.dtype}")
+    tensor = _integer_labels(as_tensor(labels, "labels"), "labels")
     if tensor.numel() == 0:
         raise ValueError("labels is empty")
     return max(2, int(tensor.max()) + 1)

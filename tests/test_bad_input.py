@@ -25,6 +25,7 @@ def _with(value, index, feats=FEATS):
         ({"labels": LABELS - 1, "num_classes": 4}, ValueError, r"labels must lie in \[0, 4\)"),
         ({"labels": LABELS + 1, "num_classes": 4}, ValueError, r"labels must lie in \[0, 4\)"),
         ({"labels": LABELS.float()}, TypeError, "labels must have an integer dtype"),
+        ({"labels": LABELS.to(torch.uint64)}, TypeError, "labels has dtype torch.uint64, whose values int64 cannot"),
         ({"labels": LABELS[:-1]}, ValueError, r"labels must have shape \(200,\)"),
         ({"labels": LABELS.view(20, 10)}, ValueError, r"labels must have shape"),
         ({"feats": FEATS[0]}, ValueError, r"feats must have shape \(N, D\)"),
@@ -81,3 +82,30 @@ def test_accumulator_arguments():
         pfc_fast.NCAccumulator(None)
     with pytest.raises(ValueError, match="global_mean must be one of"):
         pfc_fast.NCAccumulator(3, global_mean="x")
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.uint16, torch.uint32, np.uint16, np.uint32], ids=str)
+def test_unsigned_labels_are_class_indices(dtype):
+    """Unsigned labels (uint16 and uint32 once gave "must have an integer dtype") are the same classes."""
+    labels = LABELS.numpy().astype(dtype) if isinstance(dtype, type) else LABELS.to(dtype)
+    assert pfc_fast.nc_metrics(FEATS, labels).to_dict() == pfc_fast.nc_metrics(FEATS, LABELS).to_dict()
+
+
+@pytest.mark.parametrize("eps", [np.float32(0.4), np.float64(0.4), torch.tensor(0.4), torch.tensor(0.4, dtype=torch.float64),
+                                 np.array(0.4)], ids=lambda e: type(e).__name__ + str(getattr(e, "dtype", "")))
+def test_numbers_as_numpy_scalars_and_0d_tensors(eps):
+    """An eps given as a numpy scalar, a 0-d tensor or a 0-d array is that number (0-d tensors and
+    arrays were rejected as "not a real number")."""
+    x, y = FEATS[:30].double(), FEATS[30:70].double()
+    expected = pfc_fast.sinkhorn(x, y, eps=float(eps))  # the number it holds (float32-rounded where float32)
+    assert float(pfc_fast.sinkhorn(x, y, eps=eps).value) == float(expected.value)
+
+
+@pytest.mark.parametrize("eps,match", [(torch.tensor(True), "0-d tensor of dtype torch.bool"),
+                                       (torch.tensor(0.4, device="meta"), "on the meta device"),
+                                       (torch.tensor(0.4 + 1j), "complex"), (np.array("0.4"), "0-d array"),
+                                       (torch.tensor([0.4]), "must be a real number")])
+def test_numbers_that_are_not_real_numbers(eps, match):
+    with pytest.raises(TypeError, match=match):
+        pfc_fast.sinkhorn(FEATS[:30], FEATS[30:70], eps=eps)
+
