@@ -218,6 +218,8 @@ def cost_matrix(value: object) -> torch.Tensor:
     cost = floating(value, "cost")
     if cost.dim() not in (2, 3):
         raise ValueError(f"cost must have shape (N, M) or (B, N, M), got {tuple(cost.shape)}")
+    if cost.numel() == 0:
+        raise ValueError(f"cost is empty (shape {tuple(cost.shape)}): every dimension must be >= 1")
     return cost
 
 

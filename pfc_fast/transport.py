@@ -28,6 +28,7 @@ Gradients: ``value`` is differentiable with respect to ``x``, ``y``, ``a``, ``b`
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
@@ -83,6 +84,11 @@ def _batched(tensor: torch.Tensor, problem: _Problem) -> torch.Tensor:
     return tensor if problem.batched else tensor.unsqueeze(0)
 
 
+class ConvergenceWarning(UserWarning):
+    """:func:`sinkhorn` reached ``max_iter`` with ``marginal_error`` still at or above ``tol`` (the
+    message gives both): the potentials, cost and value are those of an unconverged plan."""
+
+
 class _Problem:
     """Validated inputs in the compute dtype, with a batch dimension, points centred."""
 
@@ -93,6 +99,9 @@ class _Problem:
 
     def __init__(self, x: object, y: object, a: object, b: object, cost: object, mode: str) -> None:
         _inputs.check_choice(mode, "mode", MODES)
+        if cost is not None and (x is not None or y is not None):
+            raise ValueError("give x and y (point clouds) or cost (a cost matrix), not both: a given cost replaces "
+                             "||x_i - y_j||^2, so x and y would be ignored")
         if cost is not None:
             given = _inputs.cost_matrix(cost)
             if mode == "online":
@@ -295,6 +304,10 @@ def sinkhorn(x: Optional[TensorLike] = None, y: Optional[TensorLike] = None, a: 
         raise ValueError(f"eps_scaling must be None or a float in (0, 1), got {eps_scaling!r}")
     problem = _Problem(x, y, a, b, cost, mode)
     f, g, n_iter, error = _solve(problem, eps, max_iter, tol, check_every, eps_scaling)
+    worst = float(error.max())
+    if tol > 0 and not worst < tol:
+        warnings.warn(f"sinkhorn stopped at max_iter = {max_iter} unconverged: marginal_error {worst:.3g} > tol = {tol:g} "
+                      f"(eps = {eps:g}); raise max_iter, or eps, or use eps_scaling", ConvergenceWarning, stacklevel=2)
 
     inputs = {"x": x, "y": y, "cost": cost, "a": a, "b": b}
     need = {name: isinstance(t, torch.Tensor) and t.requires_grad for name, t in inputs.items()}
@@ -348,10 +361,12 @@ def median_cost(x: TensorLike, y: TensorLike, max_points: int = 2000) -> float:
 
     A scale for ``eps``: ``eps = 0.05 * median_cost(x, y)``.
     """
+    max_points = _inputs.positive_int(max_points, "max_points")
+    clouds = _inputs.point_clouds(x, y)  # non-empty, floating, matching D (an empty cloud has no median)
     gen = torch.Generator().manual_seed(0)
 
     def pick(t: torch.Tensor) -> torch.Tensor:
         return t if t.shape[-2] <= max_points else t[..., torch.randperm(t.shape[-2], generator=gen)[:max_points], :]
 
-    xs, ys = pick(_inputs.as_tensor(x, "x")).double(), pick(_inputs.as_tensor(y, "y")).double()
+    xs, ys = (pick(_inputs.finite(t, name)).double() for t, name in zip(clouds, "xy"))
     return float(torch.cdist(xs, ys, compute_mode="donot_use_mm_for_euclid_dist").pow(2).median())

@@ -109,3 +109,21 @@ def test_numbers_that_are_not_real_numbers(eps, match):
     with pytest.raises(TypeError, match=match):
         pfc_fast.sinkhorn(FEATS[:30], FEATS[30:70], eps=eps)
 
+
+
+def test_optimal_transport_inputs_that_were_silent_or_obscure():
+    """A cost given with x and y (x and y were silently ignored), an empty cost (ZeroDivisionError,
+    or an obscure error for B = 0), median_cost of an empty cloud (NaN)."""
+    x, y = FEATS[:30], FEATS[30:70]
+    cost = torch.cdist(x, y).square()
+    with pytest.raises(ValueError, match="give x and y .* or cost .*, not both"):
+        pfc_fast.sinkhorn(x, y, cost=cost, eps=0.5)
+    for empty in (cost[:0], cost[:, :0], cost[None][:0]):
+        with pytest.raises(ValueError, match=r"cost is empty \(shape"):
+            pfc_fast.sinkhorn(cost=empty, eps=0.5)
+    with pytest.raises(ValueError, match="at least one point"):
+        pfc_fast.median_cost(x[:0], y)
+    with pytest.raises(ValueError, match="y contains NaN"):
+        pfc_fast.median_cost(x, torch.full((3, 8), float("nan")))
+    with pytest.raises(ValueError, match="max_points"):
+        pfc_fast.median_cost(x, y, max_points=0)

@@ -257,3 +257,19 @@ def test_softmin_op(device, dtype):
     plan = torch.exp(log_a[:, :, None] + log_w[:, None] + (f[:, :, None] + h[:, None] - cost) / eps)
     torch.testing.assert_close(mass, plan.sum(-1), **tight)
     torch.testing.assert_close(row_cost, (plan * cost).sum(-1), **tight)
+
+
+def test_an_unconverged_result_warns_with_its_marginal_error():
+    """max_iter reached with marginal_error >= tol: a ConvergenceWarning that gives the error (the
+    result was silently off before); none when tol = 0 asks for exactly max_iter, or on convergence."""
+    import warnings
+
+    gen = torch.Generator().manual_seed(7)
+    x, y = torch.randn(40, 3, generator=gen), torch.randn(50, 3, generator=gen) + 1.0
+    with pytest.warns(pfc_fast.ConvergenceWarning, match=r"max_iter = 5 unconverged: marginal_error [0-9.e+-]+ > tol"):
+        result = pfc_fast.sinkhorn(x, y, eps=0.01, max_iter=5)
+    assert float(result.marginal_error) > 1e-6
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pfc_fast.ConvergenceWarning)
+        pfc_fast.sinkhorn(x, y, eps=0.01, max_iter=5, tol=0.0)
+        assert float(pfc_fast.sinkhorn(x, y, eps=1.0, max_iter=5000).marginal_error) < 1e-6
