@@ -304,10 +304,10 @@ def sinkhorn(x: Optional[TensorLike] = None, y: Optional[TensorLike] = None, a: 
         raise ValueError(f"eps_scaling must be None or a float in (0, 1), got {eps_scaling!r}")
     problem = _Problem(x, y, a, b, cost, mode)
     f, g, n_iter, error = _solve(problem, eps, max_iter, tol, check_every, eps_scaling)
-    worst = float(error.max())
-    if tol > 0 and not worst < tol:
-        warnings.warn(f"sinkhorn stopped at max_iter = {max_iter} unconverged: marginal_error {worst:.3g} > tol = {tol:g} "
-                      f"(eps = {eps:g}); raise max_iter, or eps, or use eps_scaling", ConvergenceWarning, stacklevel=2)
+    if tol > 0 and not float(error.max()) < tol:  # tol = 0 asks for max_iter iterations: no check, no sync
+        warnings.warn(f"sinkhorn stopped at max_iter = {max_iter} unconverged: marginal_error {float(error.max()):.3g} "
+                      f"> tol = {tol:g} (eps = {eps:g}); raise max_iter, or eps, or use eps_scaling", ConvergenceWarning,
+                      stacklevel=2)
 
     inputs = {"x": x, "y": y, "cost": cost, "a": a, "b": b}
     need = {name: isinstance(t, torch.Tensor) and t.requires_grad for name, t in inputs.items()}

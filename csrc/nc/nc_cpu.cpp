@@ -7,9 +7,9 @@
 //   basis_sq[j] = sum_i t_i[j]^2,  class_sq[c] = sum_{y_i = c} ||r_i||^2, and the NCC decisions
 //   argmin_c ||h_i - mu_c||^2 = argmin_c (||mu_{y_i} - mu_c||^2 - 2 (mu_c - mu_G) . r_i)
 //   (the terms ||r_i||^2 and (mu_{y_i} - mu_G) . r_i do not depend on c).
-// Each pass reads every feature once; residuals are formed tile by tile and never stored whole. With
-// many rows of proj, the host side (nc_common.h) projects by BLAS products instead and leaves only the
-// decisions to sample_decisions below.
+// Each pass reads every feature once; residuals are formed tile by tile and never stored whole. From
+// kProductClasses classes on, the host side (nc_common.h) projects by BLAS products instead and leaves
+// only the decisions to sample_decisions below.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
