@@ -62,7 +62,7 @@ def _check_against_checkpoint(run, record, probe_per_class, pooling="flatten"):
 def test_one_epoch_cli_run(tmp_path):
     run = str(tmp_path / "run")
     assert cli.main(["train", *TINY, "--epochs", "1", "--out", run]) == 0
-    assert sorted(os.listdir(run)) == ["checkpoint.pt", "config.json", "metrics.jsonl", "report"]
+    assert sorted(os.listdir(run)) == ["checkpoint.pt", "checksums.json", "config.json", "metrics.jsonl", "report"]
     (record,) = _records(run)
     for field in ("epoch", "train_acc", "test_acc", "train_loss", "test_loss", "probe_acc", "lr", *TIMING):
         assert isinstance(record[field], (int, float)), field
@@ -108,34 +108,40 @@ def test_monotonicity_verdicts():
     assert math.isnan(flat["spearman"]) and flat["verdict"] == "constant across layers"
 
 
-def _interrupt_on_call(function, n):
-    """``function`` that raises KeyboardInterrupt (Ctrl-C) on its n-th call (a plain function, so
-    it also binds as a method)."""
+def _interrupt_on_call(function, n, signum=None):
+    """``function`` that raises KeyboardInterrupt (Ctrl-C) on its n-th call, or with ``signum``
+    sends that signal to this process (a plain function, so it also binds as a method)."""
     calls = []
 
     def wrapper(*args, **kwargs):
         calls.append(1)
         if len(calls) == n:
-            raise KeyboardInterrupt
+            if signum is None:
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signum)
         return function(*args, **kwargs)
     return wrapper
 
 
-@pytest.mark.parametrize("where", ["mid-epoch", "crash-between-writes"])
-def test_interrupt_and_resume_equal_an_uninterrupted_run(tmp_path, monkeypatch, where):
+@pytest.mark.parametrize("where", ["mid-epoch", "SIGTERM mid-epoch", "crash-between-writes"])
+def test_interrupt_and_resume_equal_an_uninterrupted_run(tmp_path, monkeypatch, capsys, where):
     options = [*TINY, "--epochs", "3", "--augment", "crop", "--no-report"]
     straight = str(tmp_path / "straight")
     assert train.main([*options, "--out", straight]) == 0
 
     resumed = str(tmp_path / "resumed")
-    if where == "mid-epoch":  # digits: 12 batches an epoch; stop at batch 5 of epoch 2
-        monkeypatch.setattr(train, "augment", _interrupt_on_call(train.augment, 17))
+    if where.endswith("mid-epoch"):  # digits: 12 batches an epoch; stop at batch 5 of epoch 2
+        signum = signal.SIGTERM if where.startswith("SIGTERM") else None
+        monkeypatch.setattr(train, "augment", _interrupt_on_call(train.augment, 17, signum))
     else:  # epoch 2's metrics line written, its checkpoint not (Ctrl-C is deferred there; a crash is not)
         monkeypatch.setattr(train.TrainingRun, "save_checkpoint",
                             _interrupt_on_call(train.TrainingRun.save_checkpoint, 2))
-    assert train.main([*options, "--out", resumed]) == 130
+    assert train.main([*options, "--out", resumed]) == (143 if where.startswith("SIGTERM") else 130)
+    name = "SIGTERM" if where.startswith("SIGTERM") else "SIGINT"
+    assert f"{name}: stopped; {resumed} holds epoch 1: continue with --out {resumed} --resume" in \
+        capsys.readouterr().err
     assert torch.load(os.path.join(resumed, "checkpoint.pt"), weights_only=True)["epoch"] == 1
-    assert [r["epoch"] for r in _records(resumed)] == ([1] if where == "mid-epoch" else [1, 2])
+    assert [r["epoch"] for r in _records(resumed)] == ([1] if where.endswith("mid-epoch") else [1, 2])
     monkeypatch.undo()
     assert train.main(["--out", resumed, "--resume", "--no-report"]) == 0
 
@@ -147,21 +153,24 @@ def test_interrupt_and_resume_equal_an_uninterrupted_run(tmp_path, monkeypatch, 
         assert a == b  # bit for bit: same data order, augmentation, weights, metrics
 
 
-def test_ctrl_c_waits_for_the_epoch_writes():
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_stop_signals_wait_for_the_epoch_writes(signum):
     # Python's handler, as in a terminal, even when the tests were started with SIGINT ignored (a
     # background job of a non-interactive shell)
     outer = signal.signal(signal.SIGINT, signal.default_int_handler)
     finished = []
     try:
-        with pytest.raises(KeyboardInterrupt):
-            with train._interrupts_deferred():
-                os.kill(os.getpid(), signal.SIGINT)
-                finished.append("metrics")  # still runs: the interrupt waits for the end of the block
-                finished.append("checkpoint")
-        assert finished == ["metrics", "checkpoint"]
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)  # the usual handler is back
-            time.sleep(1)
+        with train._signals_handled(train._raise_stopped):
+            with pytest.raises(train.Stopped) as stopped:
+                with train._stop_signals_deferred():
+                    os.kill(os.getpid(), signum)
+                    finished.append("metrics")  # still runs: the signal waits for the end of the block
+                    finished.append("checkpoint")
+            assert finished == ["metrics", "checkpoint"] and stopped.value.signum == signum
+            with pytest.raises(train.Stopped):
+                os.kill(os.getpid(), signum)  # the run's handler is back
+                time.sleep(1)
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # and outside the run, the usual one
     finally:
         signal.signal(signal.SIGINT, outer)
 
@@ -203,7 +212,15 @@ def test_constant_width_run_on_a_training_subset(tmp_path, capsys):
     (["--dataset", "digits", "--train-per-class", "500"], "argument --train-per-class: train_per_class = 500 is "
                                                           "larger than the training data allows"),
     (["--epochs", "0"], "argument --epochs: must be a positive integer"),
-    (["--lr", "-1"], "argument --lr: must be > 0"),
+    (["--lr", "-1"], "argument --lr: must be a finite number > 0"),
+    (["--lr", "inf"], "argument --lr: must be a finite number > 0, got inf"),
+    (["--momentum", "inf"], "argument --momentum: must be a finite number >= 0"),
+    (["--weight-decay", "nan"], "argument --weight-decay: must be a finite number >= 0"),
+    (["--seed", str(2**70)], "argument --seed: must be an integer from 0 to 2**32 - 1"),
+    (["--seed", "-1"], "argument --seed: must be an integer from 0 to 2**32 - 1"),
+    (["--device", "meta"], "argument --device: 'meta': pfc-fast train runs on cpu or cuda, not meta"),
+    (["--device", "mps"], "argument --device: 'mps': pfc-fast train runs on cpu or cuda, not mps"),
+    (["--dist-timeout", "0"], "argument --dist-timeout: must be a finite number > 0"),
     (["--device", "cuda:99"], "argument --device:"),
     (["--device", "tpu"], "argument --device: 'tpu' is not a device"),
     (["--model", "resnet18", "--depth", "4"], "argument --depth: applies to cwresnet only"),
@@ -331,7 +348,11 @@ def test_epoch_records_and_configs_round_trip(tmp_path):
     ({"width": "x"}, TypeError, "width must be an integer"),
     ({"epochs": 0}, ValueError, "epochs must be >= 1"),
     ({"geodesic_samples": -5}, ValueError, "geodesic_samples must be >= 0"),
-    ({"lr": 0.0}, ValueError, "lr must be > 0"),
+    ({"lr": 0.0}, ValueError, "lr must be a finite number > 0"),
+    ({"lr": math.inf}, ValueError, "lr must be a finite number > 0"),
+    ({"momentum": -0.5}, ValueError, "momentum must be a finite number >= 0"),
+    ({"seed": 2**70}, ValueError, r"seed must be an integer from 0 to 2\*\*32 - 1"),
+    ({"seed": -1}, ValueError, "seed must be >= 0"),
     ({"model": "bogus"}, ValueError, "model must be one of"),
     ([("width", 4)], TypeError, "options must be a mapping"),
 ])

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._inputs import check_choice, finite_number, positive_int
+from .flags import SEED_LIMIT
 
 #: The allowed values of the options with a fixed set of them (``--model``, ``--dataset``, ...).
 MODELS = ("resnet18", "resnet34", "resnet50", "cwresnet")
@@ -53,10 +54,9 @@ class TrainConfig:
             if getattr(self, name) is not None:
                 positive_int(getattr(self, name), name)
         positive_int(self.geodesic_samples, "geodesic_samples", minimum=0)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise TypeError(f"seed must be an integer, got {self.seed!r}")
-        if not finite_number(self.lr, "lr") > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if positive_int(self.seed, "seed", minimum=0) >= SEED_LIMIT:
+            raise ValueError(f"seed must be an integer from 0 to 2**32 - 1, got {self.seed!r}")
+        finite_number(self.lr, "lr", positive=True)
         finite_number(self.momentum, "momentum")
         finite_number(self.weight_decay, "weight_decay")
         if self.data_dir is not None and not isinstance(self.data_dir, str):

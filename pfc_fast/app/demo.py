@@ -5,13 +5,14 @@ epoch. It shows the front door, :func:`pfc_fast.nc_metrics`, on real data in a f
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
 
 from ..metrics import nc_metrics
 from .data import digits_pixels
-from .flags import positive_float, positive_int
+from .flags import positive_float, positive_int, seed
 
 
 class ResidualMLP(torch.nn.Module):
@@ -42,12 +43,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--width", type=positive_int, default=64)
     parser.add_argument("--depth", type=positive_int, default=4)
     parser.add_argument("--lr", type=positive_float, default=0.05)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed, default=0)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
-    """Train and measure as ``args`` say; prints one line per measured epoch. Returns 0."""
+    """Train and measure as ``args`` say; prints one line per measured epoch. Returns 0, or 1 where
+    the training diverges (a non-finite loss)."""
     torch.manual_seed(args.seed)
     pixels, digit_labels = digits_pixels()
     feats = torch.tensor(pixels, dtype=torch.float32) / 16.0
@@ -64,6 +66,10 @@ def run(args: argparse.Namespace) -> int:
             loss = torch.nn.functional.cross_entropy(model.fc(model.layers(feats[batch])[-1]), labels[batch])
             loss.backward()
             optimizer.step()
+        if not torch.isfinite(loss):
+            print(f"pfc-fast demo: training diverged in epoch {epoch} (the loss is {float(loss)}); lower --lr "
+                  f"(it is {args.lr})", file=sys.stderr)
+            return 1
         if epoch % args.every == 0 or epoch == args.epochs:
             with torch.no_grad():
                 layers = model.layers(feats)

@@ -1,6 +1,11 @@
 """Command-line value types of the ``pfc-fast`` commands and the experiments, and
 :class:`UsageError`, a bad value reported against its flag (``parser.error``: exit status 2)."""
 import argparse
+import math
+
+
+#: Seeds are 32-bit: the data order and augmentation streams are drawn from them.
+SEED_LIMIT = 2**32
 
 
 class UsageError(Exception):
@@ -8,6 +13,7 @@ class UsageError(Exception):
 
     def __init__(self, argument: str, message: str) -> None:
         super().__init__(f"argument {argument}: {message}")
+        self.argument, self.message = argument, message
 
 
 def positive_int(text: str) -> int:
@@ -26,17 +32,25 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def seed(text: str) -> int:
+    """``int(text)``, which must be in ``[0, 2**32)``."""
+    value = int(text)
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to 2**32 - 1, got {text}")
+    return value
+
+
 def positive_float(text: str) -> float:
-    """``float(text)``, which must be > 0 (not NaN)."""
+    """``float(text)``, which must be finite and > 0."""
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
 
 
 def non_negative_float(text: str) -> float:
-    """``float(text)``, which must be >= 0 (not NaN)."""
+    """``float(text)``, which must be finite and >= 0."""
     value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
     return value

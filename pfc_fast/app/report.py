@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -177,13 +178,20 @@ def _summary(run: RunDirectory, records: Sequence[EpochRecord], figures: Sequenc
 
 
 def write_report(run_dir: str, out: str | None = None) -> str:
-    """Write the figures and ``summary.md`` of ``run_dir``; returns the output directory."""
+    """Write the figures and ``summary.md`` of ``run_dir``; returns the output directory.
+
+    The run directory is checked first: ``checkpoint.pt`` against its recorded sha256, and the
+    epochs of ``metrics.jsonl`` against the checkpoint's (:class:`RunDirectoryError` where they
+    disagree)."""
     if not os.path.isdir(run_dir):
         raise FileNotFoundError(f"run directory {run_dir!r} does not exist")
     run = RunDirectory(run_dir)
     records = run.records()
     if not records:
         raise ValueError(f"{run_dir} has no epochs yet (no {RunDirectory.METRICS} lines)")
+    epoch = run.verified_epoch()
+    if epoch is not None:
+        run.check_records(records, epoch, "Restore it from a backup; the report shows only what it holds")
     out = out or run.report_dir
     os.makedirs(out, exist_ok=True)
     plots: list[tuple[str, Callable[[Sequence[EpochRecord], str], None]]] = [
@@ -205,10 +213,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run_cli(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    """Write the report of ``args.run_dir``; a missing or empty run is a ``parser.error``."""
+    """Write the report of ``args.run_dir``; a missing, empty or damaged run is a ``parser.error``, a
+    failed write exit status 1."""
     try:
         print(f"report: {write_report(args.run_dir, args.out)}")
     except (FileNotFoundError, ValueError) as error:
         parser.error(f"argument run_dir: {error}")
+    except OSError as error:  # a full disk, a read-only --out
+        print(f"pfc-fast report: cannot write {error.filename or args.out or args.run_dir}: {error.strerror}",
+              file=sys.stderr)
+        return 1
     return 0
 

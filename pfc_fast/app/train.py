@@ -21,13 +21,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import datetime
+import itertools
+import math
 import os
 import random
 import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, cast
 
 import numpy as np
@@ -41,11 +44,16 @@ from .. import __version__, geodesic
 from ..monitor import PFCMonitor, PFCResult
 from .config import AUGMENTATIONS, DATASETS, MODELS, POOLINGS, SCHEDULES, TrainConfig
 from .data import augment, balanced_indices, load_dataset, to_float
-from .flags import UsageError, non_negative_float, non_negative_int, positive_float, positive_int
+from .flags import UsageError, non_negative_float, non_negative_int, positive_float, positive_int, seed
 from .models import build_model
 from .record import EpochRecord
 from .report import write_report
-from .run_directory import RunDirectory
+from .run_directory import RunDirectory, RunDirectoryError
+
+#: Seconds a process of a torchrun run waits for the others (``--dist-timeout``).
+DIST_TIMEOUT = 300.0
+#: The signals that stop a run cleanly (the epoch's writes finish first): Ctrl-C and ``kill``.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -66,7 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         f"{d.schedule}; step: x0.1 at 50%% and 75%% of the epochs)")
     parser.add_argument("--weight-decay", type=non_negative_float, help=f"(default {d.weight_decay})")
     parser.add_argument("--augment", choices=AUGMENTATIONS, help=f"training augmentation (default {d.augment})")
-    parser.add_argument("--seed", type=int, help=f"seed of weights, data order, augmentation, probe (default "
+    parser.add_argument("--seed", type=seed, help=f"seed of weights, data order, augmentation, probe (default "
                         f"{d.seed})")
     parser.add_argument("--train-per-class", type=positive_int, help="train on a class-balanced subset of the "
                         "training set with this many samples per class, drawn with --seed (default: all of it)")
@@ -80,25 +88,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--out", help="run directory (default runs/DATASET-MODEL-wWIDTH-sSEED, then with -2, -3, "
                         "... if that holds a run; with --resume, the last of them)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    parser.add_argument("--dist-timeout", type=positive_float, default=DIST_TIMEOUT, metavar="SECONDS",
+                        help=f"under torchrun: how long a process waits for the others in a collective before "
+                             f"the run stops with an error (default {DIST_TIMEOUT:g})")
     parser.add_argument("--no-report", action="store_true", help="do not write the figures at the end")
     return parser
 
 
+class Stopped(KeyboardInterrupt):
+    """A stop signal (``STOP_SIGNALS``) received: ``signum`` names it; the exit status is 128 + it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_stopped(signum: int, frame: object) -> None:
+    raise Stopped(signum)
+
+
 @contextlib.contextmanager
-def _interrupts_deferred() -> Iterator[None]:
-    """Ctrl-C (SIGINT) inside the block takes effect at its end, so that an epoch's metrics line
-    and its checkpoint are written together."""
+def _signals_handled(handler: Callable[[int, Any], None]) -> Iterator[None]:
+    """``handler`` for the stop signals inside the block (the main thread only; elsewhere Python
+    cannot set handlers, and the block runs as it is)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    received: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler_before in previous.items():
+            signal.signal(signum, handler_before)
+
+
+@contextlib.contextmanager
+def _stop_signals_deferred() -> Iterator[None]:
+    """A stop signal (Ctrl-C, SIGTERM) inside the block takes effect at its end, as :class:`Stopped`,
+    so that an epoch's metrics line and its checkpoint are written together."""
+    received: list[int] = []
+    with _signals_handled(lambda signum, frame: received.append(signum)):
+        yield
     if received:
-        raise KeyboardInterrupt
+        raise Stopped(received[0])
 
 
 def _rng_states() -> dict[str, Any]:
@@ -132,9 +164,19 @@ class Distributed:
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.active = self.world > 1
 
-    def start(self, device: torch.device) -> None:
+    def start(self, device: torch.device, timeout: float = DIST_TIMEOUT) -> None:
+        """Join the process group; a collective that waits longer than ``timeout`` seconds fails."""
         if self.active:
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                    timeout=datetime.timedelta(seconds=timeout))
+
+    def share(self, value: Any) -> Any:
+        """Rank 0's ``value`` (any picklable object) on every rank."""
+        if not self.active:
+            return value
+        shared = [value]
+        dist.broadcast_object_list(shared, src=0)
+        return shared[0]
 
     def sum(self, values: Sequence[float], device: torch.device) -> list[float]:
         """Sum a list of floats over the ranks (float64)."""
@@ -167,6 +209,8 @@ def _resolve_device(name: str, ddp: Distributed) -> torch.device:
         device = torch.device(name)
     except RuntimeError as error:
         raise UsageError("--device", f"{name!r} is not a device ({error})") from error
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError("--device", f"{name!r}: pfc-fast train runs on cpu or cuda, not {device.type}")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UsageError("--device", "CUDA is not available on this machine; use --device cpu")
@@ -178,34 +222,107 @@ def _resolve_device(name: str, ddp: Distributed) -> torch.device:
     return device
 
 
-def _config(args: argparse.Namespace, ddp: Distributed) -> tuple[RunDirectory, TrainConfig]:
-    """The run directory and the training options: from OUT/config.json when resuming (flags given
-    must agree), else the flags over the defaults."""
+def _default_paths(config: TrainConfig) -> Iterator[str]:
+    """``runs/DATASET-MODEL-wWIDTH-sSEED``, then with ``-2``, ``-3``, ..."""
+    base = f"runs/{config.dataset}-{config.model}-w{config.width}-s{config.seed}"
+    yield base
+    for number in itertools.count(2):
+        yield f"{base}-{number}"
+
+
+def _locked(path: str, flag: str) -> tuple[RunDirectory, str | None]:
+    """The run directory ``path``, locked by this process (see :meth:`RunDirectory.lock`); a
+    directory that another run holds, or that cannot be made or written, is a :class:`UsageError`
+    against ``flag``."""
+    out = RunDirectory(path)
+    try:
+        note = out.lock()
+    except RunDirectoryError as error:
+        raise UsageError(flag, str(error)) from error
+    except OSError as error:
+        raise UsageError(flag, f"cannot use {path!r} as the run directory: {error.strerror}") from error
+    return out, note
+
+
+def _claim(args: argparse.Namespace, ddp: Distributed) -> tuple[RunDirectory, TrainConfig, str | None]:
+    """The run directory, locked, and the training options: from OUT/config.json when resuming
+    (flags given must agree), else the flags over the defaults. Without ``--out``: the first
+    default directory that holds no run and no other process (the last that holds a run, with
+    ``--resume``). Returns a note on a stale lock taken over, if any."""
     given = {key: getattr(args, key) for key in TrainConfig.option_names() if getattr(args, key) is not None}
-    out = RunDirectory(args.out) if args.out else RunDirectory.default(TrainConfig.from_options(given), args.resume)
+    flag = "--out" if args.out else "--resume"
     if args.resume:
-        if not out.holds_run():
-            raise UsageError("--resume", f"{out.path} holds no run to resume (no {RunDirectory.CONFIG}); drop "
+        path = args.out
+        if path is None:
+            taken = list(itertools.takewhile(lambda p: RunDirectory(p).holds_run(),
+                                             _default_paths(TrainConfig.from_options(given))))
+            path = taken[-1] if taken else next(_default_paths(TrainConfig.from_options(given)))
+        if not RunDirectory(path).holds_run():
+            raise UsageError("--resume", f"{path} holds no run to resume (no {RunDirectory.CONFIG}); drop "
                                          "--resume to start one")
+        out, note = _locked(path, flag)
         try:
             saved = out.config()
         except ValueError as error:  # a config.json that is not one
+            out.unlock()
             raise UsageError("--resume", str(error)) from error
         for key, value in given.items():
             if getattr(saved, key) != value and key != "data_dir":  # the data may have moved
+                out.unlock()
                 raise UsageError(f"--{key.replace('_', '-')}", f"the run in {out.path} has {getattr(saved, key)!r}, "
                                  f"not {value!r}; a resumed run keeps its options (use another --out for a new run)")
-        return out, dataclasses.replace(saved, **given)
-    if out.holds_run():
-        raise UsageError("--out", f"{out.path} already holds a run; pass --resume to continue it, or choose another "
-                                  "--out")
+        return out, dataclasses.replace(saved, **given), note
     config = TrainConfig.from_options(given)
     if config.depth is not None and config.model != "cwresnet":
         raise UsageError("--depth", f"applies to cwresnet only; {config.model} has a fixed depth")
     if config.batch_size < ddp.world:
         raise UsageError("--batch-size", f"{config.batch_size} is smaller than the number of processes "
                                          f"({ddp.world})")
-    return out, config
+    if args.out:
+        out, note = _locked(args.out, "--out")
+        if out.holds_run():
+            out.unlock()
+            raise UsageError("--out", f"{out.path} already holds a run; pass --resume to continue it, or choose "
+                                      "another --out")
+        return out, config, note
+    for path in _default_paths(config):  # another run may be choosing at the same moment: the lock decides
+        if RunDirectory(path).holds_run():
+            continue
+        try:
+            out, note = _locked(path, "--out")
+        except UsageError:
+            if os.path.isdir(path):  # held by a run that is being started
+                continue
+            raise
+        if not out.holds_run():
+            return out, config, note
+        out.unlock()
+    raise AssertionError("unreachable: the default run directories are endless")
+
+
+@contextlib.contextmanager
+def _claimed(args: argparse.Namespace, ddp: Distributed) -> Iterator[tuple[RunDirectory, TrainConfig]]:
+    """:func:`_claim` on rank 0, its result (or its error) on every rank; rank 0 holds the lock
+    until the block ends."""
+    out: RunDirectory | None = None
+    claimed: tuple[str, Any, Any] | None = None  # ("ok", path, options) or ("error", flag, message)
+    if ddp.rank == 0:
+        try:
+            out, config, note = _claim(args, ddp)
+            if note:
+                print(f"pfc-fast train: {out.path}: {note}", file=sys.stderr)
+            claimed = ("ok", out.path, config.to_dict())
+        except UsageError as error:
+            claimed = ("error", error.argument, error.message)
+    claimed = ddp.share(claimed)
+    assert claimed is not None
+    try:
+        if claimed[0] == "error":
+            raise UsageError(claimed[1], claimed[2])
+        yield out or RunDirectory(claimed[1]), TrainConfig.from_options(claimed[2])
+    finally:
+        if out is not None:
+            out.unlock()
 
 
 class TrainingRun:
@@ -423,72 +540,130 @@ def run(args: argparse.Namespace) -> int:
     (130 after Ctrl-C)."""
     ddp = Distributed()
     device = _resolve_device(args.device, ddp)
-    out, config = _config(args, ddp)
-    ddp.start(device)
+    ddp.start(device, args.dist_timeout)
     try:
-        return _train(args, config, out, device, ddp)
+        with _claimed(args, ddp) as (out, config):
+            return _train(args, config, out, device, ddp)
+    except RuntimeError as error:  # gloo's and NCCL's timeouts are RuntimeErrors (DistError among them)
+        if not (ddp.active and "timed out" in str(error).lower()):
+            raise
+        print(f"pfc-fast train: rank {ddp.rank} waited longer than --dist-timeout ({args.dist_timeout:g} s) for the "
+              f"other processes of the run (one of them stopped or died?): {str(error).splitlines()[0]}",
+              file=sys.stderr)
+        return 1
     finally:
         ddp.stop()
 
 
+def _resume_point(state: TrainingRun, out: RunDirectory) -> tuple[int, list[EpochRecord]]:
+    """The last saved epoch, its sha256 checked, and the records up to it; a damaged checkpoint or
+    a ``metrics.jsonl`` whose epochs do not match it is a :class:`UsageError` against ``--resume``."""
+    try:
+        start = state.load_checkpoint()
+        records = out.records()
+        out.check_records(records, start, "Restore it from a backup, or start the run anew with another --out (the "
+                                          "metrics of past epochs cannot be recomputed from the last checkpoint)")
+    except ValueError as error:  # RunDirectoryError, or a line that is no epoch record
+        raise UsageError("--resume", str(error)) from error
+    # a line written after the last checkpoint (a run stopped between the two writes) is redone
+    return start, [r for r in records if r.epoch <= start]
+
+
+def _held(out: RunDirectory, saved: int) -> str:
+    epochs = {0: "no finished epoch", 1: "epoch 1"}.get(saved, f"epochs 1 to {saved}")
+    return f"{out.path} holds {epochs}"
+
+
 def _train(args: argparse.Namespace, config: TrainConfig, out: RunDirectory, device: torch.device,
            ddp: Distributed) -> int:
+    """The epochs of the run (rank 0 writes ``out``); returns the exit status: 0, 1 (the training
+    diverged, a measurement failed, or a write failed: the directory stays resumable), or 128 + the
+    signal number after Ctrl-C or SIGTERM (the epoch being written is finished first)."""
     is_main = ddp.rank == 0
     state = TrainingRun(config, out, device, ddp)
-    if is_main and not args.resume:
-        out.create(config, _environment(device, ddp))
-    ddp.barrier()
-    start = state.load_checkpoint() if args.resume else 0
-    # a line written after the last checkpoint (a crash between the two writes) is redone
-    records = [r for r in out.records() if r.epoch <= start]
-    if is_main:
-        data = state.data
-        print(f"pfc-fast train: {config.dataset} ({len(data.train_labels)} train / {len(data.test_labels)} test, "
-              f"{data.num_classes} classes), {config.model} width {config.width}, "
-              f"{sum(p.numel() for p in state.network.parameters()):,} parameters, {device}"
-              f"{f' x {ddp.world} processes' if ddp.active else ''}; PFC of {len(state.monitor.layer_names)} layers "
-              f"on {len(state.probe)} probe samples; run directory {out.path}"
-              + (f", resuming after epoch {start}" if start else ""), flush=True)
-    try:
-        for epoch in range(start + 1, config.epochs + 1):
-            state.sync()
-            tick = time.perf_counter()
-            lr = state.optimizer.param_groups[0]["lr"]
-            train_loss, train_acc = state.train_epoch(epoch, progress=is_main)
-            state.sync()
-            trained = time.perf_counter()
-            pfc = state.measure()
-            state.sync()
-            measured = time.perf_counter()
-            test_loss, test_acc = state.evaluate(state.test_images, state.test_labels)
-            state.sync()
-            tested = time.perf_counter()
-            scores = state.geodesic_scores() if state.geodesic is not None and is_main else {}
-            record = EpochRecord(epoch=epoch, lr=lr, train_loss=train_loss, train_acc=train_acc, test_loss=test_loss,
-                                 test_acc=test_acc, probe_acc=pfc.accuracy, layers=pfc.to_list(), lss=scores.get("lss"),
-                                 ots=scores.get("ots"), w_path_ratio=scores.get("w_path_ratio"),
-                                 train_seconds=trained - tick, measure_seconds=measured - trained,
-                                 test_seconds=tested - measured, geodesic_seconds=time.perf_counter() - tested,
-                                 forward_passes=pfc.forward_passes)
-            if is_main:
-                with _interrupts_deferred():
-                    records.append(record)
-                    out.write_records(records)
-                    state.save_checkpoint(epoch)
-                first, last = record.layers[0], record.layers[-1]
-                tqdm.write(f"epoch {epoch:3d}  train loss {train_loss:.4f} acc {train_acc:.4f}  test loss "
-                           f"{test_loss:.4f} acc {test_acc:.4f}  nc1 {first['nc1']:.3g} ({first['name']}) .. "
-                           f"{last['nc1']:.3g} ({last['name']})  train {trained - tick:.1f}s  PFC "
-                           f"{measured - trained:.2f}s", file=sys.stdout)
+    saved = 0
+    with _signals_handled(_raise_stopped):
+        try:
+            if is_main and not args.resume:
+                out.create(config, _environment(device, ddp))
             ddp.barrier()
-    except KeyboardInterrupt:
-        if is_main:
-            held = f"epochs 1 to {len(records)}" if records else "no finished epoch"
-            print(f"\ninterrupted; {out.path} holds {held}: continue with --out {out.path} --resume", file=sys.stderr)
-        return 130
-    if is_main and not args.no_report:
-        print(f"report: {write_report(out.path)}")
+            saved, records = _resume_point(state, out) if args.resume else (0, [])
+            if is_main:
+                data = state.data
+                print(f"pfc-fast train: {config.dataset} ({len(data.train_labels)} train / {len(data.test_labels)} "
+                      f"test, {data.num_classes} classes), {config.model} width {config.width}, "
+                      f"{sum(p.numel() for p in state.network.parameters()):,} parameters, {device}"
+                      f"{f' x {ddp.world} processes' if ddp.active else ''}; PFC of "
+                      f"{len(state.monitor.layer_names)} layers on {len(state.probe)} probe samples; run directory "
+                      f"{out.path}" + (f", resuming after epoch {saved}" if saved else ""), flush=True)
+            for epoch in range(saved + 1, config.epochs + 1):
+                record = _epoch(state, epoch, is_main)
+                if is_main:
+                    with _stop_signals_deferred():
+                        out.write_records([*records, record])
+                        state.save_checkpoint(epoch)
+                    records.append(record)
+                    first, last = record.layers[0], record.layers[-1]
+                    tqdm.write(f"epoch {epoch:3d}  train loss {record.train_loss:.4f} acc {record.train_acc:.4f}  "
+                               f"test loss {record.test_loss:.4f} acc {record.test_acc:.4f}  nc1 {first['nc1']:.3g} "
+                               f"({first['name']}) .. {last['nc1']:.3g} ({last['name']})  train "
+                               f"{record.train_seconds:.1f}s  PFC {record.measure_seconds:.2f}s", file=sys.stdout)
+                saved = epoch
+                ddp.barrier()
+            if is_main and not args.no_report:
+                print(f"report: {write_report(out.path)}")
+        except KeyboardInterrupt as stop:
+            signum = stop.signum if isinstance(stop, Stopped) else signal.SIGINT
+            if is_main:
+                print(f"\n{signal.Signals(signum).name}: stopped; {_held(out, saved)}: continue with --out "
+                      f"{out.path} --resume", file=sys.stderr)
+            return 128 + signum
+        except _EpochFailed as failure:
+            if is_main:
+                print(f"pfc-fast train: {failure}. {_held(out, saved)}.", file=sys.stderr)
+            return 1
+        except OSError as error:  # the run directory's writes (a full disk); the epoch's writes are atomic
+            if is_main:
+                print(f"pfc-fast train: cannot write {error.filename}: {error.strerror}. {_held(out, saved)}: make "
+                      f"room (or fix the cause), then continue with --out {out.path} --resume", file=sys.stderr)
+            return 1
     return 0
+
+
+class _EpochFailed(Exception):
+    """An epoch that cannot go on: the training diverged or the measurement failed."""
+
+
+def _epoch(state: TrainingRun, epoch: int, is_main: bool) -> EpochRecord:
+    """Train, measure and test one epoch; its record (timings included). :class:`_EpochFailed`
+    where the training loss is not finite or the features of a layer are not."""
+    config = state.config
+    state.sync()
+    tick = time.perf_counter()
+    lr = state.optimizer.param_groups[0]["lr"]
+    train_loss, train_acc = state.train_epoch(epoch, progress=is_main)
+    if not math.isfinite(train_loss):
+        raise _EpochFailed(f"the training diverged in epoch {epoch} (mean training loss {train_loss}); start a new "
+                           f"run with a smaller --lr (this one has {config.lr:g}, --momentum {config.momentum:g}, "
+                           f"--weight-decay {config.weight_decay:g})")
+    state.sync()
+    trained = time.perf_counter()
+    try:
+        pfc = state.measure()
+    except ValueError as error:  # features that are not finite, named by the monitor with their layer
+        raise _EpochFailed(f"the PFC measurement of epoch {epoch} failed: {error}") from error
+    state.sync()
+    measured = time.perf_counter()
+    test_loss, test_acc = state.evaluate(state.test_images, state.test_labels)
+    state.sync()
+    tested = time.perf_counter()
+    scores = state.geodesic_scores() if state.geodesic is not None and is_main else {}
+    return EpochRecord(epoch=epoch, lr=lr, train_loss=train_loss, train_acc=train_acc, test_loss=test_loss,
+                       test_acc=test_acc, probe_acc=pfc.accuracy, layers=pfc.to_list(), lss=scores.get("lss"),
+                       ots=scores.get("ots"), w_path_ratio=scores.get("w_path_ratio"),
+                       train_seconds=trained - tick, measure_seconds=measured - trained,
+                       test_seconds=tested - measured, geodesic_seconds=time.perf_counter() - tested,
+                       forward_passes=pfc.forward_passes)
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "pfc-fast train") -> int:
