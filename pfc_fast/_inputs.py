@@ -1,7 +1,8 @@
 """User input to the tensors and numbers the library takes, with errors that name the bad argument.
 
 The one home of the library's input checks (metrics, monitor, transport, geodesic, mufm).
-Accepts torch tensors (CPU or CUDA) and numpy arrays. Non-finite features are detected after the
+Accepts torch tensors (CPU or CUDA) and numpy arrays; the NC metrics' tensors (features, labels,
+classifier) must hold data (not on the meta device). Non-finite features are detected after the
 first pass, from the class sums (free: no extra read of the features).
 """
 from __future__ import annotations
@@ -11,6 +12,8 @@ from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+
+from . import _memory
 
 #: What the library accepts where it takes an array: a torch tensor or a numpy array.
 TensorLike = Union[torch.Tensor, np.ndarray]
@@ -43,6 +46,13 @@ def as_tensor(value: object, name: str) -> torch.Tensor:
             raise TypeError(f"{name} must be a numeric array, got a numpy array of dtype object")
         return torch.from_numpy(np.ascontiguousarray(value))
     raise TypeError(f"{name} must be a torch.Tensor or a numpy.ndarray, got {type(value).__name__}")
+
+
+def with_data(tensor: torch.Tensor, name: str) -> torch.Tensor:
+    """``tensor`` itself, after checking that it holds data: a meta tensor has a shape but no values."""
+    if tensor.is_meta:
+        raise ValueError(f"{name} is on the meta device; pass a tensor with data")
+    return tensor
 
 
 def floating(value: object, name: str) -> torch.Tensor:
@@ -119,7 +129,7 @@ def features(value: object, pooling: str = "flatten", name: str = "feats") -> to
     average is taken in float64, in row chunks, so pooling loses no precision).
     """
     check_choice(pooling, "pooling", POOLINGS)
-    feats = floating(value, name)
+    feats = with_data(floating(value, name), name)
     if feats.dim() < 2:
         raise ValueError(f"{name} must have shape (N, D) or (N, C, h, w), got shape {tuple(feats.shape)}")
     if feats.shape[0] == 0:
@@ -143,7 +153,7 @@ def _same_device(tensor: torch.Tensor, feats: torch.Tensor, name: str) -> None:
 def class_indices(value: object, num_samples: int, num_classes: int, feats: torch.Tensor,
                   name: str = "labels") -> torch.Tensor:
     """Integer class indices ``(N,)`` in ``[0, num_classes)`` as int64 on the features' device."""
-    labels = _integer_labels(as_tensor(value, name), name)
+    labels = _integer_labels(with_data(as_tensor(value, name), name), name)
     if labels.dim() != 1 or labels.shape[0] != num_samples:
         raise ValueError(f"{name} must have shape ({num_samples},) to match feats, got {tuple(labels.shape)}")
     _same_device(labels, feats, name)
@@ -157,10 +167,46 @@ def infer_num_classes(num_classes: object, labels: object) -> int:
     """``num_classes`` as given (an int >= 2), or ``max(labels) + 1``."""
     if num_classes is not None:
         return positive_int(num_classes, "num_classes", minimum=2)
-    tensor = _integer_labels(as_tensor(labels, "labels"), "labels")
+    tensor = _integer_labels(with_data(as_tensor(labels, "labels"), "labels"), "labels")
     if tensor.numel() == 0:
         raise ValueError("labels is empty")
     return max(2, int(tensor.max()) + 1)
+
+
+def class_statistics_bytes(num_classes: int, dims: Sequence[int]) -> int:
+    """The bytes that accumulators (``NCAccumulator``) of ``num_classes`` classes keep, one per feature
+    dimension in ``dims``, at the least: ``8 K (3 D + 4 K)`` each, for three ``K x D`` float64 matrices
+    (the class sums, means and centred means) and four ``K x K`` ones (the Gram matrix of the centred
+    means, the distances of the means, the nearest-class-centre offsets; the distances' expansion
+    holds a fourth at a time), for every class index ``0..K-1``, present in the data or not."""
+    return sum(8 * num_classes * (3 * dim + 4 * num_classes) for dim in dims)
+
+
+def class_statistics_fit(num_classes: int, dims: Sequence[int], device: Optional[torch.device], what: str,
+                         inferred: bool = False) -> None:
+    """Refuses a ``num_classes`` whose class statistics (:func:`class_statistics_bytes`) for ``what``
+    (the features, of dimensions ``dims``) exceed the memory free on ``device``, with the bytes they
+    would need. ``device`` None (not known yet): only what fits on no device is refused, more than
+    the CPU's free memory and the largest CUDA device's total (asked only then, so that a fitting
+    ``num_classes`` never initialises CUDA). ``inferred``: ``num_classes`` is ``max(labels) + 1``."""
+    needed = class_statistics_bytes(num_classes, dims)
+    if device is not None:
+        free, where = _memory.free_bytes(device), f"free on {device}"
+    else:
+        free, where = _memory.free_bytes(torch.device("cpu")), "free on cpu"
+        if needed > free and torch.cuda.is_available():
+            total = max(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count()))
+            if total > free:
+                free, where = total, "of the largest CUDA device"
+    if needed <= free:
+        return
+    subject = (f"labels go up to {num_classes - 1}, so num_classes = max(labels) + 1 = {num_classes}, which"
+               if inferred else f"num_classes = {num_classes}")
+    hint = ("map the labels to 0..K-1 first (torch.unique(labels, return_inverse=True))" if inferred else
+            "give the number of classes of the labels (labels must be < num_classes)")
+    raise ValueError(f"{subject} is too many classes for {what}: their statistics (K x D and K x K float64 matrices "
+                     f"for every class index, present or not) would need at least {needed:,} bytes "
+                     f"({needed / 2**30:.3g} GiB), more than the {free:,} bytes {where}; {hint}")
 
 
 def classifier_weights(classifier: object, bias: object,
@@ -170,7 +216,7 @@ def classifier_weights(classifier: object, bias: object,
         if bias is not None:
             raise ValueError("bias was given without a classifier")
         return None, None
-    weight = floating(classifier, "classifier")
+    weight = with_data(floating(classifier, "classifier"), "classifier")
     if weight.dim() != 2 or weight.shape[0] != num_classes:
         raise ValueError(f"classifier must have shape (num_classes, D) = ({num_classes}, D), got {tuple(weight.shape)}")
     weight = finite(weight.double(), "classifier")
@@ -178,7 +224,7 @@ def classifier_weights(classifier: object, bias: object,
         raise ValueError("classifier is all zeros; NC3 is undefined")
     if bias is None:
         return weight, torch.zeros(num_classes, dtype=torch.float64, device=weight.device)
-    offset = floating(bias, "bias")
+    offset = with_data(floating(bias, "bias"), "bias")
     if tuple(offset.shape) != (num_classes,):
         raise ValueError(f"bias must have shape ({num_classes},), got {tuple(offset.shape)}")
     if offset.device != weight.device:
@@ -210,6 +256,8 @@ def point_clouds(x: object, y: object) -> Tuple[torch.Tensor, torch.Tensor]:
                          "(B, N, D)/(B, M, D) with the same B and D")
     if xs.shape[-2] == 0 or ys.shape[-2] == 0:
         raise ValueError("x and y must contain at least one point each")
+    if xs.dim() == 3 and xs.shape[0] == 0:
+        raise ValueError(f"x {tuple(xs.shape)} and y {tuple(ys.shape)} hold B = 0 problems: a batch needs B >= 1")
     return xs, ys
 
 
@@ -223,21 +271,49 @@ def cost_matrix(value: object) -> torch.Tensor:
     return cost
 
 
-def ot_weights(value: object, name: str, batch: int, count: int, batched: bool, device: torch.device,
-             dtype: torch.dtype) -> torch.Tensor:
-    """OT weights ``(batch, count)`` in ``dtype``: uniform for None, else ``(count,)`` (or
-    ``(batch, count)`` when ``batched``), non-negative, finite, of positive total, on ``device``."""
+def ot_weights(value: object, name: str, batch: int, count: int, batched: bool,
+               device: torch.device) -> Tuple[torch.Tensor, float]:
+    """OT weights ``(batch, count)`` in float64 and the machine epsilon of their given dtype (0 for
+    None: uniform, ``1/count``). Given: ``(count,)`` (or ``(batch, count)`` when ``batched``),
+    non-negative, finite, of positive total, on ``device``."""
     if value is None:
-        return torch.full((batch, count), 1.0 / count, dtype=dtype, device=device)
+        return torch.full((batch, count), 1.0 / count, dtype=torch.float64, device=device), 0.0
     w = floating(value, name)
     if w.device != device:
         raise ValueError(f"{name} is on {w.device} but the points are on {device}")
     allowed = [(count,)] + ([(batch, count)] if batched else [])
     if tuple(w.shape) not in allowed:
         raise ValueError(f"{name} must have shape {' or '.join(map(str, allowed))}, got {tuple(w.shape)}")
-    w = w.to(dtype)
+    resolution = torch.finfo(w.dtype).eps
+    w = w.double()
     if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
         raise ValueError(f"{name} must be non-negative and finite")
     if not bool((w.sum(-1) > 0).all()):
         raise ValueError(f"{name} must have a positive total mass")
-    return w.expand(batch, count)
+    return w.expand(batch, count), resolution
+
+
+def ot_marginals(a: object, b: object, batch: int, rows: int, cols: int, batched: bool, device: torch.device,
+                 dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The weights ``a (batch, rows)``, ``b (batch, cols)`` of an OT problem in ``dtype`` (each as
+    :func:`ot_weights` takes it).
+
+    Their totals must agree to ``rtol = max(1e-5, 4 eps)`` (``eps``: the machine epsilon of the
+    coarsest dtype given; float16 weights are rounded to 2^-11, so uniform ones of 1000 points total
+    0.99976), compared in float64; ``b`` is then rescaled to ``a``'s total, ``b * sum(a) / sum(b)``,
+    so that the problem is balanced to the rounding of ``dtype``.
+    """
+    wa, res_a = ot_weights(a, "a", batch, rows, batched, device)
+    wb, res_b = ot_weights(b, "b", batch, cols, batched, device)
+    mass_a, mass_b = wa.sum(-1), wb.sum(-1)
+    rtol = max(1e-5, 4 * res_a, 4 * res_b)
+    if not bool(((mass_a - mass_b).abs() <= rtol * torch.maximum(mass_a, mass_b)).all()):
+        raise ValueError(f"a and b must have the same total mass (to {rtol:.2g} relative, the resolution of their "
+                         f"dtypes), got {mass_a.tolist()} and {mass_b.tolist()}")
+    weights = (wa.to(dtype), (wb * (mass_a / mass_b).unsqueeze(-1)).to(dtype))
+    for w, name in zip(weights, "ab"):
+        total = w.sum(-1)
+        if not bool((torch.isfinite(total) & (total > 0)).all()):
+            raise ValueError(f"{name} does not fit {str(dtype).replace('torch.', '')}, the dtype of the computation: "
+                             f"rescale it, or give float64 points")
+    return weights

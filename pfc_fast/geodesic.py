@@ -52,13 +52,17 @@ def line_shape_score(tracks: Layers) -> float:
     Per sample: ``u_0 = x_0``, ``u_l = u_{l-1} + (x_l - x_{l-1}) / ||x_l - x_{l-1}||``,
     ``LSS = n / ||u_n - u_0|| >= 1``, equal to 1 for a straight track (every step in the same
     direction). Steps of length 0 are skipped (``n`` counts the others); samples that never move
-    are left out.
+    are left out. A track whose unit steps cancel, ``u_n = u_0`` (out and back: ``x_2 = x_0``), has
+    ``LSS = inf``, the limit of tracks that come closer and closer back, and the mean is then
+    ``inf`` (never NaN). Any finite coordinates: the steps are formed as halves, and each is
+    divided by its largest component before its norm is taken, so nothing overflows or underflows.
     """
     x = _tracks(tracks, "tracks")
-    steps = x[1:] - x[:-1]
-    lengths = steps.norm(dim=-1, keepdim=True)
-    moving = lengths > 0
-    unit = torch.where(moving, steps / lengths.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(steps))
+    steps = 0.5 * x[1:] - 0.5 * x[:-1]  # LSS is scale-invariant; halves never overflow
+    largest = steps.abs().amax(dim=-1, keepdim=True)
+    moving = largest > 0
+    scaled = steps / torch.where(moving, largest, torch.ones_like(largest))
+    unit = scaled / torch.where(moving, scaled.norm(dim=-1, keepdim=True), torch.ones_like(largest))
     n = moving.squeeze(-1).sum(0).double()
     keep = n > 0
     if not bool(keep.any()):
@@ -97,12 +101,17 @@ def wasserstein_path_ratio(layers: Layers, eps: Optional[float] = None, **sinkho
 
     Each W2 is the debiased Sinkhorn estimate :func:`pfc_fast.wasserstein2`; all consecutive
     pairs are solved in one batched call. In (0, 1] by the triangle inequality: 1 on a geodesic (a
-    displacement interpolation), lower the more the path detours. ``eps`` defaults to 1e-2 times the smallest
-    median cost of a consecutive pair, with eps-scaling 0.5.
+    displacement interpolation), lower the more the path detours. ``eps`` defaults to 1e-2 times the
+    smallest median nonzero squared distance of a consecutive pair (:func:`pfc_fast.median_cost`
+    with ``nonzero=True``: positive also where layers collapse onto a few points, which makes most
+    distances 0), with eps-scaling 0.5.
     """
     x = _tracks(layers)
     if eps is None:
-        eps = 1e-2 * min(median_cost(x[l - 1], x[l]) for l in range(1, x.shape[0]))
+        scales = [median_cost(x[l - 1], x[l], nonzero=True) for l in range(1, x.shape[0])]
+        if max(scales) == 0:  # every layer is one and the same point
+            raise ValueError("layers: the measures do not move; the path ratio is undefined")
+        eps = 1e-2 * min(scale for scale in scales if scale > 0)
         sinkhorn_kwargs.setdefault("eps_scaling", 0.5)
     steps = wasserstein2(x[:-1], x[1:], eps=eps, **sinkhorn_kwargs)
     total = wasserstein2(x[0], x[-1], eps=eps, **sinkhorn_kwargs)

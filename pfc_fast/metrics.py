@@ -41,6 +41,11 @@ _SAFE_MAGNITUDE = (2.0 ** -240, 2.0 ** 240)
 #: from the difference of the means, not from the Gram matrix (whose expansion cancels there).
 _DIRECT_DISTANCE_RATIO = 1e-3
 
+#: A centred class mean ``mu_c - mu_G`` no longer than this many float64 eps times the largest
+#: ``||mu_c||`` is at the global mean to rounding: it has no direction (docs/spec.md section 2,
+#: "Degenerate cases"); when every one is, all class means are equal and the metrics undefined.
+_MEAN_ROUNDING = 64
+
 
 @dataclass(frozen=True)
 class NCClassStatistics:
@@ -48,8 +53,8 @@ class NCClassStatistics:
     ``j`` of each is class ``classes[j]`` (the classes present), float64 CPU tensors.
 
     ``mean_norms[j] = ||mu_c - mu_G||``, ``within_variances[j] = (1/n_c) sum_{y_i = c} ||h_i - mu_c||^2``,
-    ``cdnv[a, b] = (var_a + var_b) / (2 ||mu_a - mu_b||^2)`` (Galanti et al. 2022; 0 on the diagonal;
-    the scalar ``cdnv`` is the mean of its off-diagonal entries).
+    ``cdnv[a, b] = (var_a + var_b) / (2 ||mu_a - mu_b||^2)`` (Galanti et al. 2022; 0 on the diagonal,
+    ``inf`` for two equal means; the scalar ``cdnv`` is the mean of its off-diagonal entries).
     """
 
     classes: List[int]
@@ -73,6 +78,17 @@ class NCMetrics:
     out-of-distribution features (``nc5``) are ``None`` without them; ``gnc2_riesz_log`` is ``None``
     for ``D = 1``. ``per_class`` (:class:`NCClassStatistics`) is set only when asked for, and is
     not part of :meth:`to_dict`.
+
+    Degenerate geometry (docs/spec.md section 2, "Degenerate cases") gives these values, never NaN:
+    a centred class mean ``m_c = mu_c - mu_G`` at 0 (to rounding: ``||m_c|| <= 64 eps max ||mu_c||``)
+    has no direction, so its cosines (``nc2_equiangle``, ``nc3_uniform``, ``nc5``) are 0 and its unit
+    vector ``u_c`` is 0 (``||u_c - u_c'|| = 1`` in ``gnc2_*``); two equal class means give
+    ``cdnv = inf`` (their term ``(var_a + var_b) / (2 * 0)``, also for ``var = 0``), and two equal
+    ``u_c`` (equal means; two means on one side in ``D = 1``) ``gnc2_log = gnc2_log_var = inf`` and, for
+    ``D >= 3``, ``gnc2_riesz_log = inf`` (for ``D = 2`` the kernel is ``d^0 = 1``: 0); a classifier
+    row ``w_c = 0`` has cosine 0; ``nc3_uniform = inf`` where the mean of its cosines is 0, and
+    ``nc3_etf = 1`` (the zero matrix against the unit-norm ETF) where ``W M = 0``. All class means
+    equal (to rounding) and classifier rows of the classes present all zero raise ``ValueError``.
     """
 
     nc1: float
@@ -213,7 +229,9 @@ def _hyperspherical_energies(unit_distances: torch.Tensor, dim: int) -> Tuple[fl
     """The mean and variance over the pairs ``a < b`` of the logarithmic kernel ``log(1 / d_ab)``,
     and the log of the mean Riesz ``s``-energy ``d_ab^-s``, ``s = D - 2`` (``None`` for ``D = 1``),
     of the distances ``d_ab`` of the normalised centred means (``unit_distances``: their squares).
-    The Riesz mean is taken as a log-sum-exp: ``d^-(D-2)`` overflows float64 for ``D`` in the hundreds."""
+    The Riesz mean is taken as a log-sum-exp: ``d^-(D-2)`` overflows float64 for ``D`` in the hundreds.
+    A pair at distance 0 makes the log energy and its variance ``inf``, the Riesz one too for
+    ``D >= 3``; for ``D = 2`` the Riesz kernel is ``d^0 = 1``, so its log mean is 0."""
     k = unit_distances.shape[0]
     a, b = torch.triu_indices(k, k, 1)
     log_distances = 0.5 * torch.log(unit_distances[a, b])
@@ -221,17 +239,21 @@ def _hyperspherical_energies(unit_distances: torch.Tensor, dim: int) -> Tuple[fl
     mean = float(log_kernel.mean())
     variance = float(((log_kernel - mean) ** 2).mean()) if math.isfinite(mean) else math.inf
     riesz = None
-    if dim >= 2:
+    if dim == 2:
+        riesz = 0.0
+    elif dim > 2:
         riesz = float(torch.logsumexp(-(dim - 2) * log_distances, 0)) - math.log(log_distances.numel())
     return mean, variance, riesz
 
 
 def _coefficient_of_variation(values: torch.Tensor) -> float:
-    """``std / mean`` (the sample standard deviation, as ``nc2_equinorm``)."""
-    return float(values.std() / values.mean())
+    """``std / mean`` (the sample standard deviation, as ``nc2_equinorm``); ``inf`` for a mean of 0."""
+    mean = float(values.mean())
+    return math.inf if mean == 0.0 else float(values.std()) / mean
 
 
-def _metrics_from_statistics(gram_means: torch.Tensor, mean_distances: torch.Tensor, unit_distances: torch.Tensor,
+def _metrics_from_statistics(gram_means: torch.Tensor, unit_gram: torch.Tensor, mean_distances: torch.Tensor,
+                             unit_distances: torch.Tensor,
                              eigenvalues: torch.Tensor, basis_sq: torch.Tensor, class_sq: torch.Tensor,
                              counts: torch.Tensor, classes: List[int], num_samples: int, dim: int,
                              class_counts: List[int], scale: float, per_class: bool = False,
@@ -241,32 +263,35 @@ def _metrics_from_statistics(gram_means: torch.Tensor, mean_distances: torch.Ten
                              correct: int = 0, disagree: Optional[int] = None) -> NCMetrics:
     """The metrics from the statistics of the present classes ``classes`` (all float64, CPU).
 
-    gram_means = G = M M^T of the centred means, mean_distances[a, b] = ||mu_a - mu_b||^2,
-    unit_distances[a, b] = the same of the normalised centred means, eigenvalues lambda_j of M^T M
+    gram_means = G = M M^T of the centred means, unit_gram[a, b] = cos(m_a, m_b) = u_a . u_b (the Gram
+    matrix of the normalised centred means u_c, 0 for a mean without direction), mean_distances[a, b]
+    = ||mu_a - mu_b||^2, unit_distances[a, b] = ||u_a - u_b||^2, eigenvalues lambda_j of M^T M
     along the basis q_j of :func:`_between_class_basis`, basis_sq[j] = sum_i (q_j . r_i)^2,
     class_sq[c] = sum ||r_i||^2, classifier_gram = W M^T (rows of the present classes),
-    classifier_cosines[c] = cos(w_c, m_c), ood_cosines[c] = cos(m_c, mu_OOD - mu_G), nc3 computed
-    on the device. The statistics are those of the features times ``scale`` (a power of two): only
-    the traces and the per-class norms and variances depend on it. With
-    ``Sigma_B^+ = K sum_j q_j q_j^T / lambda_j``,
+    classifier_cosines[c] = cos(w_c, m_c), ood_cosines[c] = cos(m_c, mu_OOD - mu_G) (cosines with a
+    zero vector are 0), nc3 computed on the device. The statistics are those of the features times
+    ``scale`` (a power of two): only the traces and the per-class norms and variances depend on it.
+    With ``Sigma_B^+ = K sum_j q_j q_j^T / lambda_j``,
 
-        nc1 = Tr(Sigma_W Sigma_B^+) / K = (1/N) sum_j basis_sq[j] / lambda_j.
+        nc1 = Tr(Sigma_W Sigma_B^+) / K = (1/N) sum_j basis_sq[j] / lambda_j,
+        cdnv = mean_{a != b} (var_a + var_b) / (2 ||mu_a - mu_b||^2)   (a term of equal means: inf),
+        nc3_etf = || W M^T / ||W M^T|| - ETF ||   (1 for W M^T = 0: the normalised zero matrix is 0).
     """
     k = counts.shape[0]
     scaled_within, scaled_between = float(class_sq.sum()) / num_samples, float(torch.trace(gram_means)) / k
     nc1 = float((basis_sq / eigenvalues).sum()) / num_samples
 
     variances = class_sq / counts
-    sq_norms = torch.diagonal(gram_means)
-    cdnv_matrix = (variances[:, None] + variances[None, :]) / (2.0 * mean_distances)
+    cdnv_matrix = torch.where(mean_distances > 0, (variances[:, None] + variances[None, :]) / (2.0 * mean_distances),
+                              math.inf)
     cdnv = _off_diagonal_mean(cdnv_matrix)
 
-    norms = sq_norms.sqrt()
-    cosines = gram_means / (norms[:, None] * norms[None, :])
+    norms = torch.diagonal(gram_means).sqrt()
     etf = _etf(k)
     nc3_etf = None
     if classifier_gram is not None:
-        nc3_etf = float(torch.linalg.norm(classifier_gram / torch.linalg.norm(classifier_gram) - etf))
+        length = torch.linalg.norm(classifier_gram)
+        nc3_etf = float(torch.linalg.norm((classifier_gram / length if length > 0 else classifier_gram) - etf))
     gnc2_log, gnc2_log_var, gnc2_riesz_log = _hyperspherical_energies(unit_distances, dim)
     statistics = None
     if per_class:
@@ -277,7 +302,7 @@ def _metrics_from_statistics(gram_means: torch.Tensor, mean_distances: torch.Ten
         nc1_quotient=scaled_within / scaled_between,
         cdnv=cdnv,
         nc2_equinorm=_coefficient_of_variation(norms),
-        nc2_equiangle=_off_diagonal_mean((cosines + 1.0 / (k - 1)).abs()),
+        nc2_equiangle=_off_diagonal_mean((unit_gram + 1.0 / (k - 1)).abs()),
         nc2_etf=float(torch.linalg.norm(gram_means / torch.linalg.norm(gram_means) - etf)),
         gnc2_log=gnc2_log,
         gnc2_log_var=gnc2_log_var,
@@ -375,7 +400,10 @@ class NCAccumulator:
     must be equal, and so must a per-class fingerprint of the features (sums of a fixed random
     combination of 16 feature columns, see ``_PassTally`` for its tolerance and reach); otherwise it raises a
     ``ValueError`` that says what differs. After ``compute()``, ``reset()`` starts again.
-    ``pinv_rtol``: the pseudo-inverse cut-off of ``nc1`` (see :func:`nc_metrics`).
+    ``pinv_rtol``: the pseudo-inverse cut-off of ``nc1`` (see :func:`nc_metrics`). A ``num_classes``
+    whose statistics (``8 K (3 D + 4 K)`` bytes at least) exceed the memory free on the features'
+    device is refused: by the constructor where its ``32 K^2`` bytes fit no device, else by the
+    first ``update``.
 
     Under ``torch.distributed`` call ``all_reduce(group)`` at the end of each pass: it sums the
     statistics of the current pass over the ranks, so every rank gets the global means and the
@@ -393,7 +421,11 @@ class NCAccumulator:
         if self.pinv_rtol is not None and not self.pinv_rtol < 1.0:
             raise ValueError(f"pinv_rtol must be < 1 (a fraction of the largest eigenvalue), got {pinv_rtol!r}")
         self._weight, self._bias = _inputs.classifier_weights(classifier, bias, self.num_classes)
+        # the K x K statistics alone, on the classifier's device or any; the first update() checks with D
+        _inputs.class_statistics_fit(self.num_classes, [0], None if self._weight is None else self._weight.device,
+                                     "feats (the K x K matrices alone, whatever D)")
         self._check_passes = True  # nc_metrics, which feeds one tensor to both passes, turns the check off
+        self._name = "feats"  # the features in messages (PFCMonitor: "features of layer 'name'")
         self.reset()
 
     def reset(self) -> None:
@@ -418,14 +450,16 @@ class NCAccumulator:
         return self._pass
 
     def _batch(self, feats: TensorLike, labels: TensorLike) -> Tuple[torch.Tensor, torch.Tensor]:
-        feats = _inputs.features(feats, self.pooling)
+        feats = _inputs.features(feats, self.pooling, name=self._name)
         if self._device is None:
             _inputs.check_classifier_device(self._weight, feats)
+            _inputs.class_statistics_fit(self.num_classes, [feats.shape[1]], feats.device,
+                                         f"{self._name} (D = {feats.shape[1]})")
             self._device, self._dim = feats.device, feats.shape[1]
         elif feats.device != self._device:
-            raise ValueError(f"feats is on {feats.device} but earlier batches were on {self._device}")
+            raise ValueError(f"{self._name} is on {feats.device} but earlier batches were on {self._device}")
         elif feats.shape[1] != self._dim:
-            raise ValueError(f"feats has D = {feats.shape[1]} but earlier batches had D = {self._dim}")
+            raise ValueError(f"{self._name} has D = {feats.shape[1]} but earlier batches had D = {self._dim}")
         labels = _inputs.class_indices(labels, feats.shape[0], self.num_classes, feats)
         return feats, labels
 
@@ -451,7 +485,7 @@ class NCAccumulator:
             if feats.dtype == torch.float64:
                 self._rescale(max(self._magnitude, float(feats.abs().amax())))
             sums, counts = _ops.class_sums(self._scaled(feats), labels, self.num_classes)
-            _inputs.finite(sums, "feats")
+            _inputs.finite(sums, self._name)
             if self._sums is None or self._counts is None:
                 self._sums, self._counts = sums, counts
             else:
@@ -484,7 +518,7 @@ class NCAccumulator:
         if self._sums is None or self._counts is None:
             raise ValueError("no data: call update(feats, labels) before next_pass()")
         self._second = _SecondPass(self._sums, self._counts, self._weight, self._bias, self.global_mean,
-                                   self.pinv_rtol, self._scale)
+                                   self.pinv_rtol, self._scale, self._name)
         self._pass, self._reduced = 2, False
 
     def all_reduce(self, group: Optional[Any] = None) -> None:
@@ -559,17 +593,23 @@ class NCAccumulator:
 
 
 class _SecondPass:
-    """Class means fixed by the first pass and the statistics of the second."""
+    """Class means fixed by the first pass and the statistics of the second (``name``: the
+    features in messages)."""
 
     def __init__(self, sums: torch.Tensor, counts: torch.Tensor, weight: Optional[torch.Tensor],
-                 bias: Optional[torch.Tensor], global_mean: str, pinv_rtol: Optional[float], scale: float) -> None:
+                 bias: Optional[torch.Tensor], global_mean: str, pinv_rtol: Optional[float], scale: float,
+                 name: str) -> None:
         self.counts = counts
         self.scale = scale  # the sums and every feature of the second pass are times this
+        self.name = name
         self.num_samples = int(counts.sum())
         present = counts > 0
         self.present = present.nonzero().flatten()
         if self.present.numel() < 2:
             raise ValueError(f"labels: at least 2 classes must be present, found {self.present.numel()}")
+        if weight is not None and not bool(weight[self.present].any()):
+            raise ValueError(f"classifier: the rows of the classes present ({self.present.tolist()[:10]}"
+                             f"{' ...' if self.present.numel() > 10 else ''}) are all zeros; NC3 is undefined")
         self.means = sums / counts.clamp_min(1).unsqueeze(1).double()
         if global_mean == "weighted":
             global_mu = sums.sum(0) / self.num_samples
@@ -580,11 +620,24 @@ class _SecondPass:
         self.global_mu = global_mu
         centred = (self.means - global_mu) * present.unsqueeze(1)
         gram = centred @ centred.T
-        if not float(torch.diagonal(gram).max()) > 0:
-            raise ValueError("feats: all class means are equal (Sigma_B = 0); the NC metrics are undefined")
+        # a centred mean within rounding of 0 has no direction (its unit vector and cosines are 0)
+        norms = torch.diagonal(gram).sqrt()
+        rounding = (_MEAN_ROUNDING * torch.finfo(torch.float64).eps
+                    * float(torch.linalg.vector_norm(self.means[self.present], dim=1).max()))
+        if not float(norms.max()) > rounding:
+            raise ValueError(f"{name}: all class means are equal (to float64 rounding: Sigma_B = 0); the NC metrics "
+                             "are undefined")
         self.mean_distances = _mean_distances(self.means, gram, present)
-        norms = torch.where(present, torch.diagonal(gram).sqrt(), 1.0)
-        self.unit_distances = _mean_distances(centred / norms.unsqueeze(1), gram / torch.outer(norms, norms), present)
+        # the unit vectors u_c of the present classes (0 without direction): their Gram matrix (the
+        # cosines) and their distances
+        idx = self.present
+        self.directional = (norms > rounding)[idx]
+        mask, lengths = self.directional.double(), torch.where(self.directional, norms[idx], 1.0)
+        self.unit_gram = gram[idx][:, idx] / torch.outer(lengths, lengths) * torch.outer(mask, mask)
+        units = centred[idx] / lengths.unsqueeze(1) * mask.unsqueeze(1)
+        self.unit_distances = _mean_distances(units, self.unit_gram, torch.ones_like(self.directional))
+        # equal means have one direction (their unit rows can differ by the rounding of two norms of one vector)
+        self.unit_distances.masked_fill_(self.mean_distances[idx][:, idx] == 0, 0.0)
         self.ncc_bias = self.mean_distances.masked_fill(~present.unsqueeze(0), float("inf"))
         self.centred, self.gram_means = centred, gram
         directions, self.eigenvalues = _between_class_basis(centred[self.present], gram[self.present][:, self.present],
@@ -616,7 +669,7 @@ class _SecondPass:
         basis_sq, class_sq, decisions = _ops.residual_stats(feats, labels, self.means, proj, self.mean_coords,
                                                             self.ncc_bias, self.score_error, logit_offset,
                                                             predictions)
-        _inputs.finite(class_sq, "feats")
+        _inputs.finite(class_sq, self.name)
         self.basis_sq += basis_sq
         self.class_sq += class_sq
         self.counters[:2] += decisions
@@ -629,12 +682,15 @@ class _SecondPass:
         idx = self.present
         centred = self.centred[idx]
         norms = torch.linalg.vector_norm(centred, dim=1)
+        directional = self.directional  # the cosines of the others are 0
         nc3 = classifier_gram = classifier_cosines = ood_cosines = None
         if self.weight is not None:
             weight = self.weight[idx]
             nc3 = float(((weight / torch.linalg.norm(weight) - centred / torch.linalg.norm(centred)) ** 2).sum())
             classifier_gram = (weight @ centred.T).cpu()
-            classifier_cosines = ((weight * centred).sum(1) / (torch.linalg.vector_norm(weight, dim=1) * norms)).cpu()
+            weight_norms = torch.linalg.vector_norm(weight, dim=1)
+            classifier_cosines = torch.where(directional & (weight_norms > 0),
+                                             (weight * centred).sum(1) / (weight_norms * norms), 0.0).cpu()
         if ood_mean is not None:
             ood_mu = ood_mean.to(self.global_mu.device) * self.scale
             direction = ood_mu - self.global_mu
@@ -644,12 +700,13 @@ class _SecondPass:
             if not float(length) > float(rounding):
                 raise ValueError("ood_feats: their mean equals the global mean of feats (to rounding), so nc5 "
                                  "(the cosines with mu_OOD - mu_G) is undefined")
-            ood_cosines = ((centred @ direction) / (norms * length)).cpu()
+            ood_cosines = torch.where(directional, (centred @ direction) / (norms * length), 0.0).cpu()
         cpu = torch.device("cpu")
         return _metrics_from_statistics(
             gram_means=self.gram_means[idx][:, idx].to(cpu),
+            unit_gram=self.unit_gram.to(cpu),
             mean_distances=self.mean_distances[idx][:, idx].to(cpu),
-            unit_distances=self.unit_distances[idx][:, idx].to(cpu),
+            unit_distances=self.unit_distances.to(cpu),
             eigenvalues=self.eigenvalues.to(cpu),
             basis_sq=self.basis_sq.to(cpu),
             class_sq=self.class_sq[idx].to(cpu),
@@ -682,7 +739,8 @@ def nc_metrics(feats: TensorLike, labels: TensorLike, num_classes: Optional[int]
             (CPU or CUDA) or numpy. Accumulation is in float64 whatever the input dtype.
         labels: ``(N,)`` integer classes in ``[0, num_classes)``.
         num_classes: total number of classes (default ``max(labels) + 1``); classes absent from
-            the data are left out of every formula.
+            the data are left out of every formula. Refused (``ValueError``, with the bytes) where
+            the statistics of that many classes, ``8 K (3 D + 4 K)`` bytes, exceed the free memory.
         classifier, bias: last-layer ``W (num_classes, D)`` and ``b`` for ``nc3``, ``nc3_etf``,
             ``nc3_uniform`` and ``nc4``.
         predictions: ``(N,)`` predicted classes for ``nc4`` (instead of ``argmax(W h + b)``).
@@ -697,10 +755,16 @@ def nc_metrics(feats: TensorLike, labels: TensorLike, num_classes: Optional[int]
             within-class variances, the CDNV matrix).
 
     Returns:
-        ``NCMetrics``. Two passes over ``feats``, float64 accumulation, no ``D x D`` matrix.
+        ``NCMetrics``. Two passes over ``feats``, float64 accumulation, no ``D x D`` matrix. Degenerate
+        geometry (a class mean at the global mean, equal class means) gives the documented values
+        of :class:`NCMetrics`, never NaN.
     """
+    inferred = num_classes is None
     num_classes = _inputs.infer_num_classes(num_classes, labels)
     feats = _inputs.features(feats, pooling)  # pooled once here, not again in each pass
+    # with D and the device known (the accumulator's constructor knows neither)
+    _inputs.class_statistics_fit(num_classes, [feats.shape[1]], feats.device, f"feats (D = {feats.shape[1]})",
+                                 inferred=inferred)
     accumulator = NCAccumulator(num_classes, classifier, bias, global_mean, pooling="flatten", pinv_rtol=pinv_rtol)
     accumulator._check_passes = False  # both passes read feats itself
     accumulator.update(feats, labels)

@@ -147,7 +147,8 @@ class PFCMonitor:
         layers: ``None`` (the stem and every residual block, see :func:`default_layers`), a list
             of module names (``model.named_modules()``), or ``{display name: module name}``.
             Each must run exactly once per forward pass and return a tensor.
-        num_classes: number of classes ``K`` of the labels (required).
+        num_classes: number of classes ``K`` of the labels (required; refused where the ``K x K``
+            statistics of the layers would not fit the memory free on the model's device).
         pooling: ``"flatten"`` (``D = C*h*w``) or ``"gap"`` (global average pooling, ``D = C``).
         global_mean: ``"unweighted"`` (Papyan) or ``"weighted"``, as in :func:`pfc_fast.nc_metrics`.
         cache_bytes: keep the features of all layers up to this many bytes and measure with one
@@ -174,7 +175,13 @@ class PFCMonitor:
         _inputs.check_choice(global_mean, "global_mean", _inputs.GLOBAL_MEANS)
         self.cache_bytes = _inputs.positive_int(cache_bytes, "cache_bytes", minimum=0)
         self.network = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        if self._device().type == "meta":
+            raise ValueError("model is on the meta device (its parameters hold no data); materialise it first, "
+                             "e.g. model.to_empty(device=...) and load its weights")
         self.layers = _resolve_layers(self.network, layers)
+        # the K x K statistics alone (D = 0); measure() checks again with the layers' dimensions
+        _inputs.class_statistics_fit(self.num_classes, [0] * len(self.layers), self._device(),
+                                     f"the {len(self.layers)} monitored layer(s) (the K x K matrices alone, whatever D)")
         self.pooling = pooling
         self.global_mean = global_mean
         self.group = group
@@ -249,15 +256,24 @@ class PFCMonitor:
                 accumulator.all_reduce(self.group)
 
     def _accumulators(self, feats: List[torch.Tensor], classifier: Optional[Classifier]) -> List[NCAccumulator]:
-        """One accumulator per layer; the classifier goes to the layers of matching dimension."""
+        """One accumulator per layer, its features named by the layer in its messages; the
+        classifier goes to the layers of matching dimension."""
         weight, bias = _classifier(classifier)
         matches = [weight is not None and weight.shape[-1] == f.shape[1] for f in feats]
+        dims = [f.shape[1] for f in feats]
         if weight is not None and not any(matches):
-            dims = ", ".join(str(f.shape[1]) for f in feats)
-            raise ValueError(f"classifier has D = {weight.shape[-1]} inputs but the layers have D = {dims} "
-                             f"(pooling = {self.pooling!r}; the last block matches a ResNet's fc with 'gap')")
-        return [NCAccumulator(self.num_classes, weight if match else None, bias if match else None, self.global_mean)
-                for match in matches]
+            raise ValueError(f"classifier has D = {weight.shape[-1]} inputs but the layers have D = "
+                             f"{', '.join(map(str, dims))} (pooling = {self.pooling!r}; the last block matches a "
+                             "ResNet's fc with 'gap')")
+        _inputs.class_statistics_fit(self.num_classes, dims, feats[0].device,
+                                     f"the {len(dims)} monitored layer(s) (D = {', '.join(map(str, dims))})")
+        accumulators = []
+        for name, match in zip(self.layers, matches):
+            accumulator = NCAccumulator(self.num_classes, weight if match else None, bias if match else None,
+                                        self.global_mean)
+            accumulator._name = f"features of layer {name!r}"  # as the hooks name them
+            accumulators.append(accumulator)
+        return accumulators
 
     def _forward_again(self, loader: Iterable[Any], outputs: Dict[str, torch.Tensor]) -> Iterator[_Batch]:
         """The second pass's ``(feats, labels, predictions)`` when the cache overflowed."""

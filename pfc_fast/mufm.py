@@ -383,7 +383,8 @@ def solve(X: TensorLike, labels: TensorLike, num_layers: int, lot: float, cost: 
     if cost == "sinkhorn":
         eps = _inputs.finite_number(sinkhorn_eps, "sinkhorn_eps", positive=True) * median_cost(x, x)
         if eps == 0:
-            raise ValueError("X: all points coincide, so the Sinkhorn eps (relative to the median cost) is 0")
+            raise ValueError("X: at least half of the pairs of points coincide, so the median squared distance, and "
+                             "with it the Sinkhorn eps, is 0; use cost='matched'")
         sinkhorn_tol = _inputs.finite_number(sinkhorn_tol, "sinkhorn_tol", positive=True)
     layers, weight, bias = _initial_point(init, x, num_classes, num_layers)
 

@@ -3,7 +3,9 @@
 These follow the definitions of docs/spec.md section 2 literally: explicit ``D x D`` matrices ``Sigma_W``
 and ``Sigma_B``, a per-class loop for the means, the pseudo-inverse of ``Sigma_B`` from its
 eigendecomposition, pairwise distances for the nearest class centre. They share no code with the
-kernels or with :mod:`pfc_fast.metrics`, and are meant for D up to a few thousand.
+kernels or with :mod:`pfc_fast.metrics`, and are meant for D up to a few thousand. Degenerate
+geometry gives the values of docs/spec.md section 2, "Degenerate cases" (cosines with a zero vector
+0, a cdnv term of equal means inf, ...), not NaN.
 """
 from __future__ import annotations
 
@@ -13,7 +15,6 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 
 from ._inputs import TensorLike
-
 
 
 def _as_features(feats: TensorLike, pooling: str) -> torch.Tensor:
@@ -37,6 +38,18 @@ def _pinv(matrix: torch.Tensor, rank: int, num_classes: int) -> torch.Tensor:
 
 def _class_means(feats: torch.Tensor, labels: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
     return torch.stack([feats[labels == c].mean(0) for c in classes])
+
+
+def _cosine(u: torch.Tensor, v: torch.Tensor) -> float:
+    """``u . v / (||u|| ||v||)``, 0 where either is the zero vector (docs/spec.md section 2, "Degenerate cases")."""
+    nu, nv = float(torch.linalg.vector_norm(u)), float(torch.linalg.vector_norm(v))
+    return 0.0 if nu == 0.0 or nv == 0.0 else float(u @ v) / (nu * nv)
+
+
+def _variation(values: Sequence[float]) -> float:
+    """``std / mean`` (ddof = 1), ``inf`` for a mean of 0 (docs/spec.md section 2, "Degenerate cases")."""
+    series = torch.tensor(values, dtype=torch.float64)
+    return math.inf if float(series.mean()) == 0.0 else float(series.std() / series.mean())
 
 
 def nc_metrics(feats: TensorLike, labels: TensorLike, num_classes: Optional[int] = None,
@@ -63,19 +76,27 @@ def nc_metrics(feats: TensorLike, labels: TensorLike, num_classes: Optional[int]
     sigma_b_pinv = _pinv(sigma_b, rank=min(k - 1, dim), num_classes=k)
 
     variances = [float(((feats[labels == c] - means[j]) ** 2).sum(1).mean()) for j, c in enumerate(classes)]
-    cdnv_terms = [
-        (variances[a] + variances[b]) / (2.0 * float(((means[a] - means[b]) ** 2).sum()))
+    squared_distances = [[float(((means[a] - means[b]) ** 2).sum()) for b in range(k)] for a in range(k)]
+    cdnv_terms = [  # two equal means: inf (their classes cannot be told apart)
+        (variances[a] + variances[b]) / (2.0 * squared_distances[a][b]) if squared_distances[a][b] > 0 else math.inf
         for a in range(k) for b in range(k) if a != b
     ]
     norms = m.norm(dim=0)
-    cosines = [float(m[:, a] @ m[:, b] / (norms[a] * norms[b])) for a in range(k) for b in range(k) if a != b]
+    # centred means within rounding of 0 (64 eps times the largest class mean) have no direction: zeroed
+    directed = m * (norms > 64 * torch.finfo(torch.float64).eps * float(means.norm(dim=1).max()))
+    cosines = [_cosine(directed[:, a], directed[:, b]) for a in range(k) for b in range(k) if a != b]
     etf = (torch.eye(k, dtype=torch.float64) - torch.ones(k, k, dtype=torch.float64) / k) / (k - 1) ** 0.5
     gram = (m.T @ m).cpu()
 
-    unit = m.T / norms[:, None]                                       # (K, D) normalised centred means
+    unit = torch.stack([u / u.norm() if bool(u.any()) else u for u in directed.T])  # (K, D); 0 without direction
     first, second = torch.triu_indices(k, k, 1)
     pair_distances = torch.linalg.vector_norm(unit[first] - unit[second], dim=1)
-    log_kernel = -torch.log(pair_distances)                           # Liu et al. 2023, log kernel
+    log_kernel = -torch.log(pair_distances)                           # Liu et al. 2023, log kernel; inf at 0
+    riesz: Optional[float] = None  # D = 1: none
+    if dim == 2:
+        riesz = 0.0  # the kernel d^0 = 1, also at d = 0
+    elif dim > 2:  # log of the mean of d^-(D-2), a log-sum-exp (the terms under- or overflow for large D)
+        riesz = float(torch.logsumexp(-(dim - 2) * torch.log(pair_distances), 0)) - math.log(len(pair_distances))
 
     distances = torch.cdist(feats, means, compute_mode="donot_use_mm_for_euclid_dist")  # term by term: exact ties
     nearest = torch.tensor(classes, device=feats.device)[distances.argmin(1)]  # first minimum: lowest index
@@ -87,10 +108,9 @@ def nc_metrics(feats: TensorLike, labels: TensorLike, num_classes: Optional[int]
         "nc2_equiangle": sum(abs(c + 1.0 / (k - 1)) for c in cosines) / len(cosines),
         "nc2_etf": float(torch.linalg.norm(gram / torch.linalg.norm(gram) - etf)),
         "gnc2_log": float(log_kernel.mean()),
-        "gnc2_log_var": float(((log_kernel - log_kernel.mean()) ** 2).mean()),
-        # log of the mean of d^-(D-2), taken as a log-sum-exp (the terms under- or overflow for large D)
-        "gnc2_riesz_log": None if dim < 2 else (float(torch.logsumexp(-(dim - 2) * torch.log(pair_distances), 0))
-                                                      - math.log(len(pair_distances))),
+        "gnc2_log_var": (float(((log_kernel - log_kernel.mean()) ** 2).mean())
+                         if bool(torch.isfinite(log_kernel).all()) else math.inf),  # inf - inf: the variance is inf
+        "gnc2_riesz_log": riesz,
         "nc3": None,
         "nc3_etf": None,
         "nc3_uniform": None,
@@ -109,9 +129,9 @@ def nc_metrics(feats: TensorLike, labels: TensorLike, num_classes: Optional[int]
         w_present = weight[classes]
         result["nc3"] = float(torch.linalg.norm(w_present.T / torch.linalg.norm(w_present) - m / torch.linalg.norm(m)) ** 2)
         wm = (w_present @ m).cpu()
-        result["nc3_etf"] = float(torch.linalg.norm(wm / torch.linalg.norm(wm) - etf))
-        duality = torch.nn.functional.cosine_similarity(w_present, m.T, dim=1)  # cos(w_c, mu_c - mu_G)
-        result["nc3_uniform"] = float(duality.std() / duality.mean())
+        wm_unit = wm / torch.linalg.norm(wm) if bool(wm.any()) else wm  # W M = 0: the zero matrix
+        result["nc3_etf"] = float(torch.linalg.norm(wm_unit - etf))
+        result["nc3_uniform"] = _variation([_cosine(w_present[j], directed[:, j]) for j in range(k)])  # cos(w_c, m_c)
         offset = 0.0 if bias is None else torch.as_tensor(bias).detach().to(feats.device, torch.float64)
         decided = (feats @ weight.T + offset).argmax(1)
     else:
@@ -122,7 +142,7 @@ def nc_metrics(feats: TensorLike, labels: TensorLike, num_classes: Optional[int]
         result["nc4"] = float((nearest != decided).double().mean())
     if ood_feats is not None:
         ood_direction = _as_features(ood_feats, pooling).to(feats.device).mean(0) - global_mu
-        result["nc5"] = float(torch.nn.functional.cosine_similarity(m.T, ood_direction[None, :], dim=1).abs().mean())
+        result["nc5"] = sum(abs(_cosine(directed[:, j], ood_direction)) for j in range(k)) / k
     return result
 
 

@@ -10,17 +10,26 @@ For point clouds ``x (N, D)``, ``y (M, D)`` with weights ``a``, ``b`` and cost
 starting from ``g = 0`` (f first; POT's ``sinkhorn_log`` starts with g, so equal iteration
 counts differ before convergence). The plan is ``P_ij = a_i b_j exp((f_i + g_j - C_ij)/eps)``.
 Each update is one call of the fused kernel ``pfc_fast::sinkhorn_softmin`` (cost and
-log-sum-exp in one sweep; ``mode="online"`` never allocates ``N x M``), and the transport cost
-``<P, C>`` one call of ``pfc_fast::sinkhorn_plan_sums``. The marginal error
-``||P 1 - a||_1`` after a g update is ``sum_i a_i |exp((f_i - f'_i)/eps) - 1|`` with ``f'`` the
-next f update, so checking it costs nothing extra; it is read on the host once every
-``check_every`` iterations only.
+log-sum-exp in one sweep; ``mode="online"`` never allocates ``N x M``). The marginal error
+``||P 1 - a||_1`` after a g update, every ``check_every`` iterations (one more sweep per check, read
+on the host then only), and the transport cost ``<P, C>`` of the result come from the row sums of
+the plan itself, one call of ``pfc_fast::sinkhorn_plan_sums``, which forms the exponent as
+``(f_i + g_j - C_ij) / eps`` like :meth:`SinkhornResult.plan`: right at every eps, also where eps
+is so small that the f updates change at rounding level only while the plan is no coupling.
 
 Choosing eps: ``eps`` is absolute, in the units of the cost. A scale-free choice is a fraction of
 the median cost, ``eps = 0.05 * median_cost(x, y)``: about 1 gives a blurred plan, 1e-2 to 1e-3 is
-close to unregularised OT (use ``eps_scaling``, e.g. 0.5, there: the iterations start at the
-squared diameter of the data and shrink eps by that factor, one iteration per step, before
-iterating to convergence at ``eps``; Schmitzer 2019, Feydy 2020).
+close to unregularised OT (use ``eps_scaling``, e.g. 0.5, there: the iterations start at the range
+of the cost, ``max C - min C`` (for points, the squared diagonal of their bounding box), and shrink
+eps by that factor, one iteration per step, before iterating to convergence at ``eps``; Schmitzer
+2019, Feydy 2020). Below about ``1e-16 max C`` (float64; ``1e-7`` in float32) the plan is set by
+rounding and Sinkhorn cannot converge (``marginal_error`` says so); eps for which ``C / eps``
+would overflow the compute dtype is refused.
+
+Range: the costs must stay below a quarter of the compute dtype's largest number (for points: the
+squared diagonal of their bounding box, up to 8.5e37 in float32; a ValueError names x and y, or
+cost, otherwise): give float64 inputs or rescale (points scaled by ``s`` with eps
+scaled by ``s^2`` give the same plan).
 
 Gradients: ``value`` is differentiable with respect to ``x``, ``y``, ``a``, ``b`` and a given
 ``cost`` by the envelope theorem (no back-propagation through the iterations):
@@ -115,6 +124,10 @@ class _Problem:
             self.cost = given if self.batched else given.unsqueeze(0)
             self.batch, self.rows, self.cols = self.cost.shape
             self.dim = None
+            low, high = (t.double() for t in torch.aminmax(self.cost.reshape(self.batch, -1), dim=1))
+            self.cost_range = float((high - low).max())
+            self.magnitude = float(torch.maximum(high.abs(), low.abs()).max())
+            _check_range(self.magnitude, self.dtype, "cost: its largest magnitude", "the cost and eps by s")
         else:
             xs, ys = _inputs.point_clouds(x, y)
             self.batched = xs.dim() == 3
@@ -122,21 +135,40 @@ class _Problem:
             self.dtype = torch.float64 if torch.float64 in (xs.dtype, ys.dtype) else torch.float32
             xb, yb = (xs, ys) if self.batched else (xs.unsqueeze(0), ys.unsqueeze(0))
             xb, yb = _inputs.finite(xb.to(self.dtype), "x"), _inputs.finite(yb.to(self.dtype), "y")
-            # C is translation invariant: centring shrinks |x|^2 + |y|^2 - 2 x.y's cancellation.
-            centre = torch.cat([xb, yb], dim=1).mean(dim=1, keepdim=True)
-            self.x, self.y = (xb - centre).contiguous(), (yb - centre).contiguous()
+            # The bounding box of both clouds, in float64: its squared diagonal bounds every C_ij.
+            low = torch.minimum(xb.amin(1), yb.amin(1)).double()
+            high = torch.maximum(xb.amax(1), yb.amax(1)).double()
+            squared_diameter = (high - low).square().sum(-1)
+            self.cost_range = self.magnitude = float(squared_diameter.max())
+            _check_range(self.magnitude, self.dtype, "x and y: the squared diagonal of their bounding box",
+                         "the points by s and eps by s^2")
+            # C is translation invariant: centring shrinks |x|^2 + |y|^2 - 2 x.y's cancellation. The box's
+            # centre first (no overflow), then the points' mean.
+            middle = (0.5 * low + 0.5 * high).to(self.dtype).unsqueeze(1)
+            xc, yc = xb - middle, yb - middle
+            mean = (xc.sum(1, keepdim=True) + yc.sum(1, keepdim=True)) / (xc.shape[1] + yc.shape[1])
+            self.x, self.y = (xc - mean).contiguous(), (yc - mean).contiguous()
             self.batch, self.rows, self.dim = self.x.shape
             self.cols = self.y.shape[1]
             dense_bytes = self.batch * self.rows * self.cols * self.dtype.itemsize
             self.cost = None
             if mode == "dense" or (mode == "auto" and dense_bytes <= DENSE_BYTES):
                 self.cost = self._cost_rows(0, self.rows)
-        self.a = _inputs.ot_weights(a, "a", self.batch, self.rows, self.batched, self.device, self.dtype)
-        self.b = _inputs.ot_weights(b, "b", self.batch, self.cols, self.batched, self.device, self.dtype)
-        mass_a, mass_b = self.a.sum(-1), self.b.sum(-1)
-        if not bool(torch.allclose(mass_a, mass_b, rtol=1e-5, atol=0)):
-            raise ValueError(f"a and b must have the same total mass, got {mass_a.tolist()} and {mass_b.tolist()}")
+        self.a, self.b = _inputs.ot_marginals(a, b, self.batch, self.rows, self.cols, self.batched, self.device,
+                                              self.dtype)
         self.log_a, self.log_b = self.a.log(), self.b.log()
+
+    def check_eps(self, eps: float) -> None:
+        """ValueError where the kernels' ``C / eps`` (and the potentials over eps, at most about
+        ``5 max|C| / eps``) would overflow the compute dtype, or eps is outside its normal range."""
+        info = torch.finfo(self.dtype)
+        name = str(self.dtype).replace("torch.", "")
+        smallest = max(info.tiny, 8 * self.magnitude / info.max)
+        if not smallest <= eps <= info.max / 1024:
+            raise ValueError(f"eps = {eps:g} is out of range for {name} with costs up to {self.magnitude:.3g}: it "
+                             f"must lie in [{smallest:.3g}, {info.max / 1024:.3g}] (below, the costs divided by eps "
+                             f"overflow {name}); use another eps"
+                             + (", or float64 inputs" if self.dtype != torch.float64 else ""))
 
     def points(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """The centred ``x``, ``y`` (B, N, D), (B, M, D) of a problem given by points."""
@@ -170,16 +202,6 @@ class _Problem:
             return _ops.sinkhorn_plan_sums(None, None, self.cost, f, g, self.log_a, self.log_b, eps)
         return _ops.sinkhorn_plan_sums(self.x, self.y, None, f, g, self.log_a, self.log_b, eps)
 
-    def marginal_error(self, f: torch.Tensor, f_next: torch.Tensor, eps: float) -> torch.Tensor:
-        return (self.a * torch.expm1((f - f_next) / eps)).abs().sum(-1)
-
-    def squared_diameter(self) -> torch.Tensor:
-        """An upper bound of max C per problem (B,): the start of eps-scaling."""
-        if self.cost is not None and self.x is None:
-            return self.cost.amax(dim=(1, 2))
-        points = torch.cat(self.points(), dim=1)
-        return ((points.amax(1) - points.amin(1)) ** 2).sum(-1)
-
     def plan_chunks(self, f: torch.Tensor, g: torch.Tensor,
                     eps: float) -> Iterator[Tuple[int, torch.Tensor, torch.Tensor]]:
         """Yields ``(start, P[:, start:stop], C[:, start:stop])`` over row chunks of the plan."""
@@ -192,13 +214,29 @@ class _Problem:
             yield start, log_plan.exp(), cost
 
 
+def _check_range(magnitude: float, dtype: torch.dtype, what: str, scaling: str) -> None:
+    """ValueError where costs bounded by ``magnitude`` overflow ``dtype`` in the kernels (the
+    terms of ``|x|^2 + |y|^2 - 2 x.y`` after centring, and the potentials, reach about ``4 magnitude``)."""
+    if not 4 * magnitude <= torch.finfo(dtype).max:
+        name = str(dtype).replace("torch.", "")
+        raise ValueError(f"{what} ({magnitude:.3g}) is too large for {name}, the dtype of the computation: the costs "
+                         f"would overflow; " + ("give float64 inputs, or " if dtype != torch.float64 else "")
+                         + f"rescale them (scaling {scaling} leaves the plan unchanged)")
+
+
 def _solve(problem: _Problem, eps: float, max_iter: int, tol: float, check_every: int,
-           eps_scaling: Optional[float]) -> Tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
-    """Potentials (f, g), iterations and marginal error; no autograd."""
+           eps_scaling: Optional[float]) -> Tuple[torch.Tensor, torch.Tensor, int, torch.Tensor, torch.Tensor,
+                                                  torch.Tensor]:
+    """Potentials (f, g), iterations, marginal error and the plan's row mass and row cost; no autograd.
+
+    The marginal error is ``||P 1 - a||_1`` from the row mass of the plan itself (the fused
+    kernel), right at every eps, also where f no longer changes at rounding level while the plan is
+    not a coupling; its row cost gives the transport cost of the returned potentials.
+    """
     g = torch.zeros(problem.batch, problem.cols, dtype=problem.dtype, device=problem.device)
     n_iter = 0
     if eps_scaling is not None:
-        stage_eps = float(problem.squared_diameter().max())
+        stage_eps = problem.cost_range  # OT does not change when a constant is added to C
         while stage_eps > eps and n_iter < max_iter - 1:
             g = problem.update_g(problem.update_f(g, stage_eps), stage_eps)
             n_iter += 1
@@ -208,12 +246,12 @@ def _solve(problem: _Problem, eps: float, max_iter: int, tol: float, check_every
     while True:
         g = previous = problem.update_g(f, eps, previous)
         n_iter += 1
-        f_next = problem.update_f(g, eps, f)
         if n_iter % check_every == 0 or n_iter >= max_iter:
-            error = problem.marginal_error(f, f_next, eps)
+            mass, row_cost = problem.plan_sums(f, g, eps)
+            error = (mass - problem.a).abs().sum(-1)
             if n_iter >= max_iter or (tol > 0 and float(error.max()) < tol):
-                return f, g, n_iter, error
-        f = f_next
+                return f, g, n_iter, error, mass, row_cost
+        f = problem.update_f(g, eps, f)
 
 
 class _EnvelopeGradient(torch.autograd.Function):
@@ -239,17 +277,16 @@ class _EnvelopeGradient(torch.autograd.Function):
         return (None, *out, None, None, None, None, None)
 
 
-def _reduce_plan(problem: _Problem, f: torch.Tensor, g: torch.Tensor, eps: float,
-                 need: Dict[str, bool]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """The cost ``<P, C>`` (B,) from the fused kernel, and the envelope gradients in ``need``.
+def _envelope_gradients(problem: _Problem, f: torch.Tensor, g: torch.Tensor, eps: float, mass: torch.Tensor,
+                        need: Dict[str, bool]) -> Dict[str, torch.Tensor]:
+    """The envelope gradients in ``need`` (``mass = P 1``, from the fused kernel).
 
     ``d value / d x_i = 2 (m_i x_i - sum_j P_ij y_j)`` with ``m = P 1``, likewise for y with
-    ``P^T``; ``d value / d C = P``. The gradients take one more sweep over the plan in row chunks.
+    ``P^T``; ``d value / d C = P``. They take one more sweep over the plan in row chunks.
     """
-    mass, row_cost = problem.plan_sums(f, g, eps)
     grads: Dict[str, torch.Tensor] = {}
     if not (need["x"] or need["y"] or need["cost"]):
-        return row_cost.sum(-1), grads
+        return grads
     if need["x"] or need["y"]:
         x, y = problem.points()
     py = torch.zeros_like(x) if need["x"] else None
@@ -271,7 +308,7 @@ def _reduce_plan(problem: _Problem, f: torch.Tensor, g: torch.Tensor, eps: float
         grads["y"] = 2.0 * (col_mass.unsqueeze(-1) * y - ptx)
     if need["cost"]:
         grads["cost"] = torch.cat(plan_rows, dim=1)
-    return row_cost.sum(-1), grads
+    return grads
 
 
 def sinkhorn(x: Optional[TensorLike] = None, y: Optional[TensorLike] = None, a: Optional[TensorLike] = None,
@@ -281,15 +318,18 @@ def sinkhorn(x: Optional[TensorLike] = None, y: Optional[TensorLike] = None, a: 
     """Entropic optimal transport between ``x`` and ``y`` (see the module docstring).
 
     Args:
-        x, y: points ``(N, D)``, ``(M, D)``, or batches ``(B, N, D)``, ``(B, M, D)`` solved in
-            one call (e.g. all consecutive layer pairs). May be None when ``cost`` is given.
-        a, b: weights ``(N,)``/``(M,)`` (or ``(B, N)``/``(B, M)``), non-negative, equal totals;
-            uniform by default.
+        x, y: points ``(N, D)``, ``(M, D)``, or batches ``(B, N, D)``, ``(B, M, D)``, ``B >= 1``
+            (an empty batch is a ValueError), solved in one call (e.g. all consecutive layer
+            pairs). May be None when ``cost`` is given.
+        a, b: weights ``(N,)``/``(M,)`` (or ``(B, N)``/``(B, M)``), non-negative, uniform by
+            default, with equal totals to the resolution of their dtype (``max(1e-5, 4 eps)``
+            relative: float16 and bfloat16 weights are rounded), compared in float64; ``b`` is then
+            rescaled to ``a``'s total.
         eps: regularisation (> 0, absolute; see "Choosing eps").
         cost: a cost matrix ``(N, M)``/``(B, N, M)`` instead of ``||x_i - y_j||^2``.
         max_iter, tol, check_every: stop when ``marginal_error < tol`` (checked every
             ``check_every`` iterations) or after ``max_iter``; ``tol=0`` runs exactly ``max_iter``.
-        eps_scaling: None, or a factor in (0, 1): anneal eps from the squared diameter.
+        eps_scaling: None, or a factor in (0, 1): anneal eps from the range of the cost.
         mode: ``"online"`` (cost recomputed tile by tile, nothing ``N x M`` in memory),
             ``"dense"`` (cost matrix kept), ``"auto"`` (dense when it takes at most 1 GiB).
 
@@ -300,10 +340,13 @@ def sinkhorn(x: Optional[TensorLike] = None, y: Optional[TensorLike] = None, a: 
     max_iter = _inputs.positive_int(max_iter, "max_iter")
     check_every = _inputs.positive_int(check_every, "check_every")
     tol = _inputs.finite_number(tol, "tol")
-    if eps_scaling is not None and not (isinstance(eps_scaling, float) and 0 < eps_scaling < 1):
-        raise ValueError(f"eps_scaling must be None or a float in (0, 1), got {eps_scaling!r}")
+    if eps_scaling is not None:
+        eps_scaling = _inputs.finite_number(eps_scaling, "eps_scaling")
+        if not 0 < eps_scaling < 1:
+            raise ValueError(f"eps_scaling must be None or a number in (0, 1), got {eps_scaling!r}")
     problem = _Problem(x, y, a, b, cost, mode)
-    f, g, n_iter, error = _solve(problem, eps, max_iter, tol, check_every, eps_scaling)
+    problem.check_eps(eps)
+    f, g, n_iter, error, mass, row_cost = _solve(problem, eps, max_iter, tol, check_every, eps_scaling)
     if tol > 0 and not float(error.max()) < tol:  # tol = 0 asks for max_iter iterations: no check, no sync
         warnings.warn(f"sinkhorn stopped at max_iter = {max_iter} unconverged: marginal_error {float(error.max()):.3g} "
                       f"> tol = {tol:g} (eps = {eps:g}); raise max_iter, or eps, or use eps_scaling", ConvergenceWarning,
@@ -313,7 +356,8 @@ def sinkhorn(x: Optional[TensorLike] = None, y: Optional[TensorLike] = None, a: 
     need = {name: isinstance(t, torch.Tensor) and t.requires_grad for name, t in inputs.items()}
     need["x"] = need["x"] and cost is None
     need["y"] = need["y"] and cost is None
-    ot_cost, grads = _reduce_plan(problem, f, g, eps, need)
+    ot_cost = row_cost.sum(-1)
+    grads = _envelope_gradients(problem, f, g, eps, mass, need)
     if need["a"]:
         grads["a"] = f
     if need["b"]:
@@ -356,12 +400,15 @@ def wasserstein2(x: TensorLike, y: TensorLike, a: Optional[TensorLike] = None, b
     return sinkhorn_divergence(x, y, a, b, eps, **kwargs).clamp_min(0.0).sqrt()
 
 
-def median_cost(x: TensorLike, y: TensorLike, max_points: int = 2000) -> float:
-    """Median of ``||x_i - y_j||^2`` over (a subsample of at most ``max_points`` of) each cloud.
+def median_cost(x: TensorLike, y: TensorLike, max_points: int = 2000, nonzero: bool = False) -> float:
+    """Median of ``||x_i - y_j||^2`` over (a subsample of at most ``max_points`` of) each cloud;
+    with ``nonzero``, of its nonzero values only (0 where there are none: both clouds are one point).
 
-    A scale for ``eps``: ``eps = 0.05 * median_cost(x, y)``.
+    A scale for ``eps``: ``eps = 0.05 * median_cost(x, y)``. Where most pairs coincide (features
+    collapsed onto a few points) the median is 0; ``nonzero=True`` still gives a scale.
     """
     max_points = _inputs.positive_int(max_points, "max_points")
+    nonzero = _inputs.check_bool(nonzero, "nonzero")
     clouds = _inputs.point_clouds(x, y)  # non-empty, floating, matching D (an empty cloud has no median)
     gen = torch.Generator().manual_seed(0)
 
@@ -369,4 +416,9 @@ def median_cost(x: TensorLike, y: TensorLike, max_points: int = 2000) -> float:
         return t if t.shape[-2] <= max_points else t[..., torch.randperm(t.shape[-2], generator=gen)[:max_points], :]
 
     xs, ys = (pick(_inputs.finite(t, name)).double() for t, name in zip(clouds, "xy"))
-    return float(torch.cdist(xs, ys, compute_mode="donot_use_mm_for_euclid_dist").pow(2).median())
+    costs = torch.cdist(xs, ys, compute_mode="donot_use_mm_for_euclid_dist").pow(2)
+    if nonzero:
+        costs = costs[costs > 0]
+        if costs.numel() == 0:
+            return 0.0
+    return float(costs.median())

@@ -5,7 +5,7 @@ import torch
 
 import pfc_fast
 
-from conftest import make_features
+from conftest import assert_metrics_close, make_features
 
 FEATS, LABELS = make_features(200, 8, 4, seed=41)
 
@@ -69,12 +69,122 @@ def test_mixed_devices(moved):
         pfc_fast.nc_metrics(**args)
 
 
-def test_mixed_devices_between_batches_on_meta():
-    """A batch on another device than the first is rejected (meta stands in for a second device)."""
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: mixed-device case not run")
+@pytest.mark.cuda
+def test_mixed_devices_between_batches():
     acc = pfc_fast.NCAccumulator(4)
     acc.update(FEATS, LABELS)
-    with pytest.raises(ValueError, match="feats is on meta but earlier batches were on cpu"):
-        acc.update(FEATS.to("meta"), LABELS.to("meta"))
+    with pytest.raises(ValueError, match="feats is on cuda:0 but earlier batches were on cpu"):
+        acc.update(FEATS.cuda(), LABELS.cuda())
+
+
+def _meta(tensor):
+    return tensor.to("meta")
+
+
+@pytest.mark.parametrize("argument,kwargs", [
+    ("feats", {"feats": _meta(FEATS)}),
+    ("labels", {"labels": _meta(LABELS)}),
+    ("labels", {"feats": _meta(FEATS), "labels": _meta(LABELS)}),
+    ("labels", {"labels": _meta(LABELS), "num_classes": 4}),
+    ("classifier", {"classifier": _meta(torch.randn(4, 8))}),
+    ("bias", {"classifier": torch.randn(4, 8), "bias": _meta(torch.randn(4))}),
+    ("predictions", {"predictions": _meta(LABELS)}),
+    ("ood_feats", {"ood_feats": _meta(FEATS[:10])}),
+], ids=lambda v: v if isinstance(v, str) else "-".join(v))
+def test_meta_tensors_are_refused_naming_the_argument(argument, kwargs):
+    """A meta tensor (a shape without data) gave ".item() cannot be called on meta tensors",
+    "Cannot copy out of meta tensor" or a device mismatch with the other arguments (issue 14)."""
+    args = {"feats": FEATS, "labels": LABELS, **kwargs}
+    with pytest.raises(ValueError, match=f"^{argument} is on the meta device; pass a tensor with data$"):
+        pfc_fast.nc_metrics(**args)
+
+
+def test_meta_tensors_are_refused_by_the_accumulator():
+    with pytest.raises(ValueError, match="^feats is on the meta device"):
+        pfc_fast.NCAccumulator(4).update(_meta(FEATS), _meta(LABELS))
+    with pytest.raises(ValueError, match="^classifier is on the meta device"):
+        pfc_fast.NCAccumulator(4, classifier=_meta(torch.randn(4, 8)))
+    acc = pfc_fast.NCAccumulator(4)
+    acc.update(FEATS, LABELS)
+    with pytest.raises(ValueError, match="^feats is on the meta device"):  # a later batch (was: a device mismatch)
+        acc.update(_meta(FEATS), _meta(LABELS))
+    with pytest.raises(ValueError, match="^ood_feats is on the meta device"):
+        acc.update_ood(_meta(FEATS))
+    acc.next_pass()
+    with pytest.raises(ValueError, match="^predictions is on the meta device"):
+        acc.update(FEATS, LABELS, predictions=_meta(LABELS))
+
+
+def _statistics_bytes(k, d):
+    """At least three K x D and four K x K float64 matrices (docs/spec.md section 3)."""
+    return 8 * k * (3 * d + 4 * k)
+
+
+@pytest.mark.parametrize("num_classes", [10**7, 10**12, 2**62, 2**63, 10**30])
+def test_num_classes_beyond_memory_is_refused_with_the_bytes(num_classes):
+    """A huge num_classes with small data gave the allocator's "can't allocate memory: you tried to
+    allocate ..." (10**12), "Storage size calculation overflowed" (2**62) or a schema error for
+    values beyond int64 (issue 14); 10**7 classes need 3.2e15 bytes for their K x K matrices alone."""
+    needed = _statistics_bytes(num_classes, 8)
+    with pytest.raises(ValueError, match=f"^num_classes = {num_classes} is too many classes for feats "
+                                         f"\\(D = 8\\): .* at least {needed:,} bytes"):
+        pfc_fast.nc_metrics(FEATS, LABELS, num_classes=num_classes)
+    with pytest.raises(ValueError, match=f"^num_classes = {num_classes} is too many classes for feats \\(the "
+                                         f"K x K matrices alone, whatever D\\): .* at least {32 * num_classes**2:,} bytes"):
+        pfc_fast.NCAccumulator(num_classes)  # the constructor: its K x K statistics fit no device
+
+
+def test_num_classes_inferred_from_huge_labels_is_refused_naming_the_labels():
+    labels = LABELS * 10**11  # max(labels) + 1 = 3e11 + 1 classes
+    k = int(labels.max()) + 1
+    with pytest.raises(ValueError, match=f"^labels go up to {k - 1}, so num_classes = max\\(labels\\) \\+ 1 = {k}, "
+                                         f"which is too many classes .* at least {_statistics_bytes(k, 8):,} bytes"):
+        pfc_fast.nc_metrics(FEATS, labels)
+
+
+def test_num_classes_memory_rule_at_its_boundary(monkeypatch):
+    """The rule is exactly "8 K (3 D + 4 K) bytes must be free": with that much free the metrics are
+    computed (and equal to those with the default num_classes), with a byte less they are refused."""
+    k = 50  # 46 absent classes
+    needed = _statistics_bytes(k, 8)
+    expected = pfc_fast.nc_metrics(FEATS, LABELS).to_dict()
+    expected["class_counts"] += [0] * 46
+    monkeypatch.setattr(pfc_fast._memory, "free_bytes", lambda device: needed)
+    assert_metrics_close(pfc_fast.nc_metrics(FEATS, LABELS, num_classes=k), expected, rtol=1e-12)
+    monkeypatch.setattr(pfc_fast._memory, "free_bytes", lambda device: needed - 1)
+    message = f"num_classes = 50 .* at least {needed:,} bytes .* more than the {needed - 1:,} bytes free on cpu"
+    with pytest.raises(ValueError, match=message):
+        pfc_fast.nc_metrics(FEATS, LABELS, num_classes=k)
+    acc = pfc_fast.NCAccumulator(k)  # 32 K^2 bytes fit: refused at the first batch, which gives D
+    with pytest.raises(ValueError, match=message):
+        acc.update(FEATS, LABELS)
+
+
+def test_num_classes_for_an_accumulator_of_unknown_device(monkeypatch):
+    """Before its first batch an accumulator does not know its device: its constructor refuses only
+    K x K statistics (32 K^2 bytes) that fit neither the CPU's free memory nor the largest CUDA device,
+    whose total memory it asks for only then."""
+    k = 1000
+    monkeypatch.setattr(pfc_fast._memory, "free_bytes", lambda device: 32 * k * k - 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=f"at least {32 * k * k:,} bytes .* more than the {32 * k * k - 1:,} bytes "
+                                         "free on cpu"):
+        pfc_fast.NCAccumulator(k)
+
+    class Properties:
+        total_memory = 32 * k * k
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: Properties())
+    pfc_fast.NCAccumulator(k)  # fits a CUDA device
+    Properties.total_memory -= 1
+    with pytest.raises(ValueError, match=f"more than the {32 * k * k - 1:,} bytes free on cpu"):
+        pfc_fast.NCAccumulator(k)
+    Properties.total_memory = 32 * k * k - 2  # below the CPU's free memory too: the CPU's is the larger
+    with pytest.raises(ValueError, match="bytes free on cpu"):
+        pfc_fast.NCAccumulator(k)
 
 
 def test_accumulator_arguments():

@@ -3,6 +3,7 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
+import pfc_fast
 from pfc_fast import geodesic
 
 
@@ -106,3 +107,47 @@ def test_simplex_etf():
 def test_bad_input(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_line_shape_score_out_and_back():
+    """Issue 14: a track that goes out and back (x_2 = x_0: displacement 0, path length > 0) gave a
+    silent inf (NaN for coordinates near float64's largest); its unit steps cancel, so its LSS is
+    inf, as documented (docs/spec.md section 5), and so is the mean; never NaN. Closed forms."""
+    x0 = _points(50, 4, 11)
+    step = _points(50, 4, 12)
+    assert geodesic.line_shape_score([x0, x0 + step, x0]) == float("inf")
+    # one sample out and back among straight ones: the mean is inf
+    back = x0.clone()
+    back[0] = x0[0] + 2 * step[0]
+    assert geodesic.line_shape_score([x0, x0 + step, x0 + 2 * step - (back - x0)]) == float("inf")
+    # the limit: coming back to within delta of x_0 (a hairpin) gives n / ||u_n - u_0|| -> inf
+    turn = torch.zeros(1, 2, dtype=torch.float64)
+    turn[0, 0] = 1.0
+    for delta in (1e-3, 1e-6):
+        hairpin = [turn * 0, turn, torch.tensor([[0.0, delta]], dtype=torch.float64)]
+        u = 1.0 - 1.0 / (1.0 + delta ** 2) ** 0.5, delta / (1.0 + delta ** 2) ** 0.5  # u_2 - u_0
+        assert geodesic.line_shape_score(hairpin) == pytest.approx(2 / (u[0] ** 2 + u[1] ** 2) ** 0.5, rel=1e-9)
+    # coordinates near float64's largest and smallest numbers: the same scores as at unit scale
+    big, tiny = torch.full((3, 2), 1e308, dtype=torch.float64), torch.full((3, 2), 1e-310, dtype=torch.float64)
+    assert geodesic.line_shape_score([big, -big, big]) == float("inf")
+    bent = [turn * 0, turn, turn + turn.flip(1)]
+    for s in (1e300, 1e-300):
+        assert geodesic.line_shape_score([t * s for t in bent]) == pytest.approx(2 ** 0.5, rel=1e-12)
+    assert geodesic.line_shape_score([tiny * 0, tiny, 2 * tiny]) == pytest.approx(1.0, rel=1e-12)
+
+
+def test_path_ratio_on_layers_collapsed_onto_class_points():
+    """Issue 14: two consecutive layers collapsed onto the same 2 class points make the median
+    cost 0, and the default eps was 0 (a ValueError about an eps not given). The default now comes
+    from the nonzero squared distances. Translations: W2 is the shift's length (closed form), so
+    the ratio is |t + s| / (0 + |t| + |s|) = 5/7."""
+    points = torch.tensor([[0.0, 0.0], [1.0, 0.0]], dtype=torch.float64).repeat(20, 1)  # 2 classes
+    t, s = torch.tensor([3.0, 0.0], dtype=torch.float64), torch.tensor([0.0, 4.0], dtype=torch.float64)
+    layers = [points, points, points + t, points + t + s]
+    assert geodesic.wasserstein_path_ratio(layers) == pytest.approx(5 / 7, rel=1e-6)
+    assert pfc_fast.median_cost(points, points) == 0
+    assert pfc_fast.median_cost(points, points, nonzero=True) == 1.0
+    single = torch.zeros(5, 2, dtype=torch.float64)  # every layer one and the same point
+    assert pfc_fast.median_cost(single, single, nonzero=True) == 0
+    with pytest.raises(ValueError, match="the measures do not move"):
+        geodesic.wasserstein_path_ratio([single, single, single])

@@ -15,7 +15,7 @@ import pfc_fast
 from pfc_fast import reference
 from pfc_fast.app.models import ConstantWidthResNet, small_image_resnet
 
-from conftest import assert_metrics_close, resnet_by_hand
+from conftest import assert_metrics_close, resnet_by_hand, seed_for
 
 
 def _data(n, channels, size, classes, seed):
@@ -226,3 +226,78 @@ def test_two_processes_equal_one(tmp_path):
         for ours, expected in zip(layers, whole.layers.values()):
             assert ours["num_samples"] == 100
             assert_metrics_close(pfc_fast.NCMetrics(**ours), expected.to_dict(), rtol=1e-9)
+
+
+class _TwoLinear(nn.Module):
+    """x -> a -> relu -> b (the logits)."""
+
+    def __init__(self, classes=3):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, classes)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def _two_linear_data(seed):
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.arange(30) % 3
+    return torch.randn(30, 4, generator=gen) + labels[:, None].float(), labels
+
+
+@pytest.mark.parametrize("cache_bytes", [pfc_fast.monitor.DEFAULT_CACHE_BYTES, 0], ids=["one-forward", "two-forward"])
+def test_non_finite_features_name_the_layer(cache_bytes):
+    """NaN images, or a layer whose output overflows, gave "feats contains NaN or Inf values", which
+    names no layer (issue 14): the error names the first layer (display name) whose features are not finite."""
+    torch.manual_seed(11)
+    images, labels = _data(24, 1, 8, 3, seed=12)
+    images[5, 0, 3, 3] = float("nan")
+    model = small_image_resnet("resnet18", 3, in_channels=1, width=4)
+    with pytest.raises(ValueError, match="^features of layer 'stem' contains NaN or Inf values$"):
+        pfc_fast.PFCMonitor(model, num_classes=3, cache_bytes=cache_bytes).measure([(images, labels)])
+    x, y = _two_linear_data(seed_for("non-finite", cache_bytes))
+    model = _TwoLinear()
+    with torch.no_grad():
+        model.b.weight[0, 0] = float("inf")  # 'first' (module a) finite, 'second' (module b) not
+    monitor = pfc_fast.PFCMonitor(model, layers={"first": "a", "second": "b"}, num_classes=3, cache_bytes=cache_bytes)
+    with pytest.raises(ValueError, match="^features of layer 'second' contains NaN or Inf values$"):
+        monitor.measure([(x[:20], y[:20]), (x[20:], y[20:])])
+    assert _hook_count(model) == 0
+
+
+def test_a_layer_of_equal_class_means_is_named():
+    """A layer whose class means all coincide (here: constant zero features) named no layer either."""
+    x, y = _two_linear_data(seed_for("dead-layer"))
+    model = _TwoLinear()
+    with torch.no_grad():
+        model.b.weight.zero_()
+        model.b.bias.zero_()
+    monitor = pfc_fast.PFCMonitor(model, layers={"hidden": "a", "logits": "b"}, num_classes=3)
+    with pytest.raises(ValueError, match="^features of layer 'logits': all class means are equal"):
+        monitor.measure([(x, y)])
+
+
+def test_num_classes_beyond_memory_is_refused(monkeypatch):
+    """num_classes = 10**12 was accepted by the constructor (measure() then failed on the logits'
+    shape, or, with K logits, in the allocator): the K x K statistics of the layers, 32 K^2 bytes
+    each at least, are refused at once; measure() checks 8 K (3 D + 4 K) bytes per layer with the
+    layers' D, here against a patched amount of free memory."""
+    model = _TwoLinear()
+    with pytest.raises(ValueError, match="^num_classes = 1000000000000 is too many classes for the 2 monitored "
+                                         f"layer\\(s\\) .* at least {2 * 32 * 10**24:,} bytes"):
+        pfc_fast.PFCMonitor(model, layers=["a", "b"], num_classes=10**12)
+    x, y = _two_linear_data(seed_for("memory"))
+    needed = 8 * 3 * (3 * 6 + 4 * 3) + 8 * 3 * (3 * 3 + 4 * 3)  # D = 6 (a), 3 (b)
+    monitor = pfc_fast.PFCMonitor(model, layers=["a", "b"], num_classes=3)
+    monkeypatch.setattr(pfc_fast._memory, "free_bytes", lambda device: needed - 1)
+    with pytest.raises(ValueError, match=f"^num_classes = 3 is too many classes for the 2 monitored layer\\(s\\) "
+                                         f"\\(D = 6, 3\\): .* at least {needed:,} bytes"):
+        monitor.measure([(x, y)])
+    assert _hook_count(model) == 0
+    monkeypatch.setattr(pfc_fast._memory, "free_bytes", lambda device: needed)
+    assert list(monitor.measure([(x, y)]).layers) == ["a", "b"]
+
+
+def test_a_model_on_the_meta_device_is_refused():
+    with pytest.raises(ValueError, match="^model is on the meta device"):
+        pfc_fast.PFCMonitor(_TwoLinear().to("meta"), layers=["a"], num_classes=3)

@@ -271,3 +271,195 @@ def test_subnormal_features_and_a_bias_that_dwarfs_tiny_features():
     assert pfc_fast.nc_metrics(feats * 1e-300, labels, classifier=weight, bias=bias).nc4 == expected
     with pytest.raises(ValueError, match="pinv_rtol must be < 1"):
         pfc_fast.nc_metrics(feats, labels, pinv_rtol=1.0)
+
+
+def _exact_classes(centres, counts, gen, spread=0.25):
+    """Samples ``centre_c +- e`` in pairs (``e``: random multiples of ``spread / 8``; an odd count adds the
+    centre itself): dyadic values whose class means are the integer ``centres`` exactly in float64."""
+    rows, labels = [], []
+    for c, (centre, n) in enumerate(zip(centres, counts)):
+        noise = torch.randint(-8, 9, (n // 2, centre.shape[0]), generator=gen).double() * spread / 8
+        rows += [centre + noise, centre - noise] + ([centre[None]] if n % 2 else [])
+        labels += [c] * n
+    return torch.cat(rows), torch.tensor(labels)
+
+
+def _axes(d, count, gen):
+    """``count`` distinct random coordinate axes of R^d, times random nonzero integers."""
+    axes = torch.randperm(d, generator=gen)[:count]
+    signs = 2 * torch.randint(0, 2, (count,), generator=gen) - 1
+    scales = torch.randint(1, 5, (count,), generator=gen).double() * signs
+    return torch.eye(d, dtype=torch.float64)[axes] * scales[:, None]
+
+
+def _no_nan(metrics):
+    values = [v for v in metrics.to_dict().values() if isinstance(v, float)]
+    assert not any(math.isnan(v) for v in values), metrics
+
+
+@pytest.mark.parametrize("global_mean", ["unweighted", "weighted"])
+def test_a_class_mean_at_the_global_mean_has_no_direction(device, global_mean):
+    """Centred means 0, +-v1, +-v2 (v1, v2 orthogonal; for the weighted mean 0, 2v, -v with counts 4, 4, 8):
+    nc2_equiangle, gnc2_*, nc3_uniform and nc5 were NaN (0 / 0 cosines). Class 0 has no direction:
+    its cosines are 0 and its unit vector 0, so (unweighted) nc2_equiangle = (8 x 1/4 + 4 x 3/4 +
+    8 x 1/4) / 20 = 0.35 and gnc2_log = (4 log 1 + 2 log 1/2 + 4 log 1/sqrt 2) / 10 = -0.4 log 2;
+    every field against the float64 reference."""
+    gen = torch.Generator().manual_seed(seed_for("at-global-mean", global_mean))
+    d = 4
+    offset = torch.randint(-9, 10, (d,), generator=gen).double()
+    v = _axes(d, 2, gen)
+    if global_mean == "unweighted":
+        centres, counts = torch.stack([0 * v[0], v[0], -v[0], v[1], -v[1]]), [6, 7, 8, 9, 10]
+    else:  # the sample mean (4 x 0 + 4 x 2v - 8 x v) / 16 = 0
+        centres, counts = torch.stack([0 * v[0], 2 * v[0], -v[0]]), [4, 4, 8]
+    feats, labels = _exact_classes(offset + centres, counts, gen)
+    k = centres.shape[0]
+    classifier = torch.randn(k, d, generator=gen, dtype=torch.float64)
+    ood = offset + torch.randn(7, d, generator=gen, dtype=torch.float64)
+    kwargs = dict(classifier=classifier, ood_feats=ood, global_mean=global_mean)
+    ours = pfc_fast.nc_metrics(feats.to(device), labels.to(device), **{**kwargs, "classifier": classifier.to(device),
+                                                                       "ood_feats": ood.to(device)})
+    _no_nan(ours)
+    assert_metrics_close(ours, reference.nc_metrics(feats, labels, **kwargs), rtol=1e-9, exact_decisions=False)
+    if global_mean == "unweighted":
+        assert ours.nc2_equiangle == pytest.approx(0.35, rel=1e-14)
+        assert ours.gnc2_log == pytest.approx(-0.4 * math.log(2), rel=1e-14)
+    else:  # 0, 2v, -v: cosines 0, 0 and -1, so (4 x 1/2 + 2 x 1/2) / 6
+        assert ours.nc2_equiangle == pytest.approx(0.5, rel=1e-14)
+
+
+@pytest.mark.parametrize("d", [1, 2, 3])
+@pytest.mark.parametrize("spread", [0.25, 0.0], ids=["spread", "no-spread"])
+def test_two_equal_class_means(device, d, spread):
+    """mu_0 = mu_1: the cdnv term (var_0 + var_1) / (2 ||mu_0 - mu_1||^2) is inf (was inf, or NaN for
+    var = 0), the log energy of the coinciding u_0 = u_1 and its variance inf, the Riesz (D-2)-energy
+    inf for D >= 3 and 0 for D = 2 (the kernel d^0 = 1; was NaN); the other terms and fields finite,
+    against the reference and the closed form of the per-class CDNV matrix."""
+    gen = torch.Generator().manual_seed(seed_for("equal-means", d, spread))
+    offset = torch.randint(-9, 10, (d,), generator=gen).double()
+    centres = torch.randint(-6, 7, (4, d), generator=gen).double()
+    centres[1] = centres[0]
+    steps = _axes(d, 2, gen) if d >= 2 else torch.tensor([[3.0], [-7.0]])  # classes 2, 3: no direction shared
+    centres[2:] = centres[0] + 2 * steps
+    feats, labels = _exact_classes(offset + centres, [6, 8, 5, 9], gen, spread=spread)
+    ours = pfc_fast.nc_metrics(feats.to(device), labels.to(device), per_class=True)
+    _no_nan(ours)
+    ref = reference.nc_metrics(feats, labels)
+    assert_metrics_close(ours, ref, rtol=1e-9, exact_decisions=False)
+    assert ours.cdnv == math.inf and ours.gnc2_log == math.inf and ours.gnc2_log_var == math.inf
+    assert ours.gnc2_riesz_log == {1: None, 2: 0.0, 3: math.inf}[d]
+    variances = torch.stack([((feats[labels == c] - centres[c] - offset) ** 2).sum(1).mean() for c in range(4)])
+    distances = ((centres[:, None] - centres[None]) ** 2).sum(-1)
+    grid = ours.per_class.cdnv
+    assert grid[0, 1] == grid[1, 0] == math.inf and bool((grid.diagonal() == 0).all())
+    off = ~torch.eye(4, dtype=torch.bool)
+    off[0, 1] = off[1, 0] = False
+    torch.testing.assert_close(grid[off], ((variances[:, None] + variances[None]) / (2 * distances))[off],
+                               rtol=1e-12, atol=0)
+
+
+def test_d1_with_three_classes_puts_two_directions_together():
+    """D = 1, K = 3: two centred means share a sign, so u_a = u_b: gnc2_log = gnc2_log_var = inf in
+    the package and now in the reference (its variance was NaN, inf - inf)."""
+    gen = torch.Generator().manual_seed(seed_for("d1-k3"))
+    centres = torch.tensor([[-5.0], [1.0], [3.0]]) + torch.randint(-9, 10, (1,), generator=gen).double()
+    feats, labels = _exact_classes(centres, [8, 9, 10], gen)
+    ours = pfc_fast.nc_metrics(feats, labels)
+    assert ours.gnc2_log == math.inf and ours.gnc2_log_var == math.inf and ours.gnc2_riesz_log is None
+    assert_metrics_close(ours, reference.nc_metrics(feats, labels), rtol=1e-12, exact_decisions=False)
+
+
+def test_classifier_degenerate_cases():
+    """A zero classifier row (nc3_uniform was NaN, the reference finite), W orthogonal to every
+    centred mean (W M^T = 0: nc3_etf = 1, the normalised zero matrix against the unit-norm ETF, and
+    nc3_uniform = inf, all cosines 0; both were NaN), and classifier rows of the present classes all
+    zero (nc3 was NaN; now refused as an all-zero classifier is)."""
+    gen = torch.Generator().manual_seed(seed_for("classifier-degenerate"))
+    d = 3
+    centres = torch.randint(-6, 7, (4, 2), generator=gen).double()
+    while _parallel_pair(centres) or len(set(map(tuple, centres.tolist()))) < 4:  # no direction shared by rounding
+        centres = torch.randint(-6, 7, (4, 2), generator=gen).double()
+    centres = torch.cat([centres, torch.zeros(4, 1, dtype=torch.float64)], dim=1)  # the means span 2 of 3 axes
+    offset = torch.randint(-9, 10, (d,), generator=gen).double()
+    feats, labels = _exact_classes(offset + centres, [6, 7, 8, 9], gen)
+    weight = torch.randn(4, d, generator=gen, dtype=torch.float64)
+    weight[2] = 0
+    ours = pfc_fast.nc_metrics(feats, labels, classifier=weight)
+    _no_nan(ours)
+    assert_metrics_close(ours, reference.nc_metrics(feats, labels, classifier=weight), rtol=1e-10,
+                         exact_decisions=False)
+    orthogonal = torch.zeros(4, d, dtype=torch.float64)
+    orthogonal[:, 2] = torch.randint(1, 5, (4,), generator=gen).double()  # along the axis the means do not use
+    ours = pfc_fast.nc_metrics(feats, labels, classifier=orthogonal)
+    assert ours.nc3_etf == pytest.approx(1.0, rel=1e-14) and ours.nc3_uniform == math.inf
+    assert ours.nc3 == pytest.approx(2.0, rel=1e-14)  # || W/|W| - M/|M| ||^2 of orthogonal unit-norm matrices
+    assert_metrics_close(ours, reference.nc_metrics(feats, labels, classifier=orthogonal), rtol=1e-10,
+                         exact_decisions=False)
+    absent_only = torch.zeros(5, d, dtype=torch.float64)
+    absent_only[4] = 1.0  # class 4 has no samples
+    with pytest.raises(ValueError, match=r"classifier: the rows of the classes present \(\[0, 1, 2, 3\]\) are all "
+                                         "zeros; NC3 is undefined"):
+        pfc_fast.nc_metrics(feats, labels, num_classes=5, classifier=absent_only)
+
+
+@pytest.mark.parametrize("value", [0.1, 12345.678, -3.7e-5])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_constant_features_are_refused(value, dtype):
+    """Constant features: their class means differ by rounding only (a few eps); float64 0.1 gave
+    nc1 = 0.97 and 12345.678 cdnv = NaN, from the rounding. All class means equal to 64 eps of
+    their magnitude are refused as equal."""
+    labels = torch.arange(37) % 3
+    with pytest.raises(ValueError, match=r"all class means are equal \(to float64 rounding"):
+        pfc_fast.nc_metrics(torch.full((37, 4), value, dtype=dtype), labels)
+
+
+def _parallel_pair(centres):
+    """Whether two unequal centred means (integer ``centres``, unweighted global mean) point the same
+    way: their directions are then equal in exact arithmetic only, and the log energy of the pair,
+    ``log(1 / d)`` with ``d`` the rounding of their normalisation, depends on that rounding."""
+    scaled = (centres.shape[0] * centres - centres.sum(0)).long()  # K (mu_c - mu_G), exact
+    for a in range(len(scaled)):
+        for b in range(a + 1, len(scaled)):
+            u, v = scaled[a], scaled[b]
+            if u.any() and v.any() and not torch.equal(u, v) and int(u @ v) > 0 and \
+                    not bool((u[:, None] * v[None, :] != v[:, None] * u[None, :]).any()):
+                return True
+    return False
+
+
+def test_random_degenerate_geometries_never_give_nan():
+    """Seeded random small problems (K 2..6, D 1..4, classes of 1..7 samples, spread 0 or not), each
+    with a random degeneracy: a class mean repeated (its unit distance was the rounding of two norms
+    of one vector, ~1e-16, so gnc2_log finite where the reference has inf), a class mean at the
+    global mean (centres +-v and 0), or none; no field is NaN, and every field equals the
+    reference's (configurations with parallel unequal centred means in D >= 2 redrawn)."""
+    gen = torch.Generator().manual_seed(seed_for("random-degenerate"))
+    for case in range(60):
+        k, d = int(torch.randint(2, 7, (1,), generator=gen)), int(torch.randint(1, 5, (1,), generator=gen))
+        centres = torch.randint(-4, 5, (k, d), generator=gen).double()
+        kind = case % 3
+        if kind == 0:
+            centres[k - 1] = centres[0]
+        elif kind == 1 and k >= 3:
+            half = (k - 1) // 2
+            centres[1:1 + half] = centres[1 + half:1 + 2 * half]  # +-v pairs about class 0's centre
+            centres[1 + half:1 + 2 * half] *= -1
+            centres[0] = 0
+            if (k - 1) % 2:
+                centres[k - 1] = 0  # an odd one out at 0 too: an equal mean
+        if d >= 2 and _parallel_pair(centres):
+            continue
+        counts = torch.randint(1, 8, (k,), generator=gen).tolist()
+        offset = torch.randint(-9, 10, (d,), generator=gen).double()
+        feats, labels = _exact_classes(offset + centres, counts, gen, spread=float(case % 4 != 3) * 0.5)
+        expected = reference.nc_metrics(feats, labels)
+        means = torch.stack([feats[labels == c].mean(0) for c in range(k)])
+        if bool((means == means[0]).all()):
+            with pytest.raises(ValueError, match="all class means are equal"):
+                pfc_fast.nc_metrics(feats, labels)
+            continue
+        ours = pfc_fast.nc_metrics(feats, labels)
+        _no_nan(ours)
+        # rtol: small integer centres can make Sigma_B ill-conditioned (nc1 in the 1e4s), where nc1
+        # keeps fewer digits (docs/spec.md section 3)
+        assert_metrics_close(ours, expected, rtol=1e-6, abs_tol=1e-12, exact_decisions=False)

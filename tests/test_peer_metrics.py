@@ -162,3 +162,50 @@ def test_per_class_outputs_scale_with_the_features(factor):
     torch.testing.assert_close(scaled.mean_norms / factor, base.mean_norms, rtol=1e-12, atol=0)
     torch.testing.assert_close(scaled.within_variances / factor ** 2, base.within_variances, rtol=1e-12, atol=0)
     torch.testing.assert_close(scaled.cdnv, base.cdnv, rtol=1e-12, atol=0)
+
+
+def test_a_class_at_the_global_mean_and_two_equal_means_as_wu_papyan_have_them():
+    """Wu & Papyan's normalize(0) = 0 and cosine_similarity(0, x) = 0 give a class mean at the
+    global mean cosines 0 and the unit vector 0 (its log kernel with every other is log 1 = 0): NC3u,
+    NC5 and the log and Riesz energies equal theirs (all four were NaN here); two equal means give
+    their class_dist_norm_vars entry ((v_a + v_b) / 2) / 0 = inf, as the CDNV matrix here (was inf
+    too, now documented, and inf also where both variances are 0)."""
+    gen = torch.Generator().manual_seed(seed_for("peer-degenerate"))
+    d, labels = 5, torch.arange(5).repeat_interleave(60)
+    v = torch.randint(-4, 5, (2, d), generator=gen).double()
+    while int(torch.linalg.matrix_rank(v)) < 2:  # +-v0, +-v1: four directions
+        v = torch.randint(-4, 5, (2, d), generator=gen).double()
+    offset = torch.randint(-9, 10, (d,), generator=gen).double()
+    centres = offset + torch.stack([0 * v[0], v[0], -v[0], v[1], -v[1]])  # class 0 at the global mean, exactly
+    half = torch.randint(-8, 9, (5, 30, d), generator=gen).double() / 16
+    noise = torch.cat([half, -half], dim=1).reshape(300, d)  # +-pairs in every class: exact class means
+    feats = centres[labels] + noise
+    means = torch.stack([feats[labels == c].mean(0) for c in range(5)])
+    assert torch.equal(means, centres) and torch.equal(means.mean(0), centres[0])
+    weight = torch.randn(5, d, generator=gen, dtype=torch.float64)
+    ood = offset + torch.randn(40, d, generator=gen, dtype=torch.float64)
+    metrics = pfc_fast.nc_metrics(feats, labels, classifier=weight, ood_feats=ood)
+    log_avg, log_var = _wp_kernel_stats(means, means.mean(0), _wp_log_kernel)
+    riesz_avg, _ = _wp_kernel_stats(means, means.mean(0), _wp_riesz_kernel)
+    cosines = _wp_similarities(means, weight, means.mean(0))
+    assert float(cosines[0]) == 0.0
+    expected_nc5 = torch.nn.functional.cosine_similarity(means - means.mean(0), (ood.mean(0) - means.mean(0))[None])
+    assert metrics.gnc2_log == pytest.approx(log_avg, rel=1e-12)
+    assert metrics.gnc2_log_var == pytest.approx(log_var, rel=1e-10)
+    assert metrics.gnc2_riesz_log == pytest.approx(math.log(riesz_avg), rel=1e-12, abs=1e-13)
+    assert metrics.nc3_uniform == pytest.approx(float(cosines.std() / cosines.mean()), rel=1e-10)
+    assert metrics.nc5 == pytest.approx(float(expected_nc5.abs().mean()), rel=1e-12)
+
+    for spread in (1.0, 0.0):
+        twins = centres.clone()
+        twins[1] = twins[3]
+        equal = twins[labels] + spread * noise
+        stats = pfc_fast.nc_metrics(equal, labels, per_class=True).per_class
+        variances = torch.stack([((equal[labels == c] - twins[c]) ** 2).sum(1).mean() for c in range(5)])
+        grid = ((variances[:, None] + variances[None, :]) / 2) / ((twins.unsqueeze(1) - twins) ** 2).sum(-1)
+        off = ~torch.eye(5, dtype=torch.bool)
+        if spread == 0.0:
+            assert math.isnan(grid[1, 3]) and math.isnan(grid[3, 1])  # theirs: 0 / 0; here: inf, as documented
+            grid[1, 3] = grid[3, 1] = math.inf
+        torch.testing.assert_close(stats.cdnv[off], grid[off], rtol=1e-12, atol=0)
+        assert stats.cdnv[1, 3] == stats.cdnv[3, 1] == math.inf

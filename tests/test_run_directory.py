@@ -311,3 +311,173 @@ def test_random_kills_resume_exactly(tmp_path, straight):
     assert len(kills) >= 4 and {"SIGKILL", "SIGTERM"} <= {name for name, _ in kills}
     assert _records(run) == straight
     assert sorted(os.listdir(run)) == ["checkpoint.pt", "checksums.json", "config.json", "metrics.jsonl"]
+
+
+def test_a_lock_removed_during_the_run_stops_it_before_it_writes(tmp_path, monkeypatch, capsys):
+    run = str(tmp_path / "run")
+    epoch = train._epoch
+
+    def remove_lock_in_epoch_2(state, number, is_main):
+        if number == 2:
+            os.remove(os.path.join(run, "train.lock"))  # as a user who takes it for stale
+        return epoch(state, number, is_main)
+    monkeypatch.setattr(train, "_epoch", remove_lock_in_epoch_2)
+    assert train.main([*TINY, "--epochs", "3", "--out", run]) == 1
+    assert "train.lock was removed or replaced while this run held" in capsys.readouterr().err
+    assert [r["epoch"] for r in _records(run)] == [1] and RunDirectory(run).verified_epoch() == 1
+
+
+def _first_format(run):
+    """Make ``run`` look like a run of pfc_fast 0.1.0: no checksums.json, that version in config.json."""
+    os.remove(os.path.join(run, "checksums.json"))
+    with open(os.path.join(run, "config.json")) as handle:
+        config = json.load(handle)
+    config["environment"]["pfc_fast"] = "0.1.0"
+    with open(os.path.join(run, "config.json"), "w") as handle:
+        json.dump(config, handle)
+
+
+def test_a_first_format_run_stopped_inside_its_first_checksummed_save_resumes(tmp_path, monkeypatch, capsys,
+                                                                               straight):
+    run = str(tmp_path / "run")
+    epoch = train._epoch
+
+    def interrupted_in_epoch_3(state, number, is_main):
+        if number == 3:
+            raise KeyboardInterrupt
+        return epoch(state, number, is_main)
+    monkeypatch.setattr(train, "_epoch", interrupted_in_epoch_3)
+    assert train.main([*TINY, "--epochs", "4", "--augment", "crop", "--out", run]) == 130
+    monkeypatch.undo()
+    _first_format(run)
+    write = run_directory._atomic_write
+
+    def crash_before_the_checkpoint(path, *args, **kwargs):
+        if path.endswith("checkpoint.pt"):  # checksums.json written, the checkpoint not replaced
+            raise KeyboardInterrupt
+        write(path, *args, **kwargs)
+    monkeypatch.setattr(run_directory, "_atomic_write", crash_before_the_checkpoint)
+    assert train.main(["--out", run, "--resume"]) == 130
+    monkeypatch.undo()
+    assert "SIGINT: stopped; " + run + " holds epochs 1 to 2" in capsys.readouterr().err
+    assert RunDirectory(run).verified_epoch() == 2  # the checkpoint in place was recorded before the new one
+    assert train.main(["--out", run, "--resume"]) == 0
+    assert _records(run) == straight
+
+
+def test_a_signal_during_the_writes_reports_the_epoch_they_saved(tmp_path, monkeypatch, capsys):
+    run = str(tmp_path / "run")
+    save = RunDirectory.save_checkpoint
+
+    def terminated_while_saving(directory, state):
+        if state["epoch"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # deferred until the writes are done
+        save(directory, state)
+    monkeypatch.setattr(RunDirectory, "save_checkpoint", terminated_while_saving)
+    assert train.main([*TINY, "--epochs", "4", "--out", run]) == 143
+    assert f"SIGTERM: stopped; {run} holds epochs 1 to 2: continue with --out {run} --resume" in \
+        capsys.readouterr().err
+    assert RunDirectory(run).verified_epoch() == 2
+
+
+def test_a_signal_while_the_run_is_set_up_removes_what_it_made(tmp_path, monkeypatch, capsys):
+    run = str(tmp_path / "run")
+    load = train.load_dataset
+
+    def terminated_while_loading(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return load(*args, **kwargs)
+    monkeypatch.setattr(train, "load_dataset", terminated_while_loading)
+    assert train.main([*TINY, "--epochs", "1", "--out", run]) == 143
+    assert "SIGTERM: stopped; " + run + " holds no finished epoch: start it again with the same flags" in \
+        capsys.readouterr().err
+    assert not os.path.exists(run)
+
+
+def test_a_closed_standard_output_stops_the_run_cleanly(tmp_path):
+    run = tmp_path / "run"
+    process = _start([*TINY, "--epochs", "30", "--out", str(run)], tmp_path)
+    assert process.stdout.readline().startswith("pfc-fast train:")
+    process.stdout.close()  # as `| head -1` does
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.SIGPIPE, err[-2000:]
+    assert "the standard output was closed: stopped; " in err and "Traceback" not in err
+    assert RunDirectory(str(run)).verified_epoch() >= 1
+
+
+def _damage(run, what):
+    path = {"checkpoint": "checkpoint.pt", "checksums": "checksums.json", "metrics": "metrics.jsonl",
+            "config": "config.json"}[what.split()[0]]
+    path = os.path.join(run, path)
+    if what == "checkpoint removed":
+        os.remove(path)
+    elif what == "checkpoint truncated, first format":
+        _first_format(run)
+        os.truncate(path, 1000)
+    elif what == "checksums removed":
+        os.remove(path)
+    elif what == "checksums with a text epoch":
+        with open(path, "w") as handle:
+            json.dump({"checkpoint.pt": [{"epoch": "four", "sha256": "0" * 64}]}, handle)
+    elif what == "metrics with a text epoch":
+        lines = open(path).read().splitlines()
+        lines[-1] = lines[-1].replace('"epoch": 2', '"epoch": "2"')
+        open(path, "w").write("\n".join(lines) + "\n")
+    elif what == "metrics not UTF-8":
+        with open(path, "ab") as handle:
+            handle.write(b"\xff\xfe\n")
+    elif what == "config a directory":
+        os.remove(path)
+        os.mkdir(path)
+
+
+@pytest.mark.parametrize("what,message", [
+    ("checkpoint removed", "checkpoint.pt is missing, though checksums.json records it after epoch 2"),
+    ("checkpoint truncated, first format", "checkpoint.pt is not a checkpoint of pfc-fast train"),
+    ("checksums removed", "checksums.json is missing, though the run was made by pfc_fast 0."),
+    ("checksums with a text epoch", "checksums.json is not a pfc-fast checksum file"),
+    ("metrics with a text epoch", "metrics.jsonl, line 2: not an epoch record of pfc-fast train (its epoch must be an "
+                                  "integer, got '2')"),
+    ("metrics not UTF-8", "metrics.jsonl is not a text file of pfc-fast train"),
+    ("config a directory", "config.json: Is a directory"),
+])
+def test_damaged_run_directory_files_are_named(tmp_path, capsys, what, message):
+    run = str(tmp_path / "run")
+    assert train.main([*TINY, "--epochs", "2", "--out", run]) == 0
+    capsys.readouterr()
+    _damage(run, what)
+    err = _usage_error(capsys, ["--out", run, "--resume"])
+    assert "argument --resume: " in err and message in err and "Traceback" not in err
+    assert not os.path.exists(os.path.join(run, "train.lock"))
+    if what != "config a directory":
+        assert message in _usage_error(capsys, ["report", run], cli.main)
+
+
+def test_odd_run_directory_paths(tmp_path, capsys):
+    assert "argument --out: is empty" in _usage_error(capsys, [*TINY, "--out", ""])
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
+    err = _usage_error(capsys, [*TINY, "--out", str(tmp_path / "dangling")])
+    assert f"a symbolic link to '{tmp_path / 'nowhere'}', which does not exist" in err
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "train.lock").mkdir()
+    assert "d/train.lock)" in _usage_error(capsys, [*TINY, "--out", str(tmp_path / "d")])
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (tmp_path / "s").mkdir()
+    os.symlink(victim, tmp_path / "s" / "train.lock")
+    assert "s/train.lock)" in _usage_error(capsys, [*TINY, "--out", str(tmp_path / "s")])
+    assert victim.read_text() == "precious"
+    assert "argument --dist-timeout: must be a number of seconds from 1 to 604800" in \
+        _usage_error(capsys, [*TINY, "--dist-timeout", "1e15"])
+
+
+def test_a_line_past_the_checkpoint_is_dropped_on_resume(tmp_path):
+    run = str(tmp_path / "run")
+    assert train.main([*TINY, "--epochs", "2", "--out", run]) == 0
+    lines = open(os.path.join(run, "metrics.jsonl")).read().splitlines()
+    extra = json.loads(lines[-1])
+    extra["epoch"] = 3
+    with open(os.path.join(run, "metrics.jsonl"), "a") as handle:
+        handle.write(json.dumps(extra) + "\n")
+    assert train.main(["--out", run, "--resume"]) == 0  # nothing left to train
+    assert [r["epoch"] for r in _records(run)] == [1, 2]

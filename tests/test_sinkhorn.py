@@ -9,6 +9,7 @@ import torch
 
 import pfc_fast
 from pfc_fast import _ops, reference, transport
+from conftest import seed_for
 
 ot = pytest.importorskip("ot", reason="POT is not installed (the GPU machine needs benchmarks/wheels)")
 
@@ -273,3 +274,165 @@ def test_an_unconverged_result_warns_with_its_marginal_error():
         warnings.simplefilter("error", pfc_fast.ConvergenceWarning)
         pfc_fast.sinkhorn(x, y, eps=0.01, max_iter=5, tol=0.0)
         assert float(pfc_fast.sinkhorn(x, y, eps=1.0, max_iter=5000).marginal_error) < 1e-6
+
+
+def _grid_problem():
+    """Points on an integer grid, N + M = 8 (centring and squared distances are exact), some of
+    x and y coinciding (zero costs), weights of a few bits: the plan at a tiny eps is exactly
+    defined by f and g."""
+    x = torch.tensor([[0., 0.], [1., 0.], [2., 1.]], dtype=torch.float64)
+    y = torch.tensor([[0., 0.], [1., 0.], [1., 0.], [3., 1.], [2., 2.]], dtype=torch.float64)
+    a = torch.tensor([0.5, 0.25, 0.25], dtype=torch.float64)
+    b = torch.full((5,), 0.2, dtype=torch.float64)
+    return x, y, a, b
+
+
+@pytest.mark.parametrize("form", ["online", "dense", "cost", "batched", "cyclic cost"])
+@pytest.mark.parametrize("eps", [1e-20, 1e-17, 1e-12])
+def test_marginal_error_is_that_of_the_plan_at_tiny_eps(device, form, eps):
+    """Issue 14: at eps below ~1e-17 of the cost scale the f updates change at rounding level only
+    and marginal_error read 0 (converged: the cyclic cost) or another wrong number while the plan
+    was no coupling. It is ||P 1 - a||_1 of the plan that f and g define,
+    P = a b^T exp((f + g - C) / eps), computed here in float64."""
+    x, y, a, b = _grid_problem()
+    cost = ((x[:, None] - y[None]) ** 2).sum(-1)
+    kwargs = dict(eps=eps, max_iter=30, tol=0)
+    if form == "cyclic cost":  # no zero cost: every plan entry underflows
+        cost = torch.tensor([[1.0, 1.0, 2.0], [2.0, 1.0, 1.0], [1.0, 2.0, 1.0]], dtype=torch.float64)
+        a = b = torch.tensor([0.25, 0.25, 0.5], dtype=torch.float64)
+    if form in ("cost", "cyclic cost"):
+        result = pfc_fast.sinkhorn(cost=cost.to(device), a=a.to(device), b=b.to(device), **kwargs)
+    elif form == "batched":  # the second problem: x moved by a grid step
+        xs, ys = torch.stack([x, x + 1.0]).to(device), torch.stack([y, y]).to(device)
+        result = pfc_fast.sinkhorn(xs, ys, a.to(device), b.to(device), mode="online", **kwargs)
+    else:
+        result = pfc_fast.sinkhorn(x.to(device), y.to(device), a.to(device), b.to(device), mode=form, **kwargs)
+    f, g, error = result.f.cpu(), result.g.cpu(), result.marginal_error.cpu()
+    costs = torch.stack([cost, ((x[:, None] + 1.0 - y[None]) ** 2).sum(-1)]) if form == "batched" else cost
+    plan = a[:, None] * b[None, :] * torch.exp((f[..., :, None] + g[..., None, :] - costs) / eps)
+    expected = (plan.sum(-1) - a).abs().sum(-1)
+    assert bool((expected > 1e-5).all())  # no coupling (to the default tol)
+    torch.testing.assert_close(error, expected, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(result.plan().cpu(), plan, rtol=1e-12, atol=1e-300)
+    torch.testing.assert_close(result.cost.cpu(), (plan * costs).sum((-2, -1)), rtol=1e-12, atol=1e-300)
+
+
+@pytest.mark.parametrize("mode", ["online", "dense"])
+def test_marginal_error_at_tiny_eps_float32(mode):
+    """The float32 twin of the test above: marginal_error is that of result.plan(), not 0."""
+    x, y, a, b = (t.float() for t in _grid_problem())
+    with pytest.warns(pfc_fast.ConvergenceWarning):
+        result = pfc_fast.sinkhorn(x, y, a, b, eps=1e-20, max_iter=30, mode=mode)
+    from_plan = float((result.plan().double().sum(1) - a.double()).abs().sum())
+    assert from_plan > 0.1
+    assert float(result.marginal_error) == pytest.approx(from_plan, rel=1e-6)
+
+
+@pytest.mark.parametrize("weights", ["float16", "bfloat16", "float16 batched", "float16 and None"])
+def test_weights_in_half_precision(weights):
+    """Issue 14: uniform float16 weights (totals 0.99976 for N = 120 after rounding) failed the
+    equal-mass check; the check now allows the weights' dtype resolution, and b is rescaled to a's
+    total. The result is POT's on the same (upcast) weights with b rescaled so."""
+    x, y, _, _ = _clouds(120, 90, 3, seed=seed_for("half weights", weights))
+    dtype = torch.bfloat16 if weights == "bfloat16" else torch.float16
+    a = torch.full((120,), 1 / 120, dtype=dtype)
+    b = None if weights == "float16 and None" else torch.full((90,), 1 / 90, dtype=dtype)
+    if weights == "float16 batched":  # (B, N) weights, different per problem
+        x, y = torch.stack([x, 0.5 * x]), torch.stack([y, y + 1.0])
+        a = torch.stack([a, torch.linspace(1.0, 2.0, 120, dtype=torch.float64).div(180).to(dtype)])
+    result = pfc_fast.sinkhorn(x, y, a, b, eps=0.5, tol=1e-13, max_iter=100_000)
+    b64 = torch.full((90,), 1 / 90, dtype=torch.float64) if b is None else b.double()
+    problems = list(zip(x, y, a.double(), result.plan())) if x.dim() == 3 else [(x, y, a.double(), result.plan())]
+    for xk, yk, ak, ours in problems:
+        plan = ot.bregman.sinkhorn_log(ak.numpy(), (b64 * ak.sum() / b64.sum()).numpy(), ot.dist(xk, yk).numpy(),
+                                       0.5, numItermax=100_000, stopThr=1e-14)
+        assert _rel(ours, torch.from_numpy(plan)) < 1e-8
+    resolution = {torch.float16: "0.0039", torch.bfloat16: "0.031"}[dtype]
+    with pytest.raises(ValueError, match=rf"same total mass \(to {resolution} relative"):
+        pfc_fast.sinkhorn(x, y, torch.full((120,), 1.1 / 120, dtype=dtype), b, eps=0.5)
+
+
+def test_costs_beyond_the_compute_dtype():
+    """Issue 14: float32 points whose squared distances overflow float32 gave NaN; now a ValueError
+    names x and y and suggests float64 or rescaling, and float64 computes the same problem (cost
+    scaled by s^2 when the points are scaled by s and eps by s^2). Neighbours: points far from 0
+    (their float32 mean overflowed: NaN), float64 overflow, a float32 cost near its
+    largest number, an eps for which C / eps overflows (inf/NaN potentials), float64 weights that
+    overflow float32 (they were called "not finite")."""
+    x, y, a, b = _clouds(40, 30, 3, seed=seed_for("overflow"))
+    scale = 1e20
+    with pytest.raises(ValueError, match=r"x and y: .* too large for float32.*give float64 inputs, or rescale"):
+        pfc_fast.sinkhorn((x * scale).float(), (y * scale).float(), a, b, eps=scale ** 2)
+    unit = pfc_fast.sinkhorn(x, y, a, b, eps=0.5, tol=1e-12, max_iter=10_000)
+    scaled = pfc_fast.sinkhorn(x * scale, y * scale, a, b, eps=0.5 * scale ** 2, tol=1e-12, max_iter=10_000)
+    assert scaled.cost.item() == pytest.approx(unit.cost.item() * scale ** 2, rel=1e-9)
+    with pytest.raises(ValueError, match=r"x and y: .* too large for float64.*rescale"):
+        pfc_fast.sinkhorn(x * 1e160, y * 1e160, eps=1.0)
+    # float32 points all at 1e37 (distinct ones there would be 1e30 apart: too far): C = 0, P = a b^T
+    same = pfc_fast.sinkhorn(torch.full((40, 3), 1e37), torch.full((30, 3), 1e37), a.float(), b.float(), eps=0.5)
+    assert same.cost.item() == 0 and same.value.item() == pytest.approx(0, abs=1e-6)
+    torch.testing.assert_close(same.plan(), (a[:, None] * b[None, :]).float())
+    cost = (ot.dist(x, y) / ot.dist(x, y).max() * 2e38).float()  # finite float32, potentials beyond
+    with pytest.raises(ValueError, match=r"cost: its largest magnitude .* too large for float32"):
+        pfc_fast.sinkhorn(cost=cost, eps=1.0)
+    for dtype, eps in ((torch.float32, 1e-40), (torch.float32, 1e-36), (torch.float64, 1e-310), (torch.float32, 1e37)):
+        with pytest.raises(ValueError, match=r"eps = .* is out of range for float"):
+            pfc_fast.sinkhorn(x.to(dtype), y.to(dtype), eps=eps)
+    with pytest.raises(ValueError, match="a does not fit float32"):
+        pfc_fast.sinkhorn(x.float(), y.float(), a * 1e300, b * 1e300, eps=0.5)
+
+
+@pytest.mark.parametrize("offset", [1e3, -1e3])
+def test_eps_scaling_ignores_a_constant_added_to_the_cost(offset):
+    """Issue 14: eps-scaling on a given cost started at max(C) (more stages for a cost with an
+    offset; none at all when max(C) < 0), not at its range. OT does not change when a constant is
+    added to C: the same plan after the same iterations as without the offset; at convergence, POT's."""
+    gen = torch.Generator().manual_seed(seed_for("offset", offset))
+    cost = torch.rand(60, 80, generator=gen, dtype=torch.float64) * 3
+    _, _, a, b = _clouds(60, 80, 1, seed=seed_for("offset weights", offset))
+    eps = 3e-3
+    kwargs = dict(a=a, b=b, eps=eps, eps_scaling=0.5, tol=0, max_iter=40)
+    plain = pfc_fast.sinkhorn(cost=cost, **kwargs)
+    moved = pfc_fast.sinkhorn(cost=cost + offset, **kwargs)
+    torch.testing.assert_close(moved.plan(), plain.plan(), rtol=1e-8, atol=1e-12)
+    kwargs.update(tol=1e-9, max_iter=100_000)  # the offset's rounding (1e-13 / eps) limits the precision
+    converged = pfc_fast.sinkhorn(cost=cost + offset, **kwargs)
+    plan, _ = _pot(a, b, cost, eps)
+    assert _rel(converged.plan(), plan) < 1e-6
+
+
+def test_empty_batch_is_refused():
+    """Issue 14: B = 0 problems gave an obscure RuntimeError (max() of an empty tensor); now a
+    ValueError names x and y (and a given cost says it is empty)."""
+    with pytest.raises(ValueError, match=r"x \(0, 5, 3\) and y \(0, 6, 3\) hold B = 0 problems"):
+        pfc_fast.sinkhorn(torch.randn(0, 5, 3), torch.randn(0, 6, 3))
+    with pytest.raises(ValueError, match="B = 0"):
+        pfc_fast.wasserstein2(torch.randn(0, 5, 3), torch.randn(0, 6, 3))
+    with pytest.raises(ValueError, match=r"cost is empty \(shape \(0, 5, 6\)\)"):
+        pfc_fast.sinkhorn(cost=torch.rand(0, 5, 6))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision_points(dtype):
+    """float16 / bfloat16 points compute in float32, on the same (upcast) values: POT's plan to
+    1e-4; envelope gradients come back in the points' dtype."""
+    x, y, a, b = _clouds(50, 40, 3, seed=seed_for("half points", str(dtype)))
+    xh, yh = x.to(dtype), y.to(dtype)
+    result = pfc_fast.sinkhorn(xh, yh, a, b, eps=0.5, tol=1e-6, max_iter=10_000)
+    plan, cost = _pot(a, b, ot.dist(xh.double(), yh.double()), 0.5)
+    assert _rel(result.plan(), plan) < 1e-4
+    assert result.cost.item() == pytest.approx(cost, rel=1e-4)
+    xr = xh.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(pfc_fast.sinkhorn(xr, yh, a, b, eps=0.5).value, xr)
+    assert grad.dtype == dtype and bool(torch.isfinite(grad).all())
+
+
+def test_eps_scaling_as_a_numpy_number():
+    """eps_scaling = np.float32(0.5) was refused as "not a float in (0, 1)"; it is that number."""
+    import numpy as np
+
+    x, y, a, b = _clouds(30, 20, 2, seed=seed_for("np eps_scaling"))
+    expected = pfc_fast.sinkhorn(x, y, a, b, eps=0.1, eps_scaling=0.5)
+    assert pfc_fast.sinkhorn(x, y, a, b, eps=0.1, eps_scaling=np.float32(0.5)).value.item() == expected.value.item()
+    with pytest.raises(TypeError, match="eps_scaling must be a real number"):
+        pfc_fast.sinkhorn(x, y, eps=0.01, eps_scaling=True)

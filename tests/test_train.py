@@ -220,7 +220,7 @@ def test_constant_width_run_on_a_training_subset(tmp_path, capsys):
     (["--seed", "-1"], "argument --seed: must be an integer from 0 to 2**32 - 1"),
     (["--device", "meta"], "argument --device: 'meta': pfc-fast train runs on cpu or cuda, not meta"),
     (["--device", "mps"], "argument --device: 'mps': pfc-fast train runs on cpu or cuda, not mps"),
-    (["--dist-timeout", "0"], "argument --dist-timeout: must be a finite number > 0"),
+    (["--dist-timeout", "0"], "argument --dist-timeout: must be a number of seconds from 1 to 604800"),
     (["--device", "cuda:99"], "argument --device:"),
     (["--device", "tpu"], "argument --device: 'tpu' is not a device"),
     (["--model", "resnet18", "--depth", "4"], "argument --depth: applies to cwresnet only"),

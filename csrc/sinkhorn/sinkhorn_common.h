@@ -57,9 +57,13 @@ struct SoftminArgs {
   const T* shift;  // (B * N) or nullptr
 };
 
+// The plan's exponent is formed as (f_i + g_j - C_ij) / eps + log a_i + log b_j, the potentials'
+// sum against the cost first (as SinkhornResult.plan() does), so the sums stay those of the
+// plan where f / eps and C / eps are far beyond 1 / (machine epsilon).
 template <typename T>
 struct PlanArgs {
-  const T* row_terms;  // log a_i + f_i / eps, (B * N)
+  const T* f;      // (B * N)
+  const T* log_a;  // (B * N)
   T* mass;
   T* cost;
 };
@@ -108,14 +112,14 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_plan_sums_op(
   check_rows_tensor(shape, log_a, "log_a", g_in);
   [[maybe_unused]] const auto guard = Backend::guard(g_in);
   const at::Tensor g = g_in.contiguous(), log_b = log_b_in.contiguous();
-  const at::Tensor row_terms = (log_a + f / eps).contiguous();
+  const at::Tensor f_rows = f.contiguous(), log_a_rows = log_a.contiguous();
   at::Tensor mass = at::empty({shape.batch, shape.rows}, g.options());
   at::Tensor total = at::empty({shape.batch, shape.rows}, g.options());
   if (shape.rows == 0 || shape.batch == 0) return {mass, total};
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "sinkhorn_plan_sums", [&] {
     using Fold = typename Backend::template PlanFold<scalar_t>;
-    const PlanArgs<scalar_t> args{row_terms.data_ptr<scalar_t>(), mass.data_ptr<scalar_t>(),
-                                  total.data_ptr<scalar_t>()};
+    const PlanArgs<scalar_t> args{f_rows.data_ptr<scalar_t>(), log_a_rows.data_ptr<scalar_t>(),
+                                  mass.data_ptr<scalar_t>(), total.data_ptr<scalar_t>()};
     Backend::template sweep<scalar_t, Fold>(x, y, cost, g, log_b, static_cast<scalar_t>(eps), shape, args);
   });
   return {mass, total};

@@ -5,7 +5,8 @@
 //
 // and fold every row as they go, so nothing of size N x M is stored:
 //   sinkhorn_softmin:    out_i = -eps * log sum_j exp(v_ij)
-//   sinkhorn_plan_sums:  with P_ij = exp(v_ij + log a_i + f_i / eps) (h = g, log_w = log b),
+//   sinkhorn_plan_sums:  with P_ij = exp((f_i + g_j - C_ij) / eps + log a_i + log b_j) (h = g,
+//                        log_w = log b; the potentials' sum against the cost first, see PlanArgs),
 //                        mass_i = sum_j P_ij and cost_i = sum_j P_ij C_ij.
 // The kernels work in base 2 (values u = v log2 e, vec_pow2). The log-sum-exp takes one pass when
 // a shift (an estimate of out: the previous potential) is given: sum_j 2^(u_ij - m_i) with
@@ -74,10 +75,11 @@ inline bool accepted_sum(T sum) {
   return sum > kLowSum<T> && sum < kHighSum<T>;
 }
 
-// A Fold consumes the pairs of one row, a block at a time: add(terms, cost, n, scale) with the
-// base-2 values u_j = terms_j - cost_j * scale (terms = col * log2 e, scale = log2 e / eps), then
-// finish(args, row) writes the row's result and returns false when the row must be redone with a
-// Fold constructed with exact = true.
+// A Fold consumes the pairs of one row, a block at a time: add(terms, stride, cost, n, scale) with
+// its column terms (Fold::columns: kColumnArrays arrays of `stride` per problem, `terms` at the
+// block's first column of the first one) and scale = log2 e / eps, then finish(args, row) writes
+// the row's result and returns false when the row must be redone with a Fold constructed with
+// exact = true.
 
 // Row fold of sinkhorn_softmin. With a shift: one pass, sum of 2^(u - m) at the guessed m.
 // Exact: a running log-sum-exp (block maximum, rescaled sum); u is formed twice, for the block
@@ -85,6 +87,18 @@ inline bool accepted_sum(T sum) {
 template <typename T>
 struct SoftminFold {
   using Args = SoftminArgs<T>;
+  // One column array, (log_w_j + h_j / eps) log2 e (-inf in the padding, i.e. weight 0): the
+  // base-2 values are u_j = terms_j - cost_j * scale.
+  static constexpr int kColumnArrays = 1;
+  static std::vector<T> columns(const T* h, const T* log_w, int64_t batch, int64_t cols, int64_t stride, T eps) {
+    std::vector<T> terms(batch * stride, kNegInf<T>);
+    for (int64_t b = 0; b < batch; ++b) {
+      for (int64_t j = 0; j < cols; ++j) {
+        terms[b * stride + j] = (log_w[b * cols + j] + h[b * cols + j] / eps) * static_cast<T>(kLog2e);
+      }
+    }
+    return terms;
+  }
   bool guessed;
   T max;
   T sum = 0;
@@ -93,7 +107,7 @@ struct SoftminFold {
       : guessed(!exact && args.shift != nullptr),
         max(guessed ? -args.shift[row] * static_cast<T>(kLog2e) / args.eps : kNegInf<T>) {}
 
-  void add(const T* terms, const T* cost, int64_t n, T scale) {
+  void add(const T* terms, int64_t, const T* cost, int64_t n, T scale) {
     if (guessed) {
       const T m = max;
       T s = 0;
@@ -127,22 +141,39 @@ struct SoftminFold {
   }
 };
 
-// Row fold of sinkhorn_plan_sums: mass and cost of one row of the plan P_ij = 2^(u_j + row_term).
+// Row fold of sinkhorn_plan_sums: mass and cost of one row of the plan
+// P_ij = 2^(((f_i + g_j) - C_ij) scale + (log a_i + log b_j) log2 e).
 template <typename T>
 struct PlanFold {
   using Args = PlanArgs<T>;
-  T row_term;
+  // Two column arrays: g_j, then log b_j log2 e (-inf in the padding).
+  static constexpr int kColumnArrays = 2;
+  static std::vector<T> columns(const T* h, const T* log_w, int64_t batch, int64_t cols, int64_t stride, T) {
+    std::vector<T> terms(batch * 2 * stride, T(0));
+    for (int64_t b = 0; b < batch; ++b) {
+      std::fill(terms.begin() + (2 * b + 1) * stride, terms.begin() + (2 * b + 2) * stride, kNegInf<T>);
+      for (int64_t j = 0; j < cols; ++j) {
+        terms[2 * b * stride + j] = h[b * cols + j];
+        terms[(2 * b + 1) * stride + j] = log_w[b * cols + j] * static_cast<T>(kLog2e);
+      }
+    }
+    return terms;
+  }
+  T f;
+  T log_a;  // log a_i log2 e
   T mass = 0;
   T cost = 0;
 
-  PlanFold(const Args& args, int64_t row, bool) : row_term(args.row_terms[row] * static_cast<T>(kLog2e)) {}
+  PlanFold(const Args& args, int64_t row, bool)
+      : f(args.f[row]), log_a(args.log_a[row] * static_cast<T>(kLog2e)) {}
 
-  void add(const T* terms, const T* c, int64_t n, T scale) {
+  void add(const T* terms, int64_t stride, const T* c, int64_t n, T scale) {
+    const T* log_b = terms + stride;
     T m = 0, k = 0;
-    const T r = row_term;
+    const T fi = f, la = log_a;
 #pragma omp simd reduction(+ : m, k)
     for (int64_t j = 0; j < n; ++j) {
-      const T p = terms[j] == kNegInf<T> ? T(0) : vec_pow2<T>(terms[j] - c[j] * scale + r);
+      const T p = log_b[j] == kNegInf<T> ? T(0) : vec_pow2<T>(((fi + terms[j]) - c[j]) * scale + (la + log_b[j]));
       m += p;
       k += p * c[j];
     }
@@ -157,19 +188,6 @@ struct PlanFold {
   }
 };
 
-// (log_w_j + h_j / eps) log2 e for every problem of the batch, rows of `stride` (>= cols; the
-// padding stays -inf, i.e. weight 0).
-template <typename T>
-std::vector<T> column_terms(const T* h, const T* log_w, int64_t batch, int64_t cols, int64_t stride, T eps) {
-  std::vector<T> terms(batch * stride, kNegInf<T>);
-  for (int64_t b = 0; b < batch; ++b) {
-    for (int64_t j = 0; j < cols; ++j) {
-      terms[b * stride + j] = (log_w[b * cols + j] + h[b * cols + j] / eps) * static_cast<T>(kLog2e);
-    }
-  }
-  return terms;
-}
-
 // The factor of C_ij in the base-2 values u_ij.
 template <typename T>
 T cost_scale(T eps) {
@@ -182,10 +200,10 @@ void sweep_dense(const T* cost, const std::vector<T>& terms, int64_t batch, int6
   const T scale = cost_scale(eps);
   at::parallel_for(0, batch * rows, grain_for(cols), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const T* t = terms.data() + (r / rows) * cols;
+      const T* t = terms.data() + (r / rows) * Fold::kColumnArrays * cols;
       for (const bool exact : {false, true}) {
         Fold fold(args, r, exact);
-        fold.add(t, cost + r * cols, cols, scale);
+        fold.add(t, cols, cost + r * cols, cols, scale);
         if (fold.finish(args, r)) break;
       }
     }
@@ -245,7 +263,7 @@ void softmin_columns(const T* cost, const std::vector<T>& terms, int64_t batch, 
 }
 
 // Online mode. y comes transposed and padded, yt (B, D, cols_padded), so that a register tile of
-// kCols columns is one contiguous load per d; padded columns have col_j = -inf (weight 0). The
+// kCols columns is one contiguous load per d; padded columns have weight 0 (log_w = -inf). The
 // dot products of a span of kSpan columns are formed tile by tile, then turned into costs and
 // folded at once.
 template <typename T, typename Fold>
@@ -271,7 +289,7 @@ void sweep_online(const T* x, const T* yt, const T* sq_y, const std::vector<T>& 
       }
       const T* ytb = yt + b * dim * cols_padded;
       const T* sq_yb = sq_y + b * cols_padded;
-      const T* terms_b = terms.data() + b * cols_padded;
+      const T* terms_b = terms.data() + b * Fold::kColumnArrays * cols_padded;
       // The rows of this block, folded with the guessed shift first; redone exactly if a row asks.
       auto fold_block = [&](bool exact) {
         std::vector<Fold> folds;
@@ -298,7 +316,7 @@ void sweep_online(const T* x, const T* yt, const T* sq_y, const std::vector<T>& 
             const T* sq = sq_yb + s0;
 #pragma omp simd
             for (int j = 0; j < span; ++j) c[j] = std::max(sq_x[r] + sq[j] - T(2) * c[j], T(0));
-            folds[r].add(terms_b + s0, c, span, scale);
+            folds[r].add(terms_b + s0, cols_padded, c, span, scale);
           }
         }
         bool done = true;
@@ -325,7 +343,7 @@ struct CpuBackend {
                     const SoftminShape& shape, const typename Fold::Args& args) {
     if (cost.has_value()) {
       const at::Tensor c = cost->contiguous();
-      const auto terms = column_terms<T>(h.data_ptr<T>(), log_w.data_ptr<T>(), shape.batch, shape.cols, shape.cols, eps);
+      const auto terms = Fold::columns(h.data_ptr<T>(), log_w.data_ptr<T>(), shape.batch, shape.cols, shape.cols, eps);
       if (!shape.transpose) {
         sweep_dense<T, Fold>(c.data_ptr<T>(), terms, shape.batch, shape.rows, shape.cols, eps, args);
       } else if constexpr (std::is_same_v<Fold, SoftminFold<T>>) {
@@ -342,7 +360,7 @@ struct CpuBackend {
     yt.narrow(2, 0, shape.cols).copy_(y->transpose(1, 2));
     at::Tensor sq_y = at::zeros({shape.batch, padded}, h.options());
     sq_y.narrow(1, 0, shape.cols).copy_((*y * *y).sum(2));
-    const auto terms = column_terms<T>(h.data_ptr<T>(), log_w.data_ptr<T>(), shape.batch, shape.cols, padded, eps);
+    const auto terms = Fold::columns(h.data_ptr<T>(), log_w.data_ptr<T>(), shape.batch, shape.cols, padded, eps);
     sweep_online<T, Fold>(xc.data_ptr<T>(), yt.data_ptr<T>(), sq_y.data_ptr<T>(), terms, shape.batch, shape.rows,
                           padded, shape.dim, eps, args);
   }

@@ -1,7 +1,8 @@
 // CUDA kernels of the Sinkhorn ops (docs/spec.md section 4; schemas in schemas.h; the CPU twin, with
-// the formulas, is sinkhorn_cpu.cpp). Both ops sweep the pairs (i, j) once, forming
-// v_ij = log_w_j + (h_j - C_ij) / eps and folding each row: a running log-sum-exp
-// (sinkhorn_softmin) or the plan's row mass and cost (sinkhorn_plan_sums).
+// the formulas, is sinkhorn_cpu.cpp). Both ops sweep the pairs (i, j) once and fold each row: a
+// running log-sum-exp of v_ij = log_w_j + h_j / eps - C_ij / eps (sinkhorn_softmin), or the row
+// mass and cost of the plan exp((f_i + h_j - C_ij) / eps + log_a_i + log_w_j) (sinkhorn_plan_sums).
+// A Fold takes its column's terms from Fold::column(h_j, log_w_j, 1 / eps), formed once per column.
 //
 // Online mode, in the manner of FlashAttention: a block of 256 threads owns kTileRows = 64 rows of
 // x and sweeps the columns in tiles of kTileCols = 64 points of y. For each tile the x and y
@@ -47,12 +48,15 @@ __device__ __forceinline__ double exp_<double>(double v) {
 template <typename T>
 struct SoftminFold {
   using Args = SoftminArgs<T>;
+  using Column = T;  // log_w_j + h_j / eps
+  static __device__ Column column(T h, T log_w, T inv_eps) { return log_w + h * inv_eps; }
   T max;
   T sum;
 
   __device__ SoftminFold(const Args&, int64_t) : max(-INFINITY), sum(0) {}
 
-  __device__ void add(T v, T) {
+  __device__ void add(Column term, T c, T inv_eps) {
+    const T v = term - c * inv_eps;
     if (v == -INFINITY) return;  // zero weight
     if (v <= max) {
       sum += exp_(v - max);
@@ -84,19 +88,24 @@ struct SoftminFold {
   __device__ void finish(const Args& args, int64_t row) const { args.out[row] = -args.eps * (max + log(sum)); }
 };
 
-// Row mass and cost of the plan P_ij = exp(v_ij + log a_i + f_i / eps).
+// Row mass and cost of the plan P_ij = exp(((f_i + g_j) - C_ij) / eps + log a_i + log b_j).
 template <typename T>
 struct PlanFold {
   using Args = PlanArgs<T>;
-  T row_term;
+  struct Column {
+    T g, log_b;
+  };
+  static __device__ Column column(T h, T log_w, T) { return {h, log_w}; }
+  T f;
+  T log_a;
   T mass;
   T cost;
 
-  __device__ PlanFold(const Args& args, int64_t row) : row_term(args.row_terms[row]), mass(0), cost(0) {}
+  __device__ PlanFold(const Args& args, int64_t row) : f(args.f[row]), log_a(args.log_a[row]), mass(0), cost(0) {}
 
-  __device__ void add(T v, T c) {
-    if (v == -INFINITY) return;
-    const T p = exp_(v + row_term);
+  __device__ void add(Column col, T c, T inv_eps) {
+    if (col.log_b == -INFINITY) return;
+    const T p = exp_(((f + col.g) - c) * inv_eps + (log_a + col.log_b));
     mass += p;
     cost += p * c;
   }
@@ -166,12 +175,12 @@ __global__ void sweep_online_kernel(const T* __restrict__ x, const T* __restrict
     for (int c = 0; c < kMicro; ++c) {
       const int64_t j = col0 + tx * kMicro + c;
       if (j >= cols) continue;
-      const T term = log_w[j] + h[j] * inv_eps;
+      const auto term = Fold::column(h[j], log_w[j], inv_eps);
       const T sq = sq_y[j];
 #pragma unroll
       for (int r = 0; r < kMicro; ++r) {
         const T cost = fmax(my_sq_x[r] + sq - T(2) * acc[r][c], T(0));
-        folds[r].add(term - cost * inv_eps, cost);
+        folds[r].add(term, cost, inv_eps);
       }
     }
   }
@@ -196,7 +205,7 @@ __global__ void sweep_dense_kernel(const T* __restrict__ cost, const T* __restri
   const T* wb = log_w + b * cols;
   const T inv_eps = T(1) / eps;
   Fold fold(args, row);
-  for (int64_t j = lane; j < cols; j += 32) fold.add(wb[j] + (hb[j] - c[j]) * inv_eps, c[j]);
+  for (int64_t j = lane; j < cols; j += 32) fold.add(Fold::column(hb[j], wb[j], inv_eps), c[j], inv_eps);
   fold.reduce(32);
   if (lane == 0) fold.finish(args, row);
 }
@@ -213,7 +222,7 @@ __global__ void sweep_columns_kernel(const T* __restrict__ cost, const T* __rest
   const T* wb = log_w + b * sums;
   const T inv_eps = T(1) / eps;
   Fold fold(args, b * outs + j);
-  for (int64_t i = 0; i < sums; ++i) fold.add(wb[i] + (hb[i] - c[i * outs]) * inv_eps, c[i * outs]);
+  for (int64_t i = 0; i < sums; ++i) fold.add(Fold::column(hb[i], wb[i], inv_eps), c[i * outs], inv_eps);
   fold.finish(args, b * outs + j);
 }
 

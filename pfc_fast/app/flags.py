@@ -40,6 +40,14 @@ def seed(text: str) -> int:
     return value
 
 
+def seconds(text: str) -> float:
+    """``float(text)``, a duration from 1 second to a week."""
+    value = float(text)
+    if not 1 <= value <= 7 * 86400:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds from 1 to 604800 (a week), got {text}")
+    return value
+
+
 def positive_float(text: str) -> float:
     """``float(text)``, which must be finite and > 0."""
     value = float(text)

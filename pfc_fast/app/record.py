@@ -42,6 +42,8 @@ class EpochRecord:
         """The record of a parsed JSON line (``TypeError`` for missing or unknown fields)."""
         if not isinstance(fields, Mapping):
             raise TypeError(f"an epoch record is a JSON object, got {type(fields).__name__}")
+        if type(fields.get("epoch")) is not int:
+            raise TypeError(f"its epoch must be an integer, got {fields.get('epoch')!r}")
         return cls(**fields)
 
     def to_dict(self) -> dict[str, Any]:

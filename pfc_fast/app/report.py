@@ -186,12 +186,12 @@ def write_report(run_dir: str, out: str | None = None) -> str:
     if not os.path.isdir(run_dir):
         raise FileNotFoundError(f"run directory {run_dir!r} does not exist")
     run = RunDirectory(run_dir)
+    epoch = run.verified_epoch()  # before the records: a run in progress writes the records first
     records = run.records()
-    if not records:
-        raise ValueError(f"{run_dir} has no epochs yet (no {RunDirectory.METRICS} lines)")
-    epoch = run.verified_epoch()
     if epoch is not None:
         run.check_records(records, epoch, "Restore it from a backup; the report shows only what it holds")
+    if not records:
+        raise ValueError(f"{run_dir} has no epochs yet (no {RunDirectory.METRICS} lines)")
     out = out or run.report_dir
     os.makedirs(out, exist_ok=True)
     plots: list[tuple[str, Callable[[Sequence[EpochRecord], str], None]]] = [

@@ -44,11 +44,11 @@ from .. import __version__, geodesic
 from ..monitor import PFCMonitor, PFCResult
 from .config import AUGMENTATIONS, DATASETS, MODELS, POOLINGS, SCHEDULES, TrainConfig
 from .data import augment, balanced_indices, load_dataset, to_float
-from .flags import UsageError, non_negative_float, non_negative_int, positive_float, positive_int, seed
+from .flags import UsageError, non_negative_float, non_negative_int, positive_float, positive_int, seconds, seed
 from .models import build_model
 from .record import EpochRecord
 from .report import write_report
-from .run_directory import RunDirectory, RunDirectoryError
+from .run_directory import RunDirectory, RunDirectoryError, WriteError
 
 #: Seconds a process of a torchrun run waits for the others (``--dist-timeout``).
 DIST_TIMEOUT = 300.0
@@ -88,7 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--out", help="run directory (default runs/DATASET-MODEL-wWIDTH-sSEED, then with -2, -3, "
                         "... if that holds a run; with --resume, the last of them)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
-    parser.add_argument("--dist-timeout", type=positive_float, default=DIST_TIMEOUT, metavar="SECONDS",
+    parser.add_argument("--dist-timeout", type=seconds, default=DIST_TIMEOUT, metavar="SECONDS",
                         help=f"under torchrun: how long a process waits for the others in a collective before "
                              f"the run stops with an error (default {DIST_TIMEOUT:g})")
     parser.add_argument("--no-report", action="store_true", help="do not write the figures at the end")
@@ -250,6 +250,8 @@ def _claim(args: argparse.Namespace, ddp: Distributed) -> tuple[RunDirectory, Tr
     default directory that holds no run and no other process (the last that holds a run, with
     ``--resume``). Returns a note on a stale lock taken over, if any."""
     given = {key: getattr(args, key) for key in TrainConfig.option_names() if getattr(args, key) is not None}
+    if args.out is not None and not args.out.strip():
+        raise UsageError("--out", "is empty; give a directory, or leave --out out for the default one")
     flag = "--out" if args.out else "--resume"
     if args.resume:
         path = args.out
@@ -263,14 +265,17 @@ def _claim(args: argparse.Namespace, ddp: Distributed) -> tuple[RunDirectory, Tr
         out, note = _locked(path, flag)
         try:
             saved = out.config()
-        except ValueError as error:  # a config.json that is not one
+            for key, value in given.items():
+                if getattr(saved, key) != value and key != "data_dir":  # the data may have moved
+                    raise UsageError(f"--{key.replace('_', '-')}", f"the run in {out.path} has "
+                                     f"{getattr(saved, key)!r}, not {value!r}; a resumed run keeps its options (use "
+                                     "another --out for a new run)")
+        except ValueError as error:  # a config.json that is not one, or cannot be read
             out.unlock()
             raise UsageError("--resume", str(error)) from error
-        for key, value in given.items():
-            if getattr(saved, key) != value and key != "data_dir":  # the data may have moved
-                out.unlock()
-                raise UsageError(f"--{key.replace('_', '-')}", f"the run in {out.path} has {getattr(saved, key)!r}, "
-                                 f"not {value!r}; a resumed run keeps its options (use another --out for a new run)")
+        except BaseException:
+            out.unlock()
+            raise
         return out, dataclasses.replace(saved, **given), note
     config = TrainConfig.from_options(given)
     if config.depth is not None and config.model != "cwresnet":
@@ -540,10 +545,15 @@ def run(args: argparse.Namespace) -> int:
     (130 after Ctrl-C)."""
     ddp = Distributed()
     device = _resolve_device(args.device, ddp)
-    ddp.start(device, args.dist_timeout)
     try:
-        with _claimed(args, ddp) as (out, config):
-            return _train(args, config, out, device, ddp)
+        with _signals_handled(_raise_stopped):
+            ddp.start(device, args.dist_timeout)
+            with _claimed(args, ddp) as (out, config):
+                return _train(args, config, out, device, ddp)
+    except Stopped as stop:  # before the epochs began (the epochs report their own)
+        if ddp.rank == 0:
+            print(f"\n{signal.Signals(stop.signum).name}: stopped before training began", file=sys.stderr)
+        return 128 + stop.signum
     except RuntimeError as error:  # gloo's and NCCL's timeouts are RuntimeErrors (DistError among them)
         if not (ddp.active and "timed out" in str(error).lower()):
             raise
@@ -555,9 +565,10 @@ def run(args: argparse.Namespace) -> int:
         ddp.stop()
 
 
-def _resume_point(state: TrainingRun, out: RunDirectory) -> tuple[int, list[EpochRecord]]:
-    """The last saved epoch, its sha256 checked, and the records up to it; a damaged checkpoint or
-    a ``metrics.jsonl`` whose epochs do not match it is a :class:`UsageError` against ``--resume``."""
+def _resume_point(state: TrainingRun, out: RunDirectory, is_main: bool) -> tuple[int, list[EpochRecord]]:
+    """The last saved epoch, its sha256 checked, and the records up to it (rank 0 drops a line
+    written after the checkpoint from ``metrics.jsonl``: its epoch is redone); a damaged checkpoint
+    or a ``metrics.jsonl`` whose epochs do not match it is a :class:`UsageError` against ``--resume``."""
     try:
         start = state.load_checkpoint()
         records = out.records()
@@ -565,8 +576,10 @@ def _resume_point(state: TrainingRun, out: RunDirectory) -> tuple[int, list[Epoc
                                           "metrics of past epochs cannot be recomputed from the last checkpoint)")
     except ValueError as error:  # RunDirectoryError, or a line that is no epoch record
         raise UsageError("--resume", str(error)) from error
-    # a line written after the last checkpoint (a run stopped between the two writes) is redone
-    return start, [r for r in records if r.epoch <= start]
+    kept = [r for r in records if r.epoch <= start]
+    if is_main and len(kept) < len(records):  # a run stopped between the two writes of an epoch
+        out.write_records(kept)
+    return start, kept
 
 
 def _held(out: RunDirectory, saved: int) -> str:
@@ -580,54 +593,67 @@ def _train(args: argparse.Namespace, config: TrainConfig, out: RunDirectory, dev
     diverged, a measurement failed, or a write failed: the directory stays resumable), or 128 + the
     signal number after Ctrl-C or SIGTERM (the epoch being written is finished first)."""
     is_main = ddp.rank == 0
-    state = TrainingRun(config, out, device, ddp)
     saved = 0
-    with _signals_handled(_raise_stopped):
-        try:
-            if is_main and not args.resume:
-                out.create(config, _environment(device, ddp))
-            ddp.barrier()
-            saved, records = _resume_point(state, out) if args.resume else (0, [])
+    try:
+        state = TrainingRun(config, out, device, ddp)
+        if is_main and not args.resume:
+            out.create(config, _environment(device, ddp))
+        ddp.barrier()
+        saved, records = _resume_point(state, out, is_main) if args.resume else (0, [])
+        if is_main:
+            data = state.data
+            print(f"pfc-fast train: {config.dataset} ({len(data.train_labels)} train / {len(data.test_labels)} "
+                  f"test, {data.num_classes} classes), {config.model} width {config.width}, "
+                  f"{sum(p.numel() for p in state.network.parameters()):,} parameters, {device}"
+                  f"{f' x {ddp.world} processes' if ddp.active else ''}; PFC of "
+                  f"{len(state.monitor.layer_names)} layers on {len(state.probe)} probe samples; run directory "
+                  f"{out.path}" + (f", resuming after epoch {saved}" if saved else ""), flush=True)
+        for epoch in range(saved + 1, config.epochs + 1):
+            record = _epoch(state, epoch, is_main)
             if is_main:
-                data = state.data
-                print(f"pfc-fast train: {config.dataset} ({len(data.train_labels)} train / {len(data.test_labels)} "
-                      f"test, {data.num_classes} classes), {config.model} width {config.width}, "
-                      f"{sum(p.numel() for p in state.network.parameters()):,} parameters, {device}"
-                      f"{f' x {ddp.world} processes' if ddp.active else ''}; PFC of "
-                      f"{len(state.monitor.layer_names)} layers on {len(state.probe)} probe samples; run directory "
-                      f"{out.path}" + (f", resuming after epoch {saved}" if saved else ""), flush=True)
-            for epoch in range(saved + 1, config.epochs + 1):
-                record = _epoch(state, epoch, is_main)
-                if is_main:
-                    with _stop_signals_deferred():
-                        out.write_records([*records, record])
-                        state.save_checkpoint(epoch)
+                out.check_held()
+                with _stop_signals_deferred():
+                    out.write_records([*records, record])
+                    state.save_checkpoint(epoch)
                     records.append(record)
-                    first, last = record.layers[0], record.layers[-1]
-                    tqdm.write(f"epoch {epoch:3d}  train loss {record.train_loss:.4f} acc {record.train_acc:.4f}  "
-                               f"test loss {record.test_loss:.4f} acc {record.test_acc:.4f}  nc1 {first['nc1']:.3g} "
-                               f"({first['name']}) .. {last['nc1']:.3g} ({last['name']})  train "
-                               f"{record.train_seconds:.1f}s  PFC {record.measure_seconds:.2f}s", file=sys.stdout)
-                saved = epoch
-                ddp.barrier()
-            if is_main and not args.no_report:
-                print(f"report: {write_report(out.path)}")
-        except KeyboardInterrupt as stop:
-            signum = stop.signum if isinstance(stop, Stopped) else signal.SIGINT
-            if is_main:
-                print(f"\n{signal.Signals(signum).name}: stopped; {_held(out, saved)}: continue with --out "
-                      f"{out.path} --resume", file=sys.stderr)
-            return 128 + signum
-        except _EpochFailed as failure:
-            if is_main:
-                print(f"pfc-fast train: {failure}. {_held(out, saved)}.", file=sys.stderr)
-            return 1
-        except OSError as error:  # the run directory's writes (a full disk); the epoch's writes are atomic
-            if is_main:
-                print(f"pfc-fast train: cannot write {error.filename}: {error.strerror}. {_held(out, saved)}: make "
-                      f"room (or fix the cause), then continue with --out {out.path} --resume", file=sys.stderr)
-            return 1
+                    saved = epoch
+                first, last = record.layers[0], record.layers[-1]
+                tqdm.write(f"epoch {epoch:3d}  train loss {record.train_loss:.4f} acc {record.train_acc:.4f}  "
+                           f"test loss {record.test_loss:.4f} acc {record.test_acc:.4f}  nc1 {first['nc1']:.3g} "
+                           f"({first['name']}) .. {last['nc1']:.3g} ({last['name']})  train "
+                           f"{record.train_seconds:.1f}s  PFC {record.measure_seconds:.2f}s", file=sys.stdout)
+            saved = epoch
+            ddp.barrier()
+        if is_main and not args.no_report:
+            print(f"report: {write_report(out.path)}")
+    except KeyboardInterrupt as stop:
+        signum = stop.signum if isinstance(stop, Stopped) else signal.SIGINT
+        if is_main:
+            print(f"\n{signal.Signals(signum).name}: stopped; {_held(out, saved)}: {_continue(out)}", file=sys.stderr)
+        return 128 + signum
+    except BrokenPipeError:  # the standard output was closed (``| head``): stop as a signal would
+        sys.stdout = open(os.devnull, "w")  # nothing more to the closed pipe, not even at exit
+        if is_main:
+            print(f"pfc-fast train: the standard output was closed: stopped; {_held(out, saved)}: {_continue(out)}",
+                  file=sys.stderr)
+        return 128 + signal.SIGPIPE
+    except (_EpochFailed, RunDirectoryError) as failure:
+        if is_main:
+            print(f"pfc-fast train: {failure}. {_held(out, saved)}.", file=sys.stderr)
+        return 1
+    except WriteError as error:  # the run directory's writes (a full disk); each write is atomic
+        if is_main:
+            print(f"pfc-fast train: cannot write {error.filename}: {error.strerror}. {_held(out, saved)}: make "
+                  f"room (or fix the cause), then {_continue(out)}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _continue(out: RunDirectory) -> str:
+    """How to go on with the run in ``out``: resume it, or start it again where nothing was kept."""
+    if out.holds_run():
+        return f"continue with --out {out.path} --resume"
+    return "start it again with the same flags (nothing was kept)"
 
 
 class _EpochFailed(Exception):
