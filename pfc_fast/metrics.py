@@ -114,6 +114,15 @@ class NCMetrics:
     dim: int
     per_class: Optional[NCClassStatistics] = dataclasses.field(default=None, repr=False, compare=False)
 
+    #: The metrics :meth:`__repr__` shows (those that are not ``None``).
+    _REPR_FIELDS = ("nc1", "nc2_etf", "nc3", "nc3_etf", "nc4", "nc5")
+
+    def __repr__(self) -> str:
+        """One line: the PFC metrics that are set, to 4 significant digits, then K, D and N."""
+        shown = [f"{name}={value:.4g}" for name in self._REPR_FIELDS
+                 if (value := getattr(self, name)) is not None]
+        return f"NCMetrics({', '.join(shown)}, K={self.num_classes}, D={self.dim}, N={self.num_samples})"
+
     def to_dict(self) -> Dict[str, Any]:
         """The scalar metrics as a JSON-serialisable dict (``per_class`` has its own ``to_dict``)."""
         return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)
@@ -443,6 +452,16 @@ class NCAccumulator:
         self._second: Optional[_SecondPass] = None  # second-pass statistics
         # the float64 sum of the out-of-distribution features (unscaled), then their count
         self._ood: Optional[torch.Tensor] = None
+
+    def __repr__(self) -> str:
+        """One line: ``num_classes``, the state (pass 1, pass 2, computed), the samples seen (in
+        the second pass: of those of the first) and ``D`` (``None`` before the first batch)."""
+        first = 0 if self._counts is None else int(self._counts.sum())
+        samples = str(first)
+        if self._pass == 2 and self._tallies:  # the second pass's tally counts its samples
+            samples = f"{int(self._tallies[1].counts.sum())} of {first}"
+        state = "computed" if self._computed else f"pass={self._pass}"
+        return f"NCAccumulator(num_classes={self.num_classes}, {state}, samples={samples}, D={self._dim})"
 
     @property
     def current_pass(self) -> int:

@@ -16,9 +16,11 @@ the metrics of the whole probe set (the union of the ranks' shards).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional, Protocol, Sequence, Tuple,
+                    Union)
 
 import torch
 import torch.distributed as dist
@@ -27,6 +29,9 @@ from torch import nn
 from . import _inputs
 from ._inputs import TensorLike
 from .metrics import NCAccumulator, NCMetrics
+
+if TYPE_CHECKING:  # pandas is optional (PFCResult.to_frame) and ships no type information
+    import pandas  # type: ignore[import-untyped, import-not-found, unused-ignore]
 
 #: What :meth:`PFCMonitor.measure` takes as the classifier: an ``nn.Linear``, a weight, or ``(weight, bias)``.
 Classifier = Union[nn.Linear, torch.Tensor, Tuple[TensorLike, Optional[TensorLike]]]
@@ -39,21 +44,101 @@ _Batch = Tuple[List[torch.Tensor], torch.Tensor, torch.Tensor]
 DEFAULT_CACHE_BYTES = 1 << 30
 
 
+class ScalarWriter(Protocol):
+    """What :meth:`PFCResult.log` writes to: ``torch.utils.tensorboard.SummaryWriter``, or any
+    object with an ``add_scalar(tag, value, global_step)`` method."""
+
+    def add_scalar(self, tag: str, scalar_value: float, global_step: int, /) -> Any: ...
+
+
+def _abbreviated(names: Sequence[str], shown: int = 3, width: int = 20) -> str:
+    """``"a, b, ..., z"``: the first ``shown - 1`` names and the last one when there are more than
+    ``shown``, each cut to ``width`` characters (for one-line reprs)."""
+    kept = list(names) if len(names) <= shown else [*names[:shown - 1], "...", names[-1]]
+    return ", ".join(name if len(name) <= width else name[:width - 3] + "..." for name in kept)
+
+
 @dataclass(frozen=True)
 class PFCResult:
     """What :meth:`PFCMonitor.measure` returns.
 
     ``layers``: ``{layer name: NCMetrics}`` in forward order; ``accuracy``: the network's accuracy
     on the probe set; ``forward_passes``: 1 (features cached) or 2.
+
+    For logging from a training loop: :meth:`to_scalars` (a flat ``{tag: float}`` dict),
+    :meth:`log` (to a TensorBoard ``SummaryWriter``) and :meth:`to_frame` (a pandas DataFrame).
     """
 
     layers: Dict[str, NCMetrics]
     accuracy: float
     forward_passes: int
 
+    def __repr__(self) -> str:
+        """One line: the number of layers, their names abbreviated, the accuracy (4 digits)."""
+        return (f"PFCResult({len(self.layers)} layers: {_abbreviated(list(self.layers))}, "
+                f"accuracy={self.accuracy:.4g}, forward_passes={self.forward_passes})")
+
     def to_list(self) -> List[Dict[str, Any]]:
         """The layers as JSON-ready dicts in forward order: ``{"name": ..., **NCMetrics.to_dict()}``."""
         return [{"name": name, **metrics.to_dict()} for name, metrics in self.layers.items()]
+
+    def to_scalars(self, prefix: str = "pfc") -> Dict[str, float]:
+        """Every numeric metric of every layer as a flat ``{tag: float}`` dict, for loggers.
+
+        Keys are ``f"{prefix}/{layer}/{metric}"`` (layers in forward order, metrics in the field
+        order of :class:`NCMetrics`, the counts ``num_samples``, ``num_classes`` and ``dim``
+        included), then ``f"{prefix}/accuracy"`` (the network's probe accuracy); ``prefix=""``
+        drops the leading ``"{prefix}/"``. Metrics that are ``None`` at a layer (``nc3`` without a
+        classifier of that width, ``nc5`` without OOD features, ...) are left out, and so are the
+        fields that are not numbers: ``class_counts`` (a list) and ``per_class`` (per-class
+        tensors; read them from ``result.layers[name].per_class``). Degenerate values stay as
+        they are (``float("inf")``, see :class:`NCMetrics`).
+
+        This is the single source of :meth:`log` and :meth:`to_frame`.
+        """
+        head = f"{prefix}/" if prefix else ""
+        scalars: Dict[str, float] = {}
+        for layer, metrics in self.layers.items():
+            for field in dataclasses.fields(metrics):
+                value = getattr(metrics, field.name)
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    scalars[f"{head}{layer}/{field.name}"] = float(value)
+        scalars[f"{head}accuracy"] = float(self.accuracy)
+        return scalars
+
+    def log(self, writer: ScalarWriter, step: int, prefix: str = "pfc") -> None:
+        """Write :meth:`to_scalars` to ``writer`` at ``global_step=step``, one ``add_scalar`` per tag.
+
+        ``writer``: a ``torch.utils.tensorboard.SummaryWriter`` (``pip install tensorboard``), or
+        any object with ``add_scalar(tag, value, global_step)``. Flushing is the writer's business.
+        """
+        for tag, value in self.to_scalars(prefix).items():
+            writer.add_scalar(tag, value, step)
+
+    def to_frame(self) -> "pandas.DataFrame":
+        """The metrics as a pandas DataFrame, built from :meth:`to_scalars`: one row per layer
+        (index ``"layer"``, forward order), one float column per metric (in the field order of
+        :class:`NCMetrics`), ``NaN`` where a layer has no value (e.g. ``nc3`` away from the
+        classifier's width). The network's ``accuracy`` is not a layer's: it stays on the result.
+
+        Raises:
+            ImportError: pandas is not installed (it is optional: ``pip install pandas``).
+        """
+        try:
+            import pandas  # type: ignore[import-untyped, import-not-found, unused-ignore]
+        except ImportError as error:
+            raise ImportError("PFCResult.to_frame() needs pandas, an optional dependency of pfc_fast: "
+                              "pip install pandas") from error
+        rows: Dict[str, Dict[str, float]] = {layer: {} for layer in self.layers}
+        for tag, value in self.to_scalars(prefix="").items():
+            layer, slash, metric = tag.rpartition("/")  # metric names have no "/", layer names may
+            if slash:  # not "accuracy", the network's
+                rows[layer][metric] = value
+        order = {field.name: i for i, field in enumerate(dataclasses.fields(NCMetrics))}
+        columns = sorted({metric for row in rows.values() for metric in row}, key=order.__getitem__)
+        frame = pandas.DataFrame.from_dict(rows, orient="index", columns=columns, dtype=float)
+        frame.index.name = "layer"
+        return frame
 
 
 def default_layers(model: nn.Module) -> OrderedDict[str, str]:
@@ -185,6 +270,11 @@ class PFCMonitor:
         self.pooling = pooling
         self.global_mean = global_mean
         self.group = group
+
+    def __repr__(self) -> str:
+        """One line: the model's class, the layers (names abbreviated), ``num_classes``, ``pooling``."""
+        return (f"PFCMonitor({type(self.network).__name__}, {len(self.layers)} layers: "
+                f"{_abbreviated(self.layer_names)}, num_classes={self.num_classes}, pooling={self.pooling!r})")
 
     @property
     def layer_names(self) -> List[str]:

@@ -72,6 +72,15 @@ class SinkhornResult:
     eps: float
     _problem: Optional[_Problem] = field(repr=False, default=None)
 
+    def __repr__(self) -> str:
+        """One line: ``value`` and ``marginal_error`` (4 significant digits; batched: the first
+        two and the last), ``n_iter``, ``eps`` and the sizes ``B`` (batched), ``N`` and ``M``."""
+        sizes = f"N={self.f.shape[-1]}, M={self.g.shape[-1]}"
+        if self.f.dim() == 2:
+            sizes = f"B={self.f.shape[0]}, {sizes}"
+        return (f"SinkhornResult(value={_summary(self.value)}, n_iter={self.n_iter}, "
+                f"marginal_error={_summary(self.marginal_error)}, eps={self.eps:.4g}, {sizes})")
+
     def plan(self) -> torch.Tensor:
         """The transport plan ``P`` ``(N, M)`` (or ``(B, N, M)``); raises MemoryError if it cannot fit."""
         p = self._problem
@@ -87,6 +96,17 @@ class SinkhornResult:
         f, g = _batched(self.f, p), _batched(self.g, p)
         plan = torch.cat([chunk for _, chunk, _ in p.plan_chunks(f, g, self.eps)], dim=1)
         return plan if p.batched else plan[0]
+
+
+def _summary(tensor: torch.Tensor) -> str:
+    """A scalar tensor as ``"0.1234"``, a batch of them as ``"[a, b, c]"`` or ``"[a, b, ..., z]"``."""
+    flat = tensor.detach().flatten()
+    if tensor.dim() == 0:
+        return f"{float(flat[0]):.4g}"
+    shown = [f"{v:.4g}" for v in (flat if flat.numel() <= 3 else flat[[0, 1, -1]]).tolist()]
+    if flat.numel() > 3:
+        shown.insert(2, "...")
+    return f"[{', '.join(shown)}]"
 
 
 def _batched(tensor: torch.Tensor, problem: _Problem) -> torch.Tensor:

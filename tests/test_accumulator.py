@@ -145,3 +145,26 @@ def test_update_after_compute_and_reset():
     acc.update(other, other_labels)
     assert acc.compute().num_samples == 150 and first.num_samples == 200
     assert_metrics_close(acc.compute(), pfc_fast.reference.nc_metrics(other, other_labels), rtol=1e-9)
+
+
+def test_repr_follows_the_passes():
+    feats, labels = make_features(90, 7, 3, seed=seed_for("repr"), dtype=torch.float64)
+    acc = pfc_fast.NCAccumulator(3)
+    states = [repr(acc)]
+    acc.update(feats[:40], labels[:40])
+    states.append(repr(acc))
+    acc.update(feats[40:], labels[40:])
+    acc.next_pass()
+    acc.update(feats[:25], labels[:25])
+    states.append(repr(acc))
+    acc.update(feats[25:], labels[25:])
+    acc.compute()
+    states.append(repr(acc))
+    assert states == ["NCAccumulator(num_classes=3, pass=1, samples=0, D=None)",
+                      "NCAccumulator(num_classes=3, pass=1, samples=40, D=7)",
+                      "NCAccumulator(num_classes=3, pass=2, samples=25 of 90, D=7)",
+                      "NCAccumulator(num_classes=3, computed, samples=90 of 90, D=7)"]
+    acc.reset()
+    assert repr(acc) == states[0]
+    for text in states:
+        assert len(text) < 200 and "0x" not in text and "tensor(" not in text

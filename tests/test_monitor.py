@@ -301,3 +301,151 @@ def test_num_classes_beyond_memory_is_refused(monkeypatch):
 def test_a_model_on_the_meta_device_is_refused():
     with pytest.raises(ValueError, match="^model is on the meta device"):
         pfc_fast.PFCMonitor(_TwoLinear().to("meta"), layers=["a"], num_classes=3)
+
+
+# PFCResult in plain training loops: to_scalars, log (a writer, TensorBoard), to_frame; the reprs
+def _small_result():
+    """A measured ResNet (seeded), the classifier at its last blocks (D = 32): nc3 there only."""
+    torch.manual_seed(seed_for("scalars"))
+    images, labels = _data(48, 1, 8, 4, seed=seed_for("scalars", "data"))
+    model = small_image_resnet("resnet18", 4, in_channels=1, width=4).eval()
+    monitor = pfc_fast.PFCMonitor(model, num_classes=4, pooling="gap")
+    return monitor, monitor.measure([(images[:30], labels[:30]), (images[30:], labels[30:])], classifier=model.fc)
+
+
+class _RecordingWriter:
+    """Stands in for a SummaryWriter: records every add_scalar call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def add_scalar(self, tag, scalar_value, global_step):
+        self.calls.append((tag, scalar_value, global_step))
+
+
+def test_to_scalars_are_the_numeric_fields_of_every_layer():
+    _, result = _small_result()
+    scalars = result.to_scalars()
+    expected = {}
+    for layer, m in result.layers.items():
+        for name in ("nc1", "nc1_quotient", "cdnv", "nc2_equinorm", "nc2_equiangle", "nc2_etf", "gnc2_log",
+                     "gnc2_log_var", "gnc2_riesz_log", "nc3", "nc3_etf", "nc3_uniform", "nc4", "nc5",
+                     "ncc_accuracy", "within_trace", "between_trace", "num_samples", "num_classes", "dim"):
+            if getattr(m, name) is not None:
+                expected[f"pfc/{layer}/{name}"] = getattr(m, name)
+    expected["pfc/accuracy"] = result.accuracy
+    assert scalars == expected
+    assert list(scalars) == list(expected)  # layers in forward order, then the accuracy
+    assert all(type(value) is float for value in scalars.values())
+    assert "pfc/layer4.1/nc3" in scalars and "pfc/stem/nc3" not in scalars and "pfc/stem/nc5" not in scalars
+    assert not any(key.endswith(("class_counts", "per_class")) for key in scalars)
+    assert scalars["pfc/stem/nc1"] == result.layers["stem"].nc1
+    assert scalars["pfc/layer4.1/dim"] == 32.0 and scalars["pfc/stem/num_samples"] == 48.0
+    assert result.to_scalars("probe") == {"probe" + key[3:]: value for key, value in scalars.items()}
+    assert result.to_scalars("") == {key[4:]: value for key, value in scalars.items()}
+
+
+def test_to_scalars_keeps_degenerate_values_and_leaves_out_per_class():
+    import dataclasses
+    import math
+
+    _, result = _small_result()
+    stem = dataclasses.replace(result.layers["stem"], cdnv=math.inf,
+                               per_class=pfc_fast.metrics.NCClassStatistics([0, 1], torch.ones(2), torch.ones(2), torch.eye(2)))
+    degenerate = pfc_fast.PFCResult({"stem": stem}, accuracy=0.5, forward_passes=1)
+    scalars = degenerate.to_scalars()
+    assert scalars["pfc/stem/cdnv"] == math.inf and scalars["pfc/accuracy"] == 0.5
+    assert not any("per_class" in key or "mean_norms" in key for key in scalars)
+
+
+def test_log_writes_every_scalar_at_the_step():
+    _, result = _small_result()
+    writer = _RecordingWriter()
+    assert result.log(writer, step=7) is None
+    assert writer.calls == [(tag, value, 7) for tag, value in result.to_scalars().items()]
+    writer = _RecordingWriter()
+    result.log(writer, 3, prefix="probe")
+    assert writer.calls == [(tag, value, 3) for tag, value in result.to_scalars("probe").items()]
+
+
+def test_log_to_a_tensorboard_summary_writer(tmp_path):
+    import dataclasses
+    import math
+
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed (torch.utils.tensorboard needs it)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    _, result = _small_result()
+    later = pfc_fast.PFCResult({name: dataclasses.replace(m, cdnv=math.inf) for name, m in result.layers.items()},
+                               accuracy=1.0, forward_passes=1)
+    with SummaryWriter(log_dir=str(tmp_path)) as writer:
+        result.log(writer, 0)
+        later.log(writer, 1)
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert set(events.Tags()["scalars"]) == set(result.to_scalars())
+    for step, res in enumerate((result, later)):
+        for tag, value in res.to_scalars().items():
+            (event,) = [e for e in events.Scalars(tag) if e.step == step]
+            assert event.value == pytest.approx(value, rel=1e-6)  # stored as float32
+    assert events.Scalars("pfc/stem/cdnv")[1].value == math.inf
+
+
+def test_to_frame_is_to_scalars_by_layer():
+    import math
+
+    pandas = pytest.importorskip("pandas")
+    _, result = _small_result()
+    frame = result.to_frame()
+    assert isinstance(frame, pandas.DataFrame)
+    assert list(frame.index) == list(result.layers) and frame.index.name == "layer"
+    assert list(frame.columns)[:3] == ["nc1", "nc1_quotient", "cdnv"]
+    assert list(frame.columns).index("nc3") == list(frame.columns).index("nc3_etf") - 1  # field order
+    assert "nc5" not in frame.columns and "accuracy" not in frame.columns
+    assert all(dtype == float for dtype in frame.dtypes)
+    scalars = result.to_scalars()
+    for layer in frame.index:
+        for metric in frame.columns:
+            value = frame.loc[layer, metric]
+            tag = f"pfc/{layer}/{metric}"
+            assert value == scalars[tag] if tag in scalars else math.isnan(value)
+    assert frame.notna().sum().sum() == len(scalars) - 1  # every scalar but the accuracy
+
+
+def test_to_frame_without_pandas_names_the_install(monkeypatch):
+    import builtins
+
+    _, result = _small_result()
+    real_import = builtins.__import__
+
+    def no_pandas(name, *args, **kwargs):
+        if name == "pandas":
+            raise ModuleNotFoundError("No module named 'pandas'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_pandas)
+    with pytest.raises(ImportError, match=r"needs pandas.*pip install pandas"):
+        result.to_frame()
+
+
+def test_reprs_are_short_lines_with_the_key_numbers():
+    import dataclasses
+    import math
+
+    monitor, result = _small_result()
+    last = result.layers["layer4.1"]
+    for text in (repr(monitor), repr(result), repr(last)):
+        assert "\n" not in text and len(text) < 200 and "0x" not in text and "tensor(" not in text
+    assert repr(monitor) == ("PFCMonitor(ResNet, 9 layers: stem, layer1.0, ..., layer4.1, num_classes=4, "
+                             "pooling='gap')")
+    assert repr(result) == (f"PFCResult(9 layers: stem, layer1.0, ..., layer4.1, accuracy={result.accuracy:.4g}, "
+                            "forward_passes=1)")
+    assert repr(last) == (f"NCMetrics(nc1={last.nc1:.4g}, nc2_etf={last.nc2_etf:.4g}, nc3={last.nc3:.4g}, "
+                          f"nc3_etf={last.nc3_etf:.4g}, nc4={last.nc4:.4g}, K=4, D=32, N=48)")
+    assert str(result.layers["stem"]).startswith("NCMetrics(nc1=") and "nc3" not in repr(result.layers["stem"])
+    degenerate = dataclasses.replace(last, nc1=math.inf, nc2_etf=math.inf, nc3=math.inf, nc4=0.0)
+    assert repr(degenerate) == (f"NCMetrics(nc1=inf, nc2_etf=inf, nc3=inf, nc3_etf={last.nc3_etf:.4g}, nc4=0, "
+                                "K=4, D=32, N=48)")
+    long_names = pfc_fast.PFCResult({f"{'block' * 10}.{i}": last for i in range(50)}, math.inf, 2)
+    assert len(repr(long_names)) < 200 and "50 layers" in repr(long_names) and "accuracy=inf" in repr(long_names)

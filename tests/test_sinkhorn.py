@@ -436,3 +436,22 @@ def test_eps_scaling_as_a_numpy_number():
     assert pfc_fast.sinkhorn(x, y, a, b, eps=0.1, eps_scaling=np.float32(0.5)).value.item() == expected.value.item()
     with pytest.raises(TypeError, match="eps_scaling must be a real number"):
         pfc_fast.sinkhorn(x, y, eps=0.01, eps_scaling=True)
+
+
+def test_repr_is_one_short_line_with_the_numbers():
+    import dataclasses
+    import math
+
+    x, y, a, b = _clouds(20, 30, 3, seed=seed_for("repr"))
+    result = pfc_fast.sinkhorn(x, y, a, b, eps=0.5, tol=1e-9, max_iter=10_000)
+    text = repr(result)
+    assert text == (f"SinkhornResult(value={result.value.item():.4g}, n_iter={result.n_iter}, "
+                    f"marginal_error={result.marginal_error.item():.4g}, eps=0.5, N=20, M=30)")
+    batched = pfc_fast.sinkhorn(x.expand(5, 20, 3), y.expand(5, 30, 3), eps=0.5, tol=1e-9, max_iter=10_000)
+    values = [f"{v:.4g}" for v in batched.value.tolist()]
+    assert repr(batched).startswith(f"SinkhornResult(value=[{values[0]}, {values[1]}, ..., {values[4]}], ")
+    assert repr(batched).endswith(", eps=0.5, B=5, N=20, M=30)")
+    degenerate = dataclasses.replace(result, value=torch.tensor(math.inf), marginal_error=torch.tensor(math.inf))
+    assert "value=inf" in repr(degenerate) and "marginal_error=inf" in repr(degenerate)
+    for text in (text, repr(batched), repr(degenerate)):
+        assert "\n" not in text and len(text) < 200 and "0x" not in text and "tensor(" not in text
