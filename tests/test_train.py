@@ -379,3 +379,40 @@ def test_malformed_run_directory_files_are_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.main(["--out", str(run), "--resume"])
     assert "argument --resume: " in capsys.readouterr().err
+
+
+def _events(directory):
+    """``{tag: [(step, value), ...]}`` of the TensorBoard event files in ``directory``."""
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    events = accumulator.EventAccumulator(directory, size_guidance={accumulator.SCALARS: 0})
+    events.Reload()
+    return {tag: [(event.step, event.value) for event in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_tensorboard_events_equal_the_records_across_a_resume(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("tensorboard")
+    run = str(tmp_path / "run")
+    options = [*TINY, "--epochs", "3", "--no-report", "--tensorboard"]
+    monkeypatch.setattr(train, "augment", _interrupt_on_call(train.augment, 17))  # Ctrl-C in epoch 2
+    assert train.main([*options, "--out", run]) == 130
+    monkeypatch.undo()
+    assert train.main(["--out", run, "--resume", "--tensorboard"]) == 0
+    events = _events(os.path.join(run, "tensorboard"))
+    records = _records(run)
+    for layer in ("stem", "layer4.1"):
+        for metric in ("nc1", "nc2_etf", "nc4"):
+            expected = [(r["epoch"], next(l[metric] for l in r["layers"] if l["name"] == layer)) for r in records]
+            assert [step for step, _ in events[f"pfc/{layer}/{metric}"]] == [1, 2, 3]  # epoch 2 once
+            assert [v for _, v in events[f"pfc/{layer}/{metric}"]] == pytest.approx([v for _, v in expected],
+                                                                                   rel=1e-6)  # float32 events
+    assert [v for _, v in events["train/loss"]] == pytest.approx([r["train_loss"] for r in records], rel=1e-6)
+    assert [v for _, v in events["pfc/accuracy"]] == pytest.approx([r["probe_acc"] for r in records], rel=1e-6)
+    assert {"test/accuracy", "train/lr", "seconds/measure"} <= set(events)
+
+
+def test_tensorboard_missing_is_a_flag_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as where tensorboard is not installed
+    with pytest.raises(SystemExit):
+        train.main([*TINY, "--epochs", "1", "--out", str(tmp_path / "run"), "--tensorboard"])
+    assert "argument --tensorboard: needs tensorboard" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "run")

@@ -6,8 +6,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ..metrics import NCMetrics
+from ..monitor import PFCResult, ScalarWriter
+
 #: The geodesic scores (constant-width runs only), :func:`pfc_fast.geodesic.scores`.
 GEODESIC_FIELDS = ("lss", "ots", "w_path_ratio")
+#: The seconds spent on each part of the epoch.
+TIMING_FIELDS = ("train_seconds", "measure_seconds", "test_seconds", "geodesic_seconds")
 
 
 @dataclass(kw_only=True)
@@ -64,3 +69,23 @@ class EpochRecord:
     def has_geodesic(self) -> bool:
         """Whether the epoch measured the geodesic scores (constant-width runs)."""
         return self.lss is not None
+
+    def pfc_result(self) -> PFCResult:
+        """The PFC measurement of the epoch, as :meth:`pfc_fast.PFCMonitor.measure` returned it."""
+        layers = {layer["name"]: NCMetrics(**{k: v for k, v in layer.items() if k != "name"}) for layer in self.layers}
+        return PFCResult(layers=layers, accuracy=self.probe_acc, forward_passes=self.forward_passes)
+
+    def log(self, writer: ScalarWriter, step: int) -> None:
+        """Write the epoch to a TensorBoard ``writer`` at ``step``: the PFC metrics as
+        :meth:`pfc_fast.PFCResult.log` does (``pfc/LAYER/METRIC``, ``pfc/accuracy``: the probe
+        accuracy), then ``train/loss``, ``train/accuracy``, ``test/loss``, ``test/accuracy``,
+        ``train/lr``, the geodesic scores (``geodesic/lss``, ...) where measured and the timings
+        (``seconds/train``, ...)."""
+        self.pfc_result().log(writer, step)
+        scalars = {"train/loss": self.train_loss, "train/accuracy": self.train_acc, "test/loss": self.test_loss,
+                   "test/accuracy": self.test_acc, "train/lr": self.lr,
+                   **{f"geodesic/{field}": getattr(self, field) for field in GEODESIC_FIELDS
+                      if getattr(self, field) is not None},
+                   **{f"seconds/{field.removesuffix('_seconds')}": getattr(self, field) for field in TIMING_FIELDS}}
+        for tag, value in scalars.items():
+            writer.add_scalar(tag, value, step)

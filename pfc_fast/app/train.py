@@ -50,6 +50,8 @@ from .record import EpochRecord
 from .report import write_report
 from .run_directory import RunDirectory, RunDirectoryError, WriteError
 
+#: Where ``--tensorboard`` without a value writes, inside the run directory.
+TENSORBOARD_DIR = "tensorboard"
 #: Seconds a process of a torchrun run waits for the others (``--dist-timeout``).
 DIST_TIMEOUT = 300.0
 #: The signals that stop a run cleanly (the epoch's writes finish first): Ctrl-C and ``kill``.
@@ -92,6 +94,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help=f"under torchrun: how long a process waits for the others in a collective before "
                              f"the run stops with an error (default {DIST_TIMEOUT:g})")
     parser.add_argument("--no-report", action="store_true", help="do not write the figures at the end")
+    parser.add_argument("--tensorboard", nargs="?", const=TENSORBOARD_DIR, metavar="DIR",
+                        help=f"also write TensorBoard event files: every epoch's metrics (pfc/LAYER/METRIC, train/*, "
+                             f"test/*) to DIR (default OUT/{TENSORBOARD_DIR}, beside metrics.jsonl); needs tensorboard "
+                             "(pip install 'pfc_fast[tensorboard]')")
     return parser
 
 
@@ -545,6 +551,8 @@ def run(args: argparse.Namespace) -> int:
     (130 after Ctrl-C)."""
     ddp = Distributed()
     device = _resolve_device(args.device, ddp)
+    if args.tensorboard is not None:
+        _summary_writer()  # before anything is written
     try:
         with _signals_handled(_raise_stopped):
             ddp.start(device, args.dist_timeout)
@@ -594,59 +602,93 @@ def _train(args: argparse.Namespace, config: TrainConfig, out: RunDirectory, dev
     signal number after Ctrl-C or SIGTERM (the epoch being written is finished first)."""
     is_main = ddp.rank == 0
     saved = 0
-    try:
-        state = TrainingRun(config, out, device, ddp)
-        if is_main and not args.resume:
-            out.create(config, _environment(device, ddp))
-        ddp.barrier()
-        saved, records = _resume_point(state, out, is_main) if args.resume else (0, [])
-        if is_main:
-            data = state.data
-            print(f"pfc-fast train: {config.dataset} ({len(data.train_labels)} train / {len(data.test_labels)} "
-                  f"test, {data.num_classes} classes), {config.model} width {config.width}, "
-                  f"{sum(p.numel() for p in state.network.parameters()):,} parameters, {device}"
-                  f"{f' x {ddp.world} processes' if ddp.active else ''}; PFC of "
-                  f"{len(state.monitor.layer_names)} layers on {len(state.probe)} probe samples; run directory "
-                  f"{out.path}" + (f", resuming after epoch {saved}" if saved else ""), flush=True)
-        for epoch in range(saved + 1, config.epochs + 1):
-            record = _epoch(state, epoch, is_main)
-            if is_main:
-                out.check_held()
-                with _stop_signals_deferred():
-                    out.write_records([*records, record])
-                    state.save_checkpoint(epoch)
-                    records.append(record)
-                    saved = epoch
-                first, last = record.layers[0], record.layers[-1]
-                tqdm.write(f"epoch {epoch:3d}  train loss {record.train_loss:.4f} acc {record.train_acc:.4f}  "
-                           f"test loss {record.test_loss:.4f} acc {record.test_acc:.4f}  nc1 {first['nc1']:.3g} "
-                           f"({first['name']}) .. {last['nc1']:.3g} ({last['name']})  train "
-                           f"{record.train_seconds:.1f}s  PFC {record.measure_seconds:.2f}s", file=sys.stdout)
-            saved = epoch
+    board: Any = None  # the SummaryWriter of --tensorboard
+    with contextlib.ExitStack() as stack:  # closes the TensorBoard writer
+        try:
+            state = TrainingRun(config, out, device, ddp)
+            if is_main and not args.resume:
+                out.create(config, _environment(device, ddp))
             ddp.barrier()
-        if is_main and not args.no_report:
-            print(f"report: {write_report(out.path)}")
-    except KeyboardInterrupt as stop:
-        signum = stop.signum if isinstance(stop, Stopped) else signal.SIGINT
-        if is_main:
-            print(f"\n{signal.Signals(signum).name}: stopped; {_held(out, saved)}: {_continue(out)}", file=sys.stderr)
-        return 128 + signum
-    except BrokenPipeError:  # the standard output was closed (``| head``): stop as a signal would
-        sys.stdout = open(os.devnull, "w")  # nothing more to the closed pipe, not even at exit
-        if is_main:
-            print(f"pfc-fast train: the standard output was closed: stopped; {_held(out, saved)}: {_continue(out)}",
-                  file=sys.stderr)
-        return 128 + signal.SIGPIPE
-    except (_EpochFailed, RunDirectoryError) as failure:
-        if is_main:
-            print(f"pfc-fast train: {failure}. {_held(out, saved)}.", file=sys.stderr)
-        return 1
-    except WriteError as error:  # the run directory's writes (a full disk); each write is atomic
-        if is_main:
-            print(f"pfc-fast train: cannot write {error.filename}: {error.strerror}. {_held(out, saved)}: make "
-                  f"room (or fix the cause), then {_continue(out)}", file=sys.stderr)
-        return 1
+            saved, records = _resume_point(state, out, is_main) if args.resume else (0, [])
+            if is_main and args.tensorboard is not None:
+                board = stack.enter_context(_tensorboard(args.tensorboard, out, saved))
+            if is_main:
+                data = state.data
+                print(f"pfc-fast train: {config.dataset} ({len(data.train_labels)} train / {len(data.test_labels)} "
+                      f"test, {data.num_classes} classes), {config.model} width {config.width}, "
+                      f"{sum(p.numel() for p in state.network.parameters()):,} parameters, {device}"
+                      f"{f' x {ddp.world} processes' if ddp.active else ''}; PFC of "
+                      f"{len(state.monitor.layer_names)} layers on {len(state.probe)} probe samples; run directory "
+                      f"{out.path}" + (f", resuming after epoch {saved}" if saved else ""), flush=True)
+            for epoch in range(saved + 1, config.epochs + 1):
+                record = _epoch(state, epoch, is_main)
+                if is_main:
+                    out.check_held()
+                    with _stop_signals_deferred():
+                        out.write_records([*records, record])
+                        state.save_checkpoint(epoch)
+                        records.append(record)
+                        saved = epoch
+                    if board is not None:
+                        record.log(board, epoch)
+                        board.flush()  # on disk with the epoch's files: a killed run loses no event
+                    first, last = record.layers[0], record.layers[-1]
+                    tqdm.write(f"epoch {epoch:3d}  train loss {record.train_loss:.4f} acc {record.train_acc:.4f}  "
+                               f"test loss {record.test_loss:.4f} acc {record.test_acc:.4f}  nc1 {first['nc1']:.3g} "
+                               f"({first['name']}) .. {last['nc1']:.3g} ({last['name']})  train "
+                               f"{record.train_seconds:.1f}s  PFC {record.measure_seconds:.2f}s", file=sys.stdout)
+                saved = epoch
+                ddp.barrier()
+            if is_main and not args.no_report:
+                print(f"report: {write_report(out.path)}")
+        except KeyboardInterrupt as stop:
+            signum = stop.signum if isinstance(stop, Stopped) else signal.SIGINT
+            if is_main:
+                print(f"\n{signal.Signals(signum).name}: stopped; {_held(out, saved)}: {_continue(out)}",
+                      file=sys.stderr)
+            return 128 + signum
+        except BrokenPipeError:  # the standard output was closed (``| head``): stop as a signal would
+            sys.stdout = open(os.devnull, "w")  # nothing more to the closed pipe, not even at exit
+            if is_main:
+                print(f"pfc-fast train: the standard output was closed: stopped; {_held(out, saved)}: {_continue(out)}",
+                      file=sys.stderr)
+            return 128 + signal.SIGPIPE
+        except (_EpochFailed, RunDirectoryError) as failure:
+            if is_main:
+                print(f"pfc-fast train: {failure}. {_held(out, saved)}.", file=sys.stderr)
+            return 1
+        except WriteError as error:  # the run directory's writes (a full disk); each write is atomic
+            if is_main:
+                print(f"pfc-fast train: cannot write {error.filename}: {error.strerror}. {_held(out, saved)}: make "
+                      f"room (or fix the cause), then {_continue(out)}", file=sys.stderr)
+            return 1
     return 0
+
+
+def _summary_writer() -> Any:
+    """TensorBoard's ``SummaryWriter`` class; a :class:`UsageError` against ``--tensorboard`` where
+    tensorboard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as error:
+        raise UsageError("--tensorboard", f"needs tensorboard ({error}): pip install "
+                                          "'pfc_fast[tensorboard]'") from error
+    return SummaryWriter
+
+
+@contextlib.contextmanager
+def _tensorboard(path: str, out: RunDirectory, saved: int) -> Iterator[Any]:
+    """A TensorBoard writer on ``path`` (``TENSORBOARD_DIR``: inside ``out``) for the epochs after
+    ``saved``: the events a stopped run wrote past its checkpoint are purged (their epochs are redone)."""
+    directory = os.path.join(out.path, path) if path == TENSORBOARD_DIR else path
+    try:
+        writer = _summary_writer()(log_dir=directory, purge_step=saved + 1)
+    except OSError as error:
+        raise UsageError("--tensorboard", f"cannot write to {directory!r}: {error.strerror}") from error
+    try:
+        yield writer
+    finally:
+        writer.close()
 
 
 def _continue(out: RunDirectory) -> str:
