@@ -117,3 +117,18 @@ def resnet_by_hand(model, x):
             h = block(h)
             feats.append(h)
     return feats, model.fc(torch.flatten(model.avgpool(h), 1))
+
+
+def interrupt_on_call(function, n, signum=None):
+    """``function`` that raises KeyboardInterrupt (Ctrl-C) on its n-th call, or with ``signum``
+    sends that signal to this process (a plain function, so it also binds as a method)."""
+    calls = []
+
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            if signum is None:
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signum)
+        return function(*args, **kwargs)
+    return wrapper

@@ -17,6 +17,8 @@ import pytest
 from pfc_fast.app import cli, run_directory, train
 from pfc_fast.app.run_directory import RunDirectory
 
+from conftest import interrupt_on_call
+
 TINY = ["--dataset", "digits", "--width", "4", "--probe-per-class", "10", "--no-report"]
 TIMING = ("train_seconds", "measure_seconds", "test_seconds", "geodesic_seconds")
 DEFAULT_DIR = "runs/digits-resnet18-w4-s0"
@@ -340,13 +342,7 @@ def _first_format(run):
 def test_a_first_format_run_stopped_inside_its_first_checksummed_save_resumes(tmp_path, monkeypatch, capsys,
                                                                                straight):
     run = str(tmp_path / "run")
-    epoch = train._epoch
-
-    def interrupted_in_epoch_3(state, number, is_main):
-        if number == 3:
-            raise KeyboardInterrupt
-        return epoch(state, number, is_main)
-    monkeypatch.setattr(train, "_epoch", interrupted_in_epoch_3)
+    monkeypatch.setattr(train, "_epoch", interrupt_on_call(train._epoch, 3))  # Ctrl-C in epoch 3
     assert train.main([*TINY, "--epochs", "4", "--augment", "crop", "--out", run]) == 130
     monkeypatch.undo()
     _first_format(run)
@@ -367,13 +363,9 @@ def test_a_first_format_run_stopped_inside_its_first_checksummed_save_resumes(tm
 
 def test_a_signal_during_the_writes_reports_the_epoch_they_saved(tmp_path, monkeypatch, capsys):
     run = str(tmp_path / "run")
-    save = RunDirectory.save_checkpoint
-
-    def terminated_while_saving(directory, state):
-        if state["epoch"] == 2:
-            os.kill(os.getpid(), signal.SIGTERM)  # deferred until the writes are done
-        save(directory, state)
-    monkeypatch.setattr(RunDirectory, "save_checkpoint", terminated_while_saving)
+    # SIGTERM in epoch 2's save, deferred until the writes are done
+    monkeypatch.setattr(RunDirectory, "save_checkpoint", interrupt_on_call(RunDirectory.save_checkpoint, 2,
+                                                                           signal.SIGTERM))
     assert train.main([*TINY, "--epochs", "4", "--out", run]) == 143
     assert f"SIGTERM: stopped; {run} holds epochs 1 to 2: continue with --out {run} --resume" in \
         capsys.readouterr().err
@@ -382,12 +374,7 @@ def test_a_signal_during_the_writes_reports_the_epoch_they_saved(tmp_path, monke
 
 def test_a_signal_while_the_run_is_set_up_removes_what_it_made(tmp_path, monkeypatch, capsys):
     run = str(tmp_path / "run")
-    load = train.load_dataset
-
-    def terminated_while_loading(*args, **kwargs):
-        os.kill(os.getpid(), signal.SIGTERM)
-        return load(*args, **kwargs)
-    monkeypatch.setattr(train, "load_dataset", terminated_while_loading)
+    monkeypatch.setattr(train, "load_dataset", interrupt_on_call(train.load_dataset, 1, signal.SIGTERM))
     assert train.main([*TINY, "--epochs", "1", "--out", run]) == 143
     assert "SIGTERM: stopped; " + run + " holds no finished epoch: start it again with the same flags" in \
         capsys.readouterr().err

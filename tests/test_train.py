@@ -20,7 +20,7 @@ from pfc_fast.app.data import balanced_indices, load_dataset, to_float
 from pfc_fast.app.models import build_model
 from pfc_fast.app.report import monotonicity
 
-from conftest import assert_metrics_close, resnet_by_hand
+from conftest import assert_metrics_close, interrupt_on_call, resnet_by_hand
 
 TINY = ["--dataset", "digits", "--width", "4", "--probe-per-class", "10"]
 TIMING = ("train_seconds", "measure_seconds", "test_seconds", "geodesic_seconds")
@@ -108,21 +108,6 @@ def test_monotonicity_verdicts():
     assert math.isnan(flat["spearman"]) and flat["verdict"] == "constant across layers"
 
 
-def _interrupt_on_call(function, n, signum=None):
-    """``function`` that raises KeyboardInterrupt (Ctrl-C) on its n-th call, or with ``signum``
-    sends that signal to this process (a plain function, so it also binds as a method)."""
-    calls = []
-
-    def wrapper(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == n:
-            if signum is None:
-                raise KeyboardInterrupt
-            os.kill(os.getpid(), signum)
-        return function(*args, **kwargs)
-    return wrapper
-
-
 @pytest.mark.parametrize("where", ["mid-epoch", "SIGTERM mid-epoch", "crash-between-writes"])
 def test_interrupt_and_resume_equal_an_uninterrupted_run(tmp_path, monkeypatch, capsys, where):
     options = [*TINY, "--epochs", "3", "--augment", "crop", "--no-report"]
@@ -132,10 +117,10 @@ def test_interrupt_and_resume_equal_an_uninterrupted_run(tmp_path, monkeypatch, 
     resumed = str(tmp_path / "resumed")
     if where.endswith("mid-epoch"):  # digits: 12 batches an epoch; stop at batch 5 of epoch 2
         signum = signal.SIGTERM if where.startswith("SIGTERM") else None
-        monkeypatch.setattr(train, "augment", _interrupt_on_call(train.augment, 17, signum))
+        monkeypatch.setattr(train, "augment", interrupt_on_call(train.augment, 17, signum))
     else:  # epoch 2's metrics line written, its checkpoint not (Ctrl-C is deferred there; a crash is not)
         monkeypatch.setattr(train.TrainingRun, "save_checkpoint",
-                            _interrupt_on_call(train.TrainingRun.save_checkpoint, 2))
+                            interrupt_on_call(train.TrainingRun.save_checkpoint, 2))
     assert train.main([*options, "--out", resumed]) == (143 if where.startswith("SIGTERM") else 130)
     name = "SIGTERM" if where.startswith("SIGTERM") else "SIGINT"
     assert f"{name}: stopped; {resumed} holds epoch 1: continue with --out {resumed} --resume" in \
@@ -294,7 +279,7 @@ def test_a_run_directory_of_the_first_format_resumes(tmp_path, monkeypatch, caps
     straight, old = str(tmp_path / "straight"), str(tmp_path / "old")
     assert train.main([*options, "--out", straight]) == 0
     monkeypatch.setattr(train.TrainingRun, "save_checkpoint",
-                        _interrupt_on_call(train.TrainingRun.save_checkpoint, 2))
+                        interrupt_on_call(train.TrainingRun.save_checkpoint, 2))
     assert train.main([*options, "--out", old]) == 130
     monkeypatch.undo()
     with open(os.path.join(old, "config.json")) as handle:
@@ -393,7 +378,7 @@ def test_tensorboard_events_equal_the_records_across_a_resume(tmp_path, monkeypa
     pytest.importorskip("tensorboard")
     run = str(tmp_path / "run")
     options = [*TINY, "--epochs", "3", "--no-report", "--tensorboard"]
-    monkeypatch.setattr(train, "augment", _interrupt_on_call(train.augment, 17))  # Ctrl-C in epoch 2
+    monkeypatch.setattr(train, "augment", interrupt_on_call(train.augment, 17))  # Ctrl-C in epoch 2
     assert train.main([*options, "--out", run]) == 130
     monkeypatch.undo()
     assert train.main(["--out", run, "--resume", "--tensorboard"]) == 0
