@@ -4,7 +4,8 @@ a ResNet, computed by fused C++/CUDA kernels, and the optimal-transport tools of
 Front door: :func:`nc_metrics`. Batched data: :class:`NCAccumulator`. Optimal transport:
 :func:`sinkhorn`, :func:`sinkhorn_divergence`, :func:`wasserstein2`; geodesic checks:
 :mod:`pfc_fast.geodesic`. Every layer of a network:
-:class:`PFCMonitor`; training with it: ``pfc-fast train`` (:mod:`pfc_fast.app`). Definitions:
+:class:`PFCMonitor`; in a Lightning ``Trainer``: :class:`pfc_fast.lightning.PFCCallback` (optional,
+``pip install lightning``); training with it: ``pfc-fast train`` (:mod:`pfc_fast.app`). Definitions:
 README.md ("Metrics") and ``docs/spec.md``; float64 pure-PyTorch formulas:
 :mod:`pfc_fast.reference`. Multilayer unconstrained feature model: :mod:`pfc_fast.mufm`. The CUDA
 kernels run on the CPU by the SIMT layer, for testing without a GPU: :class:`use_simt`.

@@ -2,8 +2,9 @@
 
 The one home of the library's input checks (metrics, monitor, transport, geodesic, mufm).
 Accepts torch tensors (CPU or CUDA) and numpy arrays; the NC metrics' tensors (features, labels,
-classifier) must hold data (not on the meta device). Non-finite features are detected after the
-first pass, from the class sums (free: no extra read of the features).
+classifier) must hold data (not on the meta device). Non-finite features are detected after each
+pass, from its float64 statistics (free: no extra read of the features), and class indices given in
+batches are checked at the end too (:class:`ClassIndices`), so that feeding a batch needs no host sync.
 """
 from __future__ import annotations
 
@@ -150,17 +151,59 @@ def _same_device(tensor: torch.Tensor, feats: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} is on {tensor.device} but feats is on {feats.device}; put them on the same device")
 
 
+class ClassIndices:
+    """Class indices (``labels``, ``predictions``) that arrive in batches, checked to lie in
+    ``[0, num_classes)`` once, by :meth:`check`, with no host sync per batch: :meth:`add` records
+    their range on the device (a running least and largest value, 0-d int64 tensors) and returns
+    them clamped into range, so that no kernel indexes out of bounds before the check; traceable
+    by ``torch.compile(fullgraph=True)``."""
+
+    def __init__(self, num_classes: int, name: str = "labels") -> None:
+        self.num_classes = num_classes
+        self.name = name
+        self._bounds: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # least, largest (None: none added)
+
+    def add(self, value: object, num_samples: int, feats: torch.Tensor) -> torch.Tensor:
+        """Integer class indices ``(N,)`` (``N = num_samples``) on the features' device as int64,
+        clamped to ``[0, num_classes)``; their range is recorded for :meth:`check`."""
+        indices = _integer_labels(with_data(as_tensor(value, self.name), self.name), self.name)
+        if indices.dim() != 1 or indices.shape[0] != num_samples:
+            raise ValueError(f"{self.name} must have shape ({num_samples},) to match feats, got {tuple(indices.shape)}")
+        _same_device(indices, feats, self.name)
+        indices = indices.long()
+        low, high = torch.aminmax(indices)
+        if self._bounds is not None:
+            low, high = torch.minimum(self._bounds[0], low), torch.maximum(self._bounds[1], high)
+        self._bounds = low, high
+        return indices.clamp(0, self.num_classes - 1)
+
+    def bounds(self, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The least and the largest index added (0-d int64 tensors, updated in place by a
+        reduction over ranks: MIN, MAX); with none added, the int64 maximum and minimum (which
+        pass :meth:`check`), made on ``device``."""
+        if self._bounds is None:
+            info = torch.iinfo(torch.int64)
+            self._bounds = (torch.tensor(info.max, device=device), torch.tensor(info.min, device=device))
+        return self._bounds
+
+    def check(self) -> None:
+        """Raises ``ValueError`` where an index added lies outside ``[0, num_classes)`` (one host read)."""
+        if self._bounds is None:
+            return
+        low, high = (int(v) for v in torch.stack(self._bounds).tolist())
+        if low < 0 or high >= self.num_classes:
+            raise ValueError(f"{self.name} must lie in [0, {self.num_classes}) (num_classes = {self.num_classes}); "
+                             f"found values in [{low}, {high}]")
+
+
 def class_indices(value: object, num_samples: int, num_classes: int, feats: torch.Tensor,
                   name: str = "labels") -> torch.Tensor:
-    """Integer class indices ``(N,)`` in ``[0, num_classes)`` as int64 on the features' device."""
-    labels = _integer_labels(with_data(as_tensor(value, name), name), name)
-    if labels.dim() != 1 or labels.shape[0] != num_samples:
-        raise ValueError(f"{name} must have shape ({num_samples},) to match feats, got {tuple(labels.shape)}")
-    _same_device(labels, feats, name)
-    low, high = (int(v) for v in torch.stack(torch.aminmax(labels)).tolist())
-    if low < 0 or high >= num_classes:
-        raise ValueError(f"{name} must lie in [0, {num_classes}) (num_classes = {num_classes}); found values in [{low}, {high}]")
-    return labels.long()
+    """Integer class indices ``(N,)`` in ``[0, num_classes)`` as int64 on the features' device,
+    checked at once (:class:`ClassIndices` checks batches at the end)."""
+    indices = ClassIndices(num_classes, name)
+    checked = indices.add(value, num_samples, feats)
+    indices.check()
+    return checked
 
 
 def infer_num_classes(num_classes: object, labels: object) -> int:

@@ -5,7 +5,8 @@ Schemas are written once in ``csrc/schemas.h``; CPU and CUDA kernels in ``csrc/<
 namespace ``pfc_fast_simt`` with the CUDA kernels run on CPU tensors by the SIMT layer
 (``csrc/simt``); :func:`use_simt` routes the library's calls on CPU tensors there. The fake
 kernels below give output shapes without data, so the ops trace under ``torch.compile`` and pass
-``torch.library.opcheck``.
+``torch.library.opcheck``; ``residual_stats`` is called through a Python custom op that takes its
+``score_error`` as a tensor, so that a compiled graph does not depend on its value.
 """
 from __future__ import annotations
 
@@ -71,8 +72,9 @@ def _register_fake(name: str) -> Callable[[_Fake], _Fake]:
 
 @_register_fake("class_sums")
 def _class_sums_fake(feats: torch.Tensor, labels: torch.Tensor, num_classes: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    sums = feats.new_empty((num_classes, feats.shape[1]), dtype=torch.float64)
-    return sums, labels.new_empty((num_classes,), dtype=torch.int64)
+    labellings = tuple(labels.shape[:-1])  # () for labels (N,), (L,) for L labellings (L, N)
+    sums = feats.new_empty((*labellings, num_classes, feats.shape[1]), dtype=torch.float64)
+    return sums, labels.new_empty((*labellings, num_classes), dtype=torch.int64)
 
 
 @_register_fake("residual_stats")
@@ -138,23 +140,56 @@ class use_simt:
         _simt_active = self._previous
 
 
+def _on_simt(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor``'s kernels are the SIMT layer's: a CPU tensor under use_simt."""
+    return _simt_active and tensor.device.type == "cpu"
+
+
 def ops_for(tensor: torch.Tensor) -> torch._ops._OpNamespace:
     """The ops that run ``tensor``'s kernels: ``pfc_fast``, or ``pfc_fast_simt`` for a CPU tensor under use_simt."""
-    if _simt_active and tensor.device.type == "cpu":
-        return torch.ops.pfc_fast_simt
-    return torch.ops.pfc_fast
+    return torch.ops.pfc_fast_simt if _on_simt(tensor) else torch.ops.pfc_fast
 
 
 def class_sums(feats: torch.Tensor, labels: torch.Tensor, num_classes: int) -> Tuple[torch.Tensor, torch.Tensor]:
     return ops_for(feats).class_sums(feats, labels, num_classes)
 
 
+@torch.library.custom_op("pfc_fast::residual_stats_of_error_tensor", mutates_args=())
+def _residual_stats_of_error_tensor(feats: torch.Tensor, labels: torch.Tensor, means: torch.Tensor,
+                                    proj: torch.Tensor, mean_coords: torch.Tensor, ncc_bias: torch.Tensor,
+                                    score_error: torch.Tensor, logit_offset: Optional[torch.Tensor],
+                                    predictions: Optional[torch.Tensor],
+                                    simt: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``residual_stats`` of the namespace ``pfc_fast`` (``pfc_fast_simt`` with ``simt``) with its
+    ``score_error`` given as a 0-d CPU tensor, read here, at run time: what :func:`residual_stats`
+    calls under ``torch.compile``, whose graph then takes it as an input, where a float would be a
+    constant, guarded, and recompiled for at every new value (one per set of class means)."""
+    namespace = torch.ops.pfc_fast_simt if simt else torch.ops.pfc_fast
+    return namespace.residual_stats(feats, labels, means, proj, mean_coords, ncc_bias, float(score_error),
+                                    logit_offset, predictions)
+
+
+@_residual_stats_of_error_tensor.register_fake
+def _residual_stats_of_error_tensor_fake(feats: torch.Tensor, labels: torch.Tensor, means: torch.Tensor,
+                                         proj: torch.Tensor, mean_coords: torch.Tensor, ncc_bias: torch.Tensor,
+                                         score_error: torch.Tensor, logit_offset: Optional[torch.Tensor],
+                                         predictions: Optional[torch.Tensor],
+                                         simt: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _residual_stats_fake(feats, labels, means, proj, mean_coords, ncc_bias, 0.0, logit_offset, predictions)
+
+
 def residual_stats(feats: torch.Tensor, labels: torch.Tensor, means: torch.Tensor, proj: torch.Tensor,
-                   mean_coords: torch.Tensor, ncc_bias: torch.Tensor, score_error: float,
+                   mean_coords: torch.Tensor, ncc_bias: torch.Tensor, score_error: torch.Tensor,
                    logit_offset: Optional[torch.Tensor],
                    predictions: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return ops_for(feats).residual_stats(feats, labels, means, proj, mean_coords, ncc_bias, score_error, logit_offset,
-                                         predictions)
+    """``residual_stats`` (csrc/schemas.h) with ``score_error`` a 0-d float64 CPU tensor: read on the
+    host in eager mode (no device sync: it is on the CPU), a graph input under ``torch.compile``
+    (:func:`_residual_stats_of_error_tensor`; the same kernel, without a Python op's overhead in eager mode)."""
+    if torch.compiler.is_compiling():
+        return _residual_stats_of_error_tensor(feats, labels, means, proj, mean_coords, ncc_bias, score_error,
+                                               logit_offset, predictions, _on_simt(feats))
+    return ops_for(feats).residual_stats(feats, labels, means, proj, mean_coords, ncc_bias, float(score_error),
+                                         logit_offset, predictions)
 
 
 def sinkhorn_softmin(x: Optional[torch.Tensor], y: Optional[torch.Tensor], cost: Optional[torch.Tensor],

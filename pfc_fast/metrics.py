@@ -129,12 +129,26 @@ class NCMetrics:
                 if field.name != "per_class"}
 
 
-def _power_of_two_scale(magnitude: float) -> float:
-    """1 for features whose largest magnitude is in ``_SAFE_MAGNITUDE`` (or 0), else ``2^-e`` where
-    ``magnitude = m 2^e`` with ``0.5 <= m < 1``: the exact rescaling to a magnitude just below 1."""
-    if magnitude == 0.0 or _SAFE_MAGNITUDE[0] <= magnitude <= _SAFE_MAGNITUDE[1]:
-        return 1.0
-    return math.ldexp(1.0, min(-math.frexp(magnitude)[1], 1000))  # subnormal input: up to 2^1000 (~2^-74 after)
+def _power_of_two(exponent: torch.Tensor) -> torch.Tensor:
+    """``2^exponent`` exactly, as float64, for integer exponents (0-d) in ``[-1038, 1007]``:
+    ``2^(exponent + 16)``, of the normal range, made from its exponent bits, times ``2^-16``."""
+    return torch.bitwise_left_shift(exponent.to(torch.int64) + (1023 + 16), 52).view(torch.float64) * 2.0 ** -16
+
+
+def _power_of_two_scale(magnitude: torch.Tensor) -> torch.Tensor:
+    """1 for features whose largest magnitude (0-d float64) is in ``_SAFE_MAGNITUDE`` (or 0), else
+    ``2^-e`` where ``magnitude = m 2^e`` with ``0.5 <= m < 1``: the exact rescaling to a magnitude
+    just below 1 (0-d float64; on the device, no host sync)."""
+    exponent = torch.frexp(magnitude).exponent  # 0 for 0
+    safe = (magnitude >= _SAFE_MAGNITUDE[0]) & (magnitude <= _SAFE_MAGNITUDE[1])
+    # subnormal input: up to 2^1000 (~2^-74 after)
+    return _power_of_two(torch.where(safe, 0, -exponent).clamp_max(1000))
+
+
+def _is_one(value: torch.Tensor) -> bool:
+    """Whether a multiplication by ``value`` (0-d) can be skipped: in eager mode where it is 1 (one
+    host read); never under ``torch.compile``, which reads no host values (multiplying by 1 is exact)."""
+    return not torch.compiler.is_compiling() and bool(value == 1.0)
 
 
 def _etf(k: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -332,6 +346,18 @@ def _metrics_from_statistics(gram_means: torch.Tensor, unit_gram: torch.Tensor, 
     )
 
 
+def _splitmix64(seed: int, count: int) -> List[int]:
+    """``count`` pseudo-random 64-bit integers of ``seed`` (Steele, Lea & Flood's SplitMix64), in
+    pure Python: the same numbers everywhere, and constants under ``torch.compile``."""
+    mask, state, draws = (1 << 64) - 1, seed, []
+    for _ in range(count):
+        state = (state + 0x9E3779B97F4A7C15) & mask
+        z = ((state ^ (state >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        draws.append(z ^ (z >> 31))
+    return draws
+
+
 class _PassTally:
     """What identifies the samples of one pass: per-class counts and a per-class fingerprint, the
     sums of ``h_i[columns] . weights`` (float64) over ``WINDOWS`` windows of ``WIDTH`` consecutive
@@ -350,11 +376,15 @@ class _PassTally:
     WINDOWS, WIDTH = 4, 4
 
     def __init__(self, num_classes: int, dim: int, device: torch.device) -> None:
-        generator = torch.Generator().manual_seed(0x5EED + dim)
+        # drawn in Python from a seed of D alone (no torch.Generator), so that the first batch's
+        # update() traces under torch.compile; the weights are uniform in [-1, 1)
+        draws = _splitmix64(0x5EED + dim, self.WINDOWS * (1 + self.WIDTH))
         width = min(self.WIDTH, dim)
-        starts = torch.randint(0, dim - width + 1, (self.WINDOWS,), generator=generator)
-        self.columns = torch.unique(starts[:, None] + torch.arange(width)).to(device)
-        self.weights = torch.randn(self.columns.numel(), generator=generator, dtype=torch.float64).to(device)
+        starts = [draw % (dim - width + 1) for draw in draws[:self.WINDOWS]]
+        columns = sorted({start + offset for start in starts for offset in range(width)})
+        self.columns = torch.tensor(columns, dtype=torch.int64, device=device)
+        self.weights = torch.tensor([(draw >> 11) * 2.0 ** -52 - 1.0 for draw in draws[self.WINDOWS:][:len(columns)]],
+                                    dtype=torch.float64, device=device)
         self.counts = torch.zeros(num_classes, dtype=torch.int64, device=device)
         self.fingerprint = torch.zeros(2, num_classes, dtype=torch.float64, device=device)
         self.eps = 0.0  # the precision of the coarsest feature dtype seen
@@ -362,7 +392,7 @@ class _PassTally:
     def update(self, feats: torch.Tensor, labels: torch.Tensor) -> None:
         values = feats[:, self.columns].double() @ self.weights
         self.eps = max(self.eps, torch.finfo(feats.dtype).eps)
-        self.counts += torch.bincount(labels, minlength=self.counts.shape[0])
+        self.counts.index_add_(0, labels, torch.ones_like(labels))  # bincount's shape would depend on the labels
         self.fingerprint[0].index_add_(0, labels, values)
         self.fingerprint[1].index_add_(0, labels, values.abs())
 
@@ -412,11 +442,28 @@ class NCAccumulator:
     ``pinv_rtol``: the pseudo-inverse cut-off of ``nc1`` (see :func:`nc_metrics`). A ``num_classes``
     whose statistics (``8 K (3 D + 4 K)`` bytes at least) exceed the memory free on the features'
     device is refused: by the constructor where its ``32 K^2`` bytes fit no device, else by the
-    first ``update``.
+    first ``update`` (in eager mode only: under ``torch.compile`` the constructor's check stands).
+
+    ``update()`` reads no value of the data on the host (no device sync), so it compiles whole,
+    first batch included: ``step = torch.compile(acc.update, fullgraph=True)`` serves both passes
+    (``next_pass()``, ``compute()`` and ``update_ood()`` stay eager). It checks shapes, dtypes and
+    devices at once (under ``fullgraph=True`` such an error found while tracing comes as
+    ``torch._dynamo.exc.Unsupported`` quoting the ``ValueError``); the checks that need values run
+    at the end of each pass, with the same messages: labels outside ``[0, num_classes)`` (their
+    range over the pass) and NaN or Inf features (from the float64 class sums) of the first pass
+    by ``next_pass()``, those of the second pass and ``predictions`` out of range by ``compute()``.
+    Until then out-of-range indices are clamped, so that no kernel reads out of bounds. float64
+    features are rescaled by a power of two on the device, exactly, as in eager mode. Compiled,
+    the first and the second batch of each pass compile a graph each (the state is made by the
+    first), and so does a new batch size once (then traced with a dynamic size); new accumulators
+    of other data reuse the graphs (float64 features rescaled by a power of two other than 1 add
+    the second pass's two). Accumulators of another ``D``, dtype, device or options need graphs
+    of their own, and ``torch._dynamo.config.recompile_limit`` (8) bounds those of ``update``
+    (one function, whichever accumulator): raise it to compile several kinds.
 
     Under ``torch.distributed`` call ``all_reduce(group)`` at the end of each pass: it sums the
-    statistics of the current pass over the ranks, so every rank gets the global means and the
-    global result.
+    statistics of the current pass over the ranks (and takes the range of their class indices), so
+    every rank gets the global means and the global result, or the same error.
     """
 
     def __init__(self, num_classes: int, classifier: Optional[TensorLike] = None, bias: Optional[TensorLike] = None,
@@ -446,9 +493,14 @@ class NCAccumulator:
         self._dim: Optional[int] = None
         self._sums: Optional[torch.Tensor] = None
         self._counts: Optional[torch.Tensor] = None
-        self._magnitude = 0.0  # the largest |h| of float64 features so far
-        self._scale = 1.0  # every statistic is of the features times this power of two
+        # the largest |h| of the float64 features so far, and the power of two that every statistic
+        # of the first pass is of the features times (0-d tensors; None: no float64 batch yet, scale 1)
+        self._magnitude: Optional[torch.Tensor] = None
+        self._scale: Optional[torch.Tensor] = None
         self._tallies: List[_PassTally] = []  # one per pass, made at the first batch
+        # the labels of each pass and the predictions, checked by next_pass() and compute()
+        self._labels = (_inputs.ClassIndices(self.num_classes), _inputs.ClassIndices(self.num_classes))
+        self._predictions = _inputs.ClassIndices(self.num_classes, "predictions")
         self._second: Optional[_SecondPass] = None  # second-pass statistics
         # the float64 sum of the out-of-distribution features (unscaled), then their count
         self._ood: Optional[torch.Tensor] = None
@@ -472,14 +524,15 @@ class NCAccumulator:
         feats = _inputs.features(feats, self.pooling, name=self._name)
         if self._device is None:
             _inputs.check_classifier_device(self._weight, feats)
-            _inputs.class_statistics_fit(self.num_classes, [feats.shape[1]], feats.device,
-                                         f"{self._name} (D = {feats.shape[1]})")
+            if not torch.compiler.is_compiling():  # it asks the device for its free memory
+                _inputs.class_statistics_fit(self.num_classes, [feats.shape[1]], feats.device,
+                                             f"{self._name} (D = {feats.shape[1]})")
             self._device, self._dim = feats.device, feats.shape[1]
         elif feats.device != self._device:
             raise ValueError(f"{self._name} is on {feats.device} but earlier batches were on {self._device}")
         elif feats.shape[1] != self._dim:
             raise ValueError(f"{self._name} has D = {feats.shape[1]} but earlier batches had D = {self._dim}")
-        labels = _inputs.class_indices(labels, feats.shape[0], self.num_classes, feats)
+        labels = self._labels[self._pass - 1].add(labels, feats.shape[0], feats)
         return feats, labels
 
     def _tally(self, feats: torch.Tensor, labels: torch.Tensor) -> None:
@@ -491,7 +544,10 @@ class NCAccumulator:
         self._tallies[self._pass - 1].update(feats, labels)
 
     def update(self, feats: TensorLike, labels: TensorLike, predictions: Optional[TensorLike] = None) -> None:
-        """Add a batch: ``feats (B, D)`` or ``(B, C, h, w)``, ``labels (B,)``; ``predictions (B,)`` in pass 2."""
+        """Add a batch: ``feats (B, D)`` or ``(B, C, h, w)``, ``labels (B,)``; ``predictions (B,)`` in pass 2.
+
+        No host sync: compiles with ``torch.compile(fullgraph=True)``; the labels, the predictions
+        and the finiteness of the features are checked by ``next_pass()`` and ``compute()``."""
         if self._computed:
             raise RuntimeError("update() after compute(); call reset() to measure other data")
         if self._reduced:
@@ -502,9 +558,8 @@ class NCAccumulator:
                 raise ValueError("predictions are used in the second pass only (after next_pass())")
             self._tally(feats, labels)
             if feats.dtype == torch.float64:
-                self._rescale(max(self._magnitude, float(feats.abs().amax())))
+                self._rescale(feats.abs().amax())
             sums, counts = _ops.class_sums(self._scaled(feats), labels, self.num_classes)
-            _inputs.finite(sums, self._name)
             if self._sums is None or self._counts is None:
                 self._sums, self._counts = sums, counts
             else:
@@ -513,31 +568,43 @@ class NCAccumulator:
             return
         assert self._second is not None  # set by next_pass()
         if predictions is not None:
-            predictions = _inputs.class_indices(predictions, feats.shape[0], self.num_classes, feats, "predictions")
+            predictions = self._predictions.add(predictions, feats.shape[0], feats)
         self._tally(feats, labels)
         self._second.update(self._scaled(feats), labels, predictions)
 
     def _scaled(self, feats: torch.Tensor) -> torch.Tensor:
-        """The features times the current power-of-two scale (the features themselves at 1)."""
-        return feats if self._scale == 1.0 else feats * self._scale
+        """The features times the power-of-two scale of the statistics (the features themselves at
+        1): the running scale of the first pass, the fixed one of the second (None there at 1)."""
+        if self._scale is None or (self._pass == 1 and _is_one(self._scale)):
+            return feats
+        return feats * self._scale
 
-    def _rescale(self, magnitude: float) -> None:
-        """Record the largest feature magnitude; where it calls for another power-of-two scale,
-        rescale the sums so far (exactly) to it."""
-        self._magnitude = magnitude
+    def _rescale(self, magnitude: torch.Tensor) -> None:
+        """Record the largest feature magnitude (0-d, with those so far); where it calls for another
+        power-of-two scale, rescale the sums so far (exactly: by a power of two) to it."""
+        if self._magnitude is not None:
+            magnitude = torch.maximum(self._magnitude, magnitude)
         scale = _power_of_two_scale(magnitude)
-        if scale != self._scale and self._sums is not None:
-            self._sums *= scale / self._scale
-        self._scale = scale
+        if self._sums is not None:
+            ratio = scale if self._scale is None else scale / self._scale
+            if not _is_one(ratio):
+                self._sums *= ratio
+        self._magnitude, self._scale = magnitude, scale
 
     def next_pass(self) -> None:
-        """End the first pass: fix the class means and start the second pass."""
+        """End the first pass: check its labels (in ``[0, num_classes)``) and features (finite),
+        fix the class means and start the second pass."""
         if self._pass != 1:
             raise RuntimeError("next_pass() was already called")
         if self._sums is None or self._counts is None:
             raise ValueError("no data: call update(feats, labels) before next_pass()")
+        self._labels[0].check()
+        _inputs.finite(self._sums, self._name)  # NaN and Inf reach the class sums (no overflow: the rescaling)
+        scale = 1.0 if self._scale is None else float(self._scale)
+        if scale == 1.0:
+            self._scale = None  # the second pass multiplies by nothing (and reads no host value)
         self._second = _SecondPass(self._sums, self._counts, self._weight, self._bias, self.global_mean,
-                                   self.pinv_rtol, self._scale, self._name)
+                                   self.pinv_rtol, scale, self._name)
         self._pass, self._reduced = 2, False
 
     def all_reduce(self, group: Optional[Any] = None) -> None:
@@ -551,17 +618,26 @@ class NCAccumulator:
         if self._pass == 1:
             if self._sums is None or self._counts is None:
                 raise ValueError("no data on this rank: call update() before all_reduce()")
-            magnitude = torch.tensor([self._magnitude], dtype=torch.float64, device=self._sums.device)
+            device = self._sums.device
+            magnitude = (torch.zeros((), dtype=torch.float64, device=device) if self._magnitude is None
+                         else self._magnitude.clone())
             dist.all_reduce(magnitude, op=dist.ReduceOp.MAX, group=group)
-            self._rescale(float(magnitude))  # one scale on every rank
+            self._rescale(magnitude)  # one scale on every rank
             tensors = [self._sums, self._counts]
+            indices = [self._labels[0]]
         else:
             assert self._second is not None  # set by next_pass()
+            device = self._second.counts.device
             tensors = self._second.tensors() + self._ood_tensors()
+            indices = [self._labels[1], self._predictions]
         if self._tallies:
             tensors += self._tallies[self._pass - 1].tensors()
         for tensor in tensors:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+        for index in indices:  # the range of every rank's class indices: all of them raise alike
+            low, high = index.bounds(device)
+            dist.all_reduce(low, op=dist.ReduceOp.MIN, group=group)
+            dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
         self._reduced = True
 
     def update_ood(self, feats: TensorLike) -> None:
@@ -593,11 +669,16 @@ class NCAccumulator:
         return [self._ood]
 
     def compute(self, per_class: bool = False) -> NCMetrics:
-        """The metrics (``NCMetrics``) after both passes; ``per_class`` adds :class:`NCClassStatistics`."""
+        """The metrics (``NCMetrics``) after both passes; ``per_class`` adds :class:`NCClassStatistics`.
+        Checks first the second pass's labels, predictions and features, then that it saw the
+        samples of the first."""
         _inputs.check_bool(per_class, "per_class")
         if self._pass != 2:
             raise RuntimeError("compute() needs both passes: call next_pass() and feed the data again")
         assert self._second is not None  # set by next_pass()
+        self._labels[1].check()
+        self._predictions.check()
+        _inputs.finite(self._second.class_sq, self._name)  # NaN and Inf of the second pass reach class_sq
         different = self._tallies[1].differences(self._tallies[0]) if self._tallies else None
         if different is not None:
             raise ValueError(f"the second pass did not see the samples of the first: {different}; feed the same "
@@ -673,7 +754,8 @@ class _SecondPass:
         # where its logits decide nc4; the class scores are mean_coords @ t (t: the basis coordinates).
         self.proj = directions if logit_weight is None else torch.cat([directions, logit_weight])
         self.mean_coords = centred @ directions.T
-        self.score_error = _score_error(centred, self.mean_coords, directions)
+        # a 0-d CPU tensor: a compiled update() takes it as an input (a float would be a constant)
+        self.score_error = torch.tensor(_score_error(centred, self.mean_coords, directions), dtype=torch.float64)
         self.basis_sq = torch.zeros_like(self.eigenvalues)
         self.class_sq = torch.zeros(counts.shape[0], dtype=torch.float64, device=counts.device)
         # correct, disagree, samples with a decision source
@@ -688,7 +770,6 @@ class _SecondPass:
         basis_sq, class_sq, decisions = _ops.residual_stats(feats, labels, self.means, proj, self.mean_coords,
                                                             self.ncc_bias, self.score_error, logit_offset,
                                                             predictions)
-        _inputs.finite(class_sq, self.name)
         self.basis_sq += basis_sq
         self.class_sq += class_sq
         self.counters[:2] += decisions

@@ -12,6 +12,11 @@ layer: the exact two-pass method, with a single forward pass when the features o
 ``cache_bytes`` (both accumulator passes then read the cache) and two forward passes otherwise.
 Under ``torch.distributed`` every pass ends with ``NCAccumulator.all_reduce``, so every rank gets
 the metrics of the whole probe set (the union of the ranks' shards).
+
+Other model families: :func:`default_layers` finds torchvision and timm ResNets (also inside a
+wrapper such as a LightningModule) and ViT-style block lists; ``batch_transform``,
+``output_transform`` and ``layer_transform`` adapt dict batches, dict outputs (``"logits"``) and
+layers that return tuples or token sequences.
 """
 from __future__ import annotations
 
@@ -19,8 +24,8 @@ import contextlib
 import dataclasses
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional, Protocol, Sequence, Tuple,
-                    Union)
+from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Protocol,
+                    Sequence, Tuple, Union)
 
 import torch
 import torch.distributed as dist
@@ -39,6 +44,18 @@ Classifier = Union[nn.Linear, torch.Tensor, Tuple[TensorLike, Optional[TensorLik
 LayerNames = Union[List[str], Tuple[str, ...], Dict[str, str]]
 #: One pass's ``(features of every layer, labels, predictions)`` per batch.
 _Batch = Tuple[List[torch.Tensor], torch.Tensor, torch.Tensor]
+#: A model's inputs: one tensor (``model(x)``) or keyword arguments (``model(**x)``).
+ModelInputs = Union[torch.Tensor, Mapping[str, Any]]
+#: ``batch -> (inputs, labels)`` for loaders whose batches are not ``(x, y, ...)`` or dicts.
+BatchTransform = Callable[[Any], Tuple[ModelInputs, torch.Tensor]]
+#: ``model output -> logits (B, num_classes)`` for models that return something else than logits.
+OutputTransform = Callable[[Any], torch.Tensor]
+#: ``(layer display name, module output) -> features`` (before pooling), e.g. a ViT's class token.
+LayerTransform = Callable[[str, Any], torch.Tensor]
+
+#: The keys under which dict batches hold the labels, and the one input a model takes, by default.
+LABEL_KEYS = ("labels", "label", "targets", "target", "y")
+INPUT_KEYS = ("pixel_values", "images", "image", "inputs", "input", "x")
 
 #: Default budget for caching the probe features of all layers (one forward pass instead of two).
 DEFAULT_CACHE_BYTES = 1 << 30
@@ -142,28 +159,69 @@ class PFCResult:
 
 
 def default_layers(model: nn.Module) -> OrderedDict[str, str]:
-    """``{display name: module name}`` of the stem and every residual block, in forward order.
+    """``{display name: module name}`` of the layers to monitor, found in ``model`` or in the first
+    submodule (``model.named_modules()`` order) that qualifies, in forward order:
 
-    torchvision ResNets (and :func:`pfc_fast.app.models.small_image_resnet`): ``"stem"`` is the output
-    of ``maxpool`` (the input of the first block; an identity in the small-image models), then
-    ``layer1.0``, ``layer1.1``, ..., ``layer4.{last}``. Any model with a ``pfc_layers()`` method
-    (e.g. :class:`pfc_fast.app.models.ConstantWidthResNet`): what it returns.
+    1. a ``pfc_layers()`` method (e.g. :class:`pfc_fast.app.models.ConstantWidthResNet`): what it
+       returns (module names under the submodule that has it);
+    2. a ResNet: children ``layer1, layer2, ...`` that are sequences of blocks (torchvision, timm,
+       :func:`pfc_fast.app.models.small_image_resnet`): ``"stem"``, the child registered just before
+       ``layer1`` (``maxpool``: the input of the first block), then every block, ``"layer1.0"``,
+       ``"layer1.1"``, ..., ``"layer4.{last}"``;
+    3. otherwise a block list, the longest ``nn.Sequential`` / ``nn.ModuleList`` of two or more
+       modules of one type that have submodules of their own (a ViT's ``blocks`` in timm,
+       ``encoder.layers`` in torchvision): every block, named ``"{list}.{block}"`` (e.g.
+       ``"blocks.0"``, ``"layers.encoder_layer_0"``).
+
+    Display names leave out the path to the submodule found (``net.layer1.0`` in a wrapper, such as
+    a LightningModule, is ``"layer1.0"``). A model with none of these raises a ``ValueError`` that
+    lists candidate module names for ``layers=``.
     """
-    try:
-        from torchvision.models import ResNet
-    except ImportError:  # without torchvision, no model is a torchvision ResNet
-        ResNet = None
+    modules = list(model.named_modules())
+    for path, module in modules:
+        head = f"{path}." if path else ""
+        pfc_layers = getattr(module, "pfc_layers", None)
+        if callable(pfc_layers):
+            return OrderedDict((display, head + name) for display, name in pfc_layers().items())
+        stages = _resnet_stages(module)
+        if stages:
+            children = [name for name, _ in module.named_children()]
+            before = children.index("layer1") - 1
+            names = [("stem", head + children[before])] if before >= 0 else []
+            for stage in stages:
+                names += [(f"{stage}.{block}", f"{head}{stage}.{block}")
+                          for block, _ in getattr(module, stage).named_children()]
+            return OrderedDict(names)
+    lists = [(path, len(module)) for path, module in modules if _is_block_list(module)]
+    if lists:
+        path, _ = max(lists, key=lambda item: item[1])  # the first of the longest
+        short = path.rpartition(".")[2]
+        return OrderedDict((f"{short}.{block}", f"{path}.{block}")
+                           for block, _ in dict(modules)[path].named_children())
+    candidates = [path for path, module in modules
+                  if path and isinstance(module, (nn.Sequential, nn.ModuleList))] or [path for path, _ in modules[1:]]
+    raise ValueError(f"layers: no default layers for a {type(model).__name__} (no ResNet stages layer1, layer2, ..., "
+                     "no list of blocks of one type, no pfc_layers() method); pass layers=[module names], e.g. "
+                     f"of the containers {_abbreviated(candidates, shown=8, width=40) or '(none)'}")
 
-    pfc_layers = getattr(model, "pfc_layers", None)
-    if pfc_layers is not None:
-        return OrderedDict(pfc_layers())
-    if ResNet is not None and isinstance(model, ResNet):
-        names = [("stem", "maxpool")]
-        for stage in ("layer1", "layer2", "layer3", "layer4"):
-            names += [(f"{stage}.{i}", f"{stage}.{i}") for i in range(len(getattr(model, stage)))]
-        return OrderedDict(names)
-    raise ValueError(f"layers: no default layers for a {type(model).__name__} (not a torchvision ResNet and no "
-                     "pfc_layers() method); pass layers=[module names], e.g. from model.named_modules()")
+
+def _resnet_stages(module: nn.Module) -> List[str]:
+    """The names ``layer1, layer2, ...`` of ``module``'s children that are sequences of modules,
+    consecutive from ``layer1`` (``[]`` where there is no ``layer1``)."""
+    children = dict(module.named_children())
+    stages: List[str] = []
+    while isinstance(children.get(f"layer{len(stages) + 1}"), (nn.Sequential, nn.ModuleList)):
+        stages.append(f"layer{len(stages) + 1}")
+    return stages
+
+
+def _is_block_list(module: nn.Module) -> bool:
+    """An ``nn.Sequential`` / ``nn.ModuleList`` of two or more modules of one type, each with
+    submodules of its own (blocks, not single layers such as ``nn.Linear``)."""
+    if not isinstance(module, (nn.Sequential, nn.ModuleList)) or len(module) < 2:
+        return False
+    blocks = list(module.children())
+    return len({type(block) for block in blocks}) == 1 and next(blocks[0].children(), None) is not None
 
 
 def _resolve_layers(model: nn.Module,
@@ -203,6 +261,58 @@ def _classifier(classifier: Optional[Classifier]) -> Tuple[Optional[torch.Tensor
                     f"got {type(classifier).__name__}")
 
 
+def split_batch(batch: Any) -> Tuple[ModelInputs, torch.Tensor]:
+    """The default ``batch_transform`` of :class:`PFCMonitor`: ``(inputs, labels)`` of a batch.
+
+    ``(x, y, ...)`` (a tuple or list, as a ``DataLoader`` of a dataset of pairs gives): ``(x, y)``.
+    A dict (Hugging Face style): the labels under the first of :data:`LABEL_KEYS` present, the
+    inputs under the first of :data:`INPUT_KEYS` present, else every other entry, as keyword
+    arguments of the model (``model(**inputs)``, e.g. ``input_ids`` and ``attention_mask``).
+    """
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    if isinstance(batch, Mapping):
+        label_key = next((key for key in LABEL_KEYS if key in batch), None)
+        if label_key is None:
+            raise TypeError(f"loader yields dicts with the keys {', '.join(map(repr, batch))}, none of which holds the "
+                            f"labels ({', '.join(map(repr, LABEL_KEYS))}); pass batch_transform=lambda batch: "
+                            "(inputs, labels)")
+        input_key = next((key for key in INPUT_KEYS if key in batch), None)
+        if input_key is not None:
+            return batch[input_key], batch[label_key]
+        return {key: value for key, value in batch.items() if key != label_key}, batch[label_key]
+    raise TypeError(f"loader must yield (inputs, labels) batches or dicts with labels, got a {type(batch).__name__}; "
+                    "pass batch_transform=lambda batch: (inputs, labels)")
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """The default ``output_transform`` of :class:`PFCMonitor`: the logits in a model's output.
+
+    A tensor: itself. A dict holding ``"logits"`` (timm / Hugging Face ``ModelOutput`` are dicts):
+    that entry. An object with a tensor attribute ``logits``: that attribute.
+    """
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping):
+        if "logits" in output:
+            return output["logits"]
+        raise TypeError(f"the model returned a {type(output).__name__} with the keys {', '.join(map(repr, output))} "
+                        "and no 'logits'; pass output_transform=lambda output: <the logits in output>")
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    raise TypeError(f"the model returned a {type(output).__name__}, not logits; pass "
+                    "output_transform=lambda output: <the logits (B, num_classes) in output>")
+
+
+def _to_device(inputs: ModelInputs, device: torch.device) -> ModelInputs:
+    """``inputs`` on ``device``: a tensor, or the tensors of a dict of keyword arguments."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs.to(device, non_blocking=True)
+    return {key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+            for key, value in inputs.items()}
+
+
 class _FeatureCache:
     """Per-batch features of every layer, labels and predictions, up to ``budget`` bytes."""
 
@@ -229,8 +339,9 @@ class PFCMonitor:
         model: an ``nn.Module`` returning logits ``(B, num_classes)`` (a
             ``DistributedDataParallel`` wrapper is unwrapped: measuring runs the local module, so
             ranks may hold different numbers of probe batches).
-        layers: ``None`` (the stem and every residual block, see :func:`default_layers`), a list
-            of module names (``model.named_modules()``), or ``{display name: module name}``.
+        layers: ``None`` (the stem and every residual block of a ResNet, the blocks of a ViT-style
+            block list, see :func:`default_layers`), a list of module names
+            (``model.named_modules()``), or ``{display name: module name}``.
             Each must run exactly once per forward pass and return a tensor.
         num_classes: number of classes ``K`` of the labels (required; refused where the ``K x K``
             statistics of the layers would not fit the memory free on the model's device).
@@ -239,6 +350,18 @@ class PFCMonitor:
         cache_bytes: keep the features of all layers up to this many bytes and measure with one
             forward pass; beyond it, a second forward pass (0: always two).
         group: the ``torch.distributed`` process group to all-reduce over (default: the world).
+        batch_transform: ``batch -> (inputs, labels)`` for each batch of the loader; ``inputs`` is
+            a tensor (``model(inputs)``) or a dict (``model(**inputs)``). Default
+            :func:`split_batch`: ``(x, y, ...)`` tuples, or dicts with ``"labels"`` (or ``"label"``,
+            ``"target"``, ...) and ``"pixel_values"`` (or ``"image"``, ``"x"``, ...; else the other
+            entries as keyword arguments).
+        output_transform: ``model output -> logits (B, num_classes)``. Default :func:`logits_of`:
+            a tensor, a dict's ``"logits"`` (Hugging Face, timm), or an ``output.logits`` attribute.
+        layer_transform: ``(layer name, module output) -> features`` applied to each monitored
+            layer's output before pooling: for layers that return tuples (``lambda name, out:
+            out[0]``) or token sequences ``(B, S, C)``, e.g. a ViT's class token ``lambda name, out:
+            out[:, 0]`` (``pooling="gap"`` averages the dimensions after the second, so it suits
+            ``(B, C, h, w)`` maps, not ``(B, S, C)`` tokens).
 
     Example::
 
@@ -250,7 +373,15 @@ class PFCMonitor:
 
     def __init__(self, model: nn.Module, layers: Optional[LayerNames] = None,
                  num_classes: Optional[int] = None, pooling: str = "flatten", global_mean: str = "unweighted",
-                 cache_bytes: int = DEFAULT_CACHE_BYTES, group: Optional[Any] = None) -> None:
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, group: Optional[Any] = None,
+                 batch_transform: BatchTransform = split_batch, output_transform: OutputTransform = logits_of,
+                 layer_transform: Optional[LayerTransform] = None) -> None:
+        for name, transform in (("batch_transform", batch_transform), ("output_transform", output_transform),
+                                ("layer_transform", layer_transform)):
+            if transform is not None and not callable(transform):
+                raise TypeError(f"{name} must be callable, got {type(transform).__name__}")
+        self.batch_transform, self.output_transform = batch_transform, output_transform
+        self.layer_transform = layer_transform
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if num_classes is None:
@@ -292,8 +423,14 @@ class PFCMonitor:
                 if name in outputs:
                     raise ValueError(f"layers: {name!r} ran more than once in one forward pass; name a module "
                                      "that runs once (e.g. a block, not a shared activation)")
+                if self.layer_transform is not None:
+                    output = self.layer_transform(name, output)
+                if not isinstance(output, torch.Tensor) and self.layer_transform is not None:
+                    raise TypeError(f"layer_transform returned a {type(output).__name__} for layer {name!r}, "
+                                    "not a tensor")
                 if not isinstance(output, torch.Tensor):
-                    raise TypeError(f"layers: {name!r} returned a {type(output).__name__}, not a tensor")
+                    raise TypeError(f"layers: {name!r} returned a {type(output).__name__}, not a tensor; pass "
+                                    "layer_transform=lambda name, output: <the features in output>")
                 # pooled copy, taken now: later modules may modify the output in place (ReLU(inplace))
                 feats = _inputs.features(output, pooling, name=f"features of layer {name!r}")
                 shared = feats.untyped_storage().data_ptr() == output.untyped_storage().data_ptr()
@@ -314,17 +451,19 @@ class PFCMonitor:
             for module, training in modes:
                 module.training = training
 
-    def _forward(self, inputs: torch.Tensor,
+    def _forward(self, inputs: ModelInputs,
                  outputs: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """Logits' argmax and the hooked features (list in layer order) of one batch."""
         outputs.clear()
-        logits = self.network(inputs)
+        logits = self.output_transform(self.network(inputs) if isinstance(inputs, torch.Tensor) else
+                                       self.network(**inputs))
         missing = [name for name in self.layers if name not in outputs]
         if missing:
             raise ValueError(f"layers: {', '.join(map(repr, missing))} did not run in the forward pass")
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[1] != self.num_classes:
             shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-            raise ValueError(f"the model must return logits of shape (B, num_classes = {self.num_classes}), "
+            source = "the model" if self.output_transform is logits_of else "output_transform"
+            raise ValueError(f"{source} must return logits of shape (B, num_classes = {self.num_classes}), "
                              f"got {shape}")
         return logits.argmax(1), [outputs[name] for name in self.layers]
 
@@ -332,13 +471,35 @@ class PFCMonitor:
         parameter = next(self.network.parameters(), None)
         return torch.device("cpu") if parameter is None else parameter.device
 
-    def _batches(self, loader: Iterable[Any]) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        """``(inputs, labels)`` on the model's device from a loader of ``(x, y, ...)`` batches."""
+    def _batches(self, loader: Iterable[Any]) -> Iterator[Tuple[ModelInputs, torch.Tensor]]:
+        """``(inputs, labels)`` on the model's device from the loader's batches, by ``batch_transform``."""
         device = self._device()
         for batch in loader:
-            if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-                raise TypeError("loader must yield (inputs, labels) batches")
-            yield batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+            split = self.batch_transform(batch)
+            if not (isinstance(split, tuple) and len(split) == 2):
+                raise TypeError(f"batch_transform must return (inputs, labels), got a {type(split).__name__}")
+            inputs, labels = split
+            if not (isinstance(inputs, torch.Tensor) or (isinstance(inputs, Mapping) and inputs)):
+                raise TypeError(f"the inputs of a batch must be a tensor or a non-empty dict of the model's keyword "
+                                f"arguments, got a {type(inputs).__name__}; pass batch_transform=lambda batch: "
+                                "(inputs, labels)")
+            if not isinstance(labels, torch.Tensor):
+                raise TypeError(f"the labels of a batch must be a tensor, got a {type(labels).__name__}")
+            yield _to_device(inputs, device), labels.to(device, non_blocking=True)
+
+    def _check_every_rank_has_batches(self, has_batches: bool) -> None:
+        """Under ``torch.distributed``: raise on every rank together where some rank's loader
+        yielded no batch (alone, it would leave the others waiting in the pass's all-reduce)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        flag = torch.tensor([int(has_batches)], device=self._device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
+        if has_batches and not bool(flag.item()):
+            raise ValueError("loader yielded no batches on another rank: under torch.distributed every rank must "
+                             "measure at least one batch of the probe set")
+        if not has_batches:
+            raise ValueError("loader yielded no batches on this rank: under torch.distributed every rank must "
+                             "measure at least one batch of the probe set")
 
     def _end_pass(self, accumulators: List[NCAccumulator]) -> None:
         if dist.is_available() and dist.is_initialized():
@@ -402,6 +563,7 @@ class PFCMonitor:
                 cache.add(feats, labels, predictions)
                 score[0] += (predictions == labels).sum()
                 score[1] += labels.shape[0]
+            self._check_every_rank_has_batches(accumulators is not None)
             if accumulators is None:
                 raise ValueError("loader yielded no batches")
             self._end_pass(accumulators)
@@ -418,11 +580,15 @@ class PFCMonitor:
         layers = OrderedDict((name, acc.compute()) for name, acc in zip(self.layers, accumulators))
         return PFCResult(layers, correct / total, 1 if cache.complete else 2)
 
-    def features(self, inputs: torch.Tensor, pooling: Optional[str] = None) -> OrderedDict[str, torch.Tensor]:
-        """``{layer name: (B, D) features}`` of one batch ``inputs`` (eval mode, no_grad), pooled
-        with ``pooling`` (default: the monitor's); e.g. the tracks of :mod:`pfc_fast.geodesic`."""
+    def features(self, inputs: ModelInputs, pooling: Optional[str] = None) -> OrderedDict[str, torch.Tensor]:
+        """``{layer name: (B, D) features}`` of one batch ``inputs`` (a tensor, or a dict of the
+        model's keyword arguments; eval mode, no_grad), pooled with ``pooling`` (default: the
+        monitor's); e.g. the tracks of :mod:`pfc_fast.geodesic`."""
         pooling = self.pooling if pooling is None else pooling
         _inputs.check_choice(pooling, "pooling", _inputs.POOLINGS)
+        if not isinstance(inputs, (torch.Tensor, Mapping)):
+            raise TypeError(f"inputs must be a tensor or a dict of the model's keyword arguments, got "
+                            f"{type(inputs).__name__}")
         with self._hooked(pooling) as outputs:
-            _, feats = self._forward(inputs.to(self._device()), outputs)
+            _, feats = self._forward(_to_device(inputs, self._device()), outputs)
         return OrderedDict(zip(self.layers, feats))

@@ -208,6 +208,9 @@ def _rank_main(rank, world, init_file, out_dir):
         result = pfc_fast.PFCMonitor(ddp, num_classes=5).measure(shard)
         with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as handle:
             pickle.dump((result.accuracy, [m.to_dict() for m in result.layers.values()]), handle)
+        # a rank without batches: every rank raises at once (none is left waiting in an all-reduce)
+        with pytest.raises(ValueError, match=f"no batches on {'another' if rank == 0 else 'this'} rank"):
+            pfc_fast.PFCMonitor(ddp, num_classes=5).measure(shard if rank == 0 else [])
     finally:
         dist.destroy_process_group()
 
@@ -449,3 +452,225 @@ def test_reprs_are_short_lines_with_the_key_numbers():
                                 "K=4, D=32, N=48)")
     long_names = pfc_fast.PFCResult({f"{'block' * 10}.{i}": last for i in range(50)}, math.inf, 2)
     assert len(repr(long_names)) < 200 and "50 layers" in repr(long_names) and "accuracy=inf" in repr(long_names)
+
+
+def _by_hand_metrics(feats, labels, predictions, pooling="flatten"):
+    return [pfc_fast.nc_metrics(h, labels, predictions=predictions, pooling=pooling).to_dict() for h in feats]
+
+
+def test_timm_resnet_default_layers_match_features_by_hand():
+    """timm's ResNet (conv1, bn1, act1, maxpool, layer1..4, fc): found by its stages, not its class."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(seed_for("timm resnet"))
+    images, labels = _data(36, 3, 32, 3, seed=seed_for("timm resnet data"))
+    model = timm.create_model("resnet18", pretrained=False, num_classes=3).eval()
+    monitor = pfc_fast.PFCMonitor(model, num_classes=3, pooling="gap")
+    assert monitor.layer_names == ["stem"] + [f"layer{s}.{b}" for s in range(1, 5) for b in range(2)]
+    result = monitor.measure(_batches(images, labels, [20, 16]))
+    with torch.no_grad():
+        h = model.maxpool(model.act1(model.bn1(model.conv1(images))))
+        feats = [h]
+        for stage in (model.layer1, model.layer2, model.layer3, model.layer4):
+            for block in stage:
+                h = block(h)
+                feats.append(h)
+        predictions = model(images).argmax(1)
+    for (name, metrics), expected in zip(result.layers.items(), _by_hand_metrics(feats, labels, predictions, "gap")):
+        assert_metrics_close(metrics, expected, rtol=1e-9)
+
+
+class _Wrapper(nn.Module):
+    """A LightningModule-like wrapper: the network under an attribute, a loss beside it."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.loss, self.net = nn.CrossEntropyLoss(), net
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_a_resnet_inside_a_wrapper_keeps_its_layer_names():
+    images, labels = _data(24, 1, 8, 3, seed=seed_for("wrapped"))
+    net = small_image_resnet("resnet18", 3, in_channels=1, width=4).eval()
+    wrapped = pfc_fast.PFCMonitor(_Wrapper(net), num_classes=3)
+    plain = pfc_fast.PFCMonitor(net, num_classes=3)
+    assert wrapped.layer_names == plain.layer_names
+    assert [module is plain.layers[name] for name, module in wrapped.layers.items()] == [True] * 9
+    a, b = wrapped.measure([(images, labels)]), plain.measure([(images, labels)])
+    assert [m.to_dict() for m in a.layers.values()] == [m.to_dict() for m in b.layers.values()]
+
+
+def _tiny_vit(num_classes=3):
+    return torchvision.models.VisionTransformer(image_size=16, patch_size=8, num_layers=3, num_heads=2,
+                                                hidden_dim=8, mlp_dim=16, num_classes=num_classes).eval()
+
+
+def _vit_tokens_by_hand(vit, images):
+    """Every encoder block's output tokens (B, S, C) of torchvision's VisionTransformer, step by step."""
+    x = vit._process_input(images)
+    x = torch.cat([vit.class_token.expand(x.shape[0], -1, -1), x], dim=1)
+    h = vit.encoder.dropout(x + vit.encoder.pos_embedding)
+    tokens = []
+    for block in vit.encoder.layers:
+        h = block(h)
+        tokens.append(h)
+    return tokens
+
+
+def test_torchvision_vision_transformer_blocks_by_default():
+    torch.manual_seed(seed_for("vit"))
+    images, labels = _data(30, 3, 16, 3, seed=seed_for("vit data"))
+    vit = _tiny_vit()
+    flat = pfc_fast.PFCMonitor(vit, num_classes=3)
+    assert flat.layer_names == [f"layers.encoder_layer_{i}" for i in range(3)]
+    class_token = pfc_fast.PFCMonitor(vit, num_classes=3, layer_transform=lambda name, out: out[:, 0])
+    with torch.no_grad():
+        tokens, predictions = _vit_tokens_by_hand(vit, images), vit(images).argmax(1)
+    batches = _batches(images, labels, [17, 13])
+    for monitor, feats in ((flat, tokens), (class_token, [t[:, 0] for t in tokens])):
+        result = monitor.measure(batches)
+        assert [m.dim for m in result.layers.values()] == [f[0].numel() for f in feats]
+        for metrics, expected in zip(result.layers.values(), _by_hand_metrics(feats, labels, predictions)):
+            assert_metrics_close(metrics, expected, rtol=1e-9)
+
+
+class _DictNet(nn.Module):
+    """A model of keyword inputs that returns a dict with logits (Hugging Face style)."""
+
+    def __init__(self, vocabulary=11, width=6, classes=3, logits_key="logits"):
+        super().__init__()
+        self.logits_key = logits_key
+        self.embed = nn.Embedding(vocabulary, width)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(width, width), nn.Tanh()) for _ in range(2))
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, input_ids, attention_mask):
+        h = (self.embed(input_ids) * attention_mask[..., None]).sum(1)
+        for block in self.blocks:
+            h = h + block(h)
+        return {self.logits_key: self.head(h), "hidden": h}
+
+
+def _token_batches(seed, sizes=(9, 7)):
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for size in sizes:
+        ids = torch.randint(0, 11, (size, 5), generator=gen)
+        batches.append({"input_ids": ids, "attention_mask": (torch.rand(size, 5, generator=gen) > 0.2).float(),
+                        "labels": ids[:, 0] % 3})
+    return batches
+
+
+def test_dict_batches_and_dict_outputs_by_default():
+    torch.manual_seed(seed_for("dict model"))
+    model = _DictNet().eval()
+    batches = _token_batches(seed_for("dict batches"))
+    monitor = pfc_fast.PFCMonitor(model, num_classes=3)
+    assert monitor.layer_names == ["blocks.0", "blocks.1"]
+    result = monitor.measure(batches)
+    # the blocks' own outputs, recomputed plainly
+    with torch.no_grad():
+        block_out, labels, predictions = [[], []], [], []
+        for batch in batches:
+            h = (model.embed(batch["input_ids"]) * batch["attention_mask"][..., None]).sum(1)
+            for i, block in enumerate(model.blocks):
+                out = block(h)
+                block_out[i].append(out)
+                h = h + out
+            labels.append(batch["labels"])
+            predictions.append(model.head(h).argmax(1))
+    expected = _by_hand_metrics([torch.cat(f) for f in block_out], torch.cat(labels), torch.cat(predictions))
+    for metrics, want in zip(result.layers.values(), expected):
+        assert_metrics_close(metrics, want, rtol=1e-9)
+    # the same through explicit transforms: tuples in, the logits taken by the caller
+    tuples = [((b["input_ids"], b["attention_mask"]), b["labels"]) for b in batches]
+    explicit = pfc_fast.PFCMonitor(
+        model, num_classes=3, batch_transform=lambda b: ({"input_ids": b[0][0], "attention_mask": b[0][1]}, b[1]),
+        output_transform=lambda out: out["logits"]).measure(tuples)
+    assert [m.to_dict() for m in explicit.layers.values()] == [m.to_dict() for m in result.layers.values()]
+
+
+class _TupleBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.linear(x), x  # (hidden, residual), as Hugging Face layers return tuples
+
+
+class _TupleNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(_TupleBlock() for _ in range(3))
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)[0]
+        return self.head(x)
+
+
+def test_image_dicts_and_layers_that_return_tuples():
+    gen = torch.Generator().manual_seed(seed_for("tuple layers"))
+    x, y = torch.randn(12, 4, generator=gen), torch.arange(12) % 3
+    model = _TupleNet().eval()
+    with pytest.raises(TypeError, match=r"layers: 'blocks.0' returned a tuple, not a tensor; pass layer_transform="):
+        pfc_fast.PFCMonitor(model, num_classes=3).measure([(x, y)])
+    monitor = pfc_fast.PFCMonitor(model, num_classes=3, layer_transform=lambda name, out: out[0])
+    result = monitor.measure([{"image": x, "label": y, "index": torch.arange(12)}])  # extra keys are ignored
+    with torch.no_grad():
+        h, feats = x, []
+        for block in model.blocks:
+            h = block(h)[0]
+            feats.append(h)
+        predictions = model(x).argmax(1)
+    for metrics, expected in zip(result.layers.values(), _by_hand_metrics(feats, y, predictions)):
+        assert_metrics_close(metrics, expected, rtol=1e-9)
+    assert list(monitor.features({"x": x})) == ["blocks.0", "blocks.1", "blocks.2"]
+    with pytest.raises(TypeError, match="layer_transform returned a tuple for layer 'blocks.0', not a tensor"):
+        pfc_fast.PFCMonitor(model, num_classes=3, layer_transform=lambda name, out: out).measure([(x, y)])
+
+
+def test_transform_errors_name_what_to_pass():
+    model = _DictNet().eval()
+    batches = _token_batches(seed_for("transform errors"), sizes=(6,))
+    with pytest.raises(TypeError, match=r"keys 'input_ids', 'attention_mask', none of which holds the labels"):
+        pfc_fast.PFCMonitor(model, num_classes=3).measure([{k: v for k, v in batches[0].items() if k != "labels"}])
+    with pytest.raises(TypeError, match=r"returned a dict with the keys 'scores', 'hidden' and no 'logits'; pass "
+                                        r"output_transform="):
+        pfc_fast.PFCMonitor(_DictNet(logits_key="scores"), num_classes=3).measure(batches)
+    with pytest.raises(TypeError, match="returned a tuple, not logits; pass output_transform"):
+        pfc_fast.PFCMonitor(nn.Sequential(_TupleBlock()), layers=["0.linear"], num_classes=4).measure([(torch.randn(
+            2, 4), torch.tensor([0, 1]))])
+    with pytest.raises(ValueError, match=r"^output_transform must return logits of shape \(B, num_classes = 3\), "
+                                         r"got dict$"):
+        pfc_fast.PFCMonitor(model, num_classes=3, output_transform=lambda out: out).measure(batches)
+    with pytest.raises(TypeError, match="batch_transform must return \\(inputs, labels\\), got a dict"):
+        pfc_fast.PFCMonitor(model, num_classes=3, batch_transform=lambda b: b).measure(batches)
+    with pytest.raises(TypeError, match="labels of a batch must be a tensor, got a list"):
+        pfc_fast.PFCMonitor(model, num_classes=3, batch_transform=lambda b: (b["input_ids"], [0])).measure(batches)
+    with pytest.raises(TypeError, match="loader must yield \\(inputs, labels\\) batches or dicts"):
+        pfc_fast.PFCMonitor(model, num_classes=3).measure([torch.zeros(3)])
+    for name in ("batch_transform", "output_transform", "layer_transform"):
+        with pytest.raises(TypeError, match=f"{name} must be callable, got str"):
+            pfc_fast.PFCMonitor(model, num_classes=3, **{name: "logits"})
+
+
+def test_block_lists_and_the_error_that_lists_candidates():
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))  # layers, not blocks
+            self.short = nn.ModuleList(nn.Sequential(nn.Linear(4, 4)) for _ in range(2))
+            self.long = nn.Sequential(*(nn.Sequential(nn.Linear(4, 4)) for _ in range(3)))
+
+    assert pfc_fast.monitor.default_layers(Mixed()) == {f"long.{i}": f"long.{i}" for i in range(3)}
+    flat = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3))
+    with pytest.raises(ValueError, match=r"no default layers for a Sequential .* pass layers=\[module names\], e.g. "
+                                         r"of the containers 0, 1, 2"):
+        pfc_fast.PFCMonitor(flat, num_classes=3)
+    nested = nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), nn.Linear(4, 3))
+    with pytest.raises(ValueError, match=r"of the containers 0$"):
+        pfc_fast.PFCMonitor(nested, num_classes=3)

@@ -36,6 +36,7 @@ def test_opcheck(device, dtype, with_classifier):
     classifier = torch.randn(6, 40, device=device) if with_classifier else None
     ops = _ops.ops_for(feats)  # pfc_fast, or pfc_fast_simt in the simt case
     torch.library.opcheck(ops.class_sums.default, (feats, labels, 6))
+    torch.library.opcheck(ops.class_sums.default, (feats, torch.stack([labels, labels.flip(0)]), 6))  # labellings
     torch.library.opcheck(ops.residual_stats.default, _residual_args(feats, labels, 6, classifier))
 
 
