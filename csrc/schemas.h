@@ -8,7 +8,10 @@ namespace pfc_fast {
 
 inline void define_ops(torch::Library& m) {
   // First pass of the exact NC metrics (docs/spec.md section 3): per-class feature sums in float64 and
-  // class counts. feats (N, D) floating, labels (N,) int64 in [0, num_classes).
+  // class counts. feats (N, D) floating, labels (N,) int64 in [0, num_classes):
+  //   sums[c] = sum_{labels[i] = c} h_i  (K, D),   counts[c] = #{i : labels[i] = c}  (K,).
+  // labels (L, N): L labellings of the same samples at once (the permutation null, docs/spec.md
+  // section 2), every feature read once: sums[l, c] = sum_{labels[l, i] = c} h_i  (L, K, D), counts (L, K).
   m.def("class_sums(Tensor feats, Tensor labels, int num_classes) -> (Tensor sums, Tensor counts)");
   // Second pass (docs/spec.md section 3). With r_i = h_i - means[y_i] (float64):
   //   u_i = proj @ r_i        (proj (B + K_w, D): B orthonormal basis rows, then the K_w classifier

@@ -65,6 +65,28 @@ def test_class_sums(kernels, n, d, k, dtype):
     torch.testing.assert_close(sums.cpu(), cpu_sums, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("labellings", [1, 3, 5])
+@pytest.mark.parametrize("n,d,k", [(1, 1, 2), (33, 129, 5), (300, 40, 12), (129, 257, 10), (37, 3, 1000)])
+def test_class_sums_of_several_labellings(kernels, n, d, k, labellings):
+    """labels (L, N): the sums and counts of each labelling (L x K x 128 doubles past the CUDA
+    kernel's 48 KiB shared table at K = 12, L = 5: its atomics path), against each one alone and
+    the CPU kernel."""
+    ops, device = kernels
+    feats, first = _problem(n, d, k, seed=n * 11 + d + labellings, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(n + labellings)
+    labels = torch.stack([first] + [first[torch.randperm(n, generator=gen)] for _ in range(labellings - 1)])
+    sums, counts = ops.class_sums(feats.to(device), labels.to(device), k)
+    assert sums.shape == (labellings, k, d) and counts.shape == (labellings, k)
+    for one, (expected_sums, expected_counts) in enumerate(_expected_class_sums(feats, y, k) for y in labels):
+        torch.testing.assert_close(sums[one].cpu(), expected_sums, rtol=1e-12, atol=1e-12)
+        assert torch.equal(counts[one].cpu(), expected_counts)
+    cpu_sums, cpu_counts = torch.ops.pfc_fast.class_sums(feats, labels, k)
+    torch.testing.assert_close(sums.cpu(), cpu_sums, rtol=1e-12, atol=1e-12)
+    assert torch.equal(counts.cpu(), cpu_counts)
+    with pytest.raises(RuntimeError, match="labels must be < num_classes"):
+        ops.class_sums(feats.to(device), labels.clamp_min(1).to(device) + k - 1, k)
+
+
 def _residual_inputs(feats, labels, k, mode, seed, rank=None):
     """means, proj, mean_coords, ncc_bias, score_error, logit_offset, predictions of residual_stats:
     the basis is the top ``rank`` (default min(K - 1, D)) right singular vectors of the centred means,

@@ -18,7 +18,6 @@ from pfc_fast.app.config import TrainConfig
 from pfc_fast.app.run_directory import RunDirectory
 from pfc_fast.app.data import balanced_indices, load_dataset, to_float
 from pfc_fast.app.models import build_model
-from pfc_fast.app.report import monotonicity
 
 from conftest import assert_metrics_close, interrupt_on_call, resnet_by_hand
 
@@ -94,18 +93,6 @@ def test_report_command(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["report", str(tmp_path / "nothing")])
     assert "argument run_dir: run directory" in capsys.readouterr().err
-
-
-def test_monotonicity_verdicts():
-    down = monotonicity([5.0, 4.0, 3.0, 2.0, 1.0])
-    assert down["spearman"] == pytest.approx(-1.0) and down["decreasing_pairs"] == 1.0
-    assert down["verdict"] == "decreases monotonically with depth"
-    mixed = monotonicity([4.0, 3.0, 3.5, 1.0])  # ranks 4, 2, 3, 1: rho = 1 - 6*(9+0+0+9)/(4*15) = -0.8
-    assert mixed["spearman"] == pytest.approx(-0.8) and mixed["decreasing_pairs"] == pytest.approx(2 / 3)
-    assert mixed["verdict"] == "decreases with depth overall, not at every layer"
-    assert monotonicity([1.0, 2.0, 3.0])["verdict"] == "does not decrease with depth"
-    flat = monotonicity([0.0, 0.0, 0.0])
-    assert math.isnan(flat["spearman"]) and flat["verdict"] == "constant across layers"
 
 
 @pytest.mark.parametrize("where", ["mid-epoch", "SIGTERM mid-epoch", "crash-between-writes"])

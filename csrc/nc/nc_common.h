@@ -11,6 +11,7 @@
 #include <cmath>
 #include <tuple>
 #include <utility>
+#include <vector>
 
 #include "common/device.h"
 
@@ -21,12 +22,14 @@ inline void check_same_device(const at::Tensor& feats, const at::Tensor& other, 
               " but feats is on ", feats.device());
 }
 
-inline void check_feats_labels(const at::Tensor& feats, const at::Tensor& labels) {
+// labellings: labels may also be (L, N), L >= 1 labellings of the samples (class_sums).
+inline void check_feats_labels(const at::Tensor& feats, const at::Tensor& labels, bool labellings = false) {
   TORCH_CHECK(feats.dim() == 2, "pfc_fast: feats must be 2-D (N, D), got ", feats.dim(), "-D");
   TORCH_CHECK(at::isFloatingType(feats.scalar_type()), "pfc_fast: feats must be floating point, got ",
               feats.scalar_type());
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == feats.size(0),
-              "pfc_fast: labels must have shape (N,) = (", feats.size(0), ",), got ", labels.sizes());
+  const bool stacked = labellings && labels.dim() == 2 && labels.size(0) >= 1;
+  TORCH_CHECK((labels.dim() == 1 || stacked) && labels.size(-1) == feats.size(0), "pfc_fast: labels must have shape (N,)",
+              labellings ? " or (L, N)" : "", " with N = ", feats.size(0), ", got ", labels.sizes());
   TORCH_CHECK(labels.scalar_type() == at::kLong, "pfc_fast: labels must be int64, got ",
               labels.scalar_type());
   check_same_device(feats, labels, "labels");
@@ -83,13 +86,18 @@ inline at::Tensor with_contiguous_rows(const at::Tensor& feats) {
   return (feats.size(1) <= 1 || feats.stride(1) == 1) ? feats : feats.contiguous();
 }
 
-// Number of samples of each class, (num_classes,) int64; rejects labels outside [0, num_classes).
+// Number of samples of each class, (num_classes,) int64, or (L, num_classes) for labels (L, N);
+// rejects labels outside [0, num_classes).
 inline at::Tensor class_counts(const at::Tensor& labels, int64_t num_classes) {
   TORCH_CHECK(num_classes >= 1, "pfc_fast: num_classes must be positive, got ", num_classes);
-  if (labels.numel() == 0) return at::zeros({num_classes}, labels.options());
-  at::Tensor counts = at::bincount(labels, {}, num_classes);  // raises on negative labels
-  TORCH_CHECK(counts.size(0) == num_classes, "pfc_fast: labels must be < num_classes = ", num_classes);
-  return counts;
+  const int64_t L = labels.dim() == 2 ? labels.size(0) : 1;
+  const auto shape = labels.dim() == 2 ? std::vector<int64_t>{L, num_classes} : std::vector<int64_t>{num_classes};
+  if (labels.numel() == 0) return at::zeros(shape, labels.options());
+  TORCH_CHECK(labels.min().item<int64_t>() >= 0, "pfc_fast: labels must be >= 0");
+  TORCH_CHECK(labels.max().item<int64_t>() < num_classes, "pfc_fast: labels must be < num_classes = ", num_classes);
+  if (L == 1) return at::bincount(labels.reshape({-1}), {}, num_classes).reshape(shape);
+  const at::Tensor offsets = at::arange(L, labels.options()).mul_(num_classes).unsqueeze(1);
+  return at::bincount((labels + offsets).reshape({-1}), {}, L * num_classes).reshape(shape);
 }
 
 // Features as the kernels accumulate them: float64, half and bfloat16 widened through float.
@@ -104,9 +112,9 @@ PFC_HOST_DEVICE inline double as_double<double>(double v) {
 
 // The operands of class_sums beside the features (N, D), whose rows the kernels read with a stride.
 struct ClassSumsArgs {
-  const int64_t* labels;  // (N,)
-  int64_t N, D, K;
-  double* sums;  // (K, D), zeroed
+  const int64_t* labels;  // (L, N): L labellings of the samples (L = 1: one)
+  int64_t N, D, K, L;
+  double* sums;  // (L, K, D), zeroed
 };
 
 // The operands of residual_stats beside the features.
@@ -278,14 +286,17 @@ void residual_stats_by_products(const at::Tensor& feats, const ResidualTensors& 
 template <typename Backend>
 std::tuple<at::Tensor, at::Tensor> class_sums_op(const at::Tensor& feats_in, const at::Tensor& labels_in,
                                                  int64_t num_classes) {
-  check_feats_labels(feats_in, labels_in);
+  check_feats_labels(feats_in, labels_in, /*labellings=*/true);
   [[maybe_unused]] const auto guard = Backend::guard(feats_in);
   const at::Tensor feats = with_contiguous_rows(feats_in);
   const at::Tensor labels = labels_in.contiguous();
+  const int64_t L = labels.dim() == 2 ? labels.size(0) : 1;
   at::Tensor counts = class_counts(labels, num_classes);
-  at::Tensor sums = at::zeros({num_classes, feats.size(1)}, feats.options().dtype(at::kDouble));
+  at::Tensor sums = at::zeros(labels.dim() == 2 ? std::vector<int64_t>{L, num_classes, feats.size(1)}
+                                                : std::vector<int64_t>{num_classes, feats.size(1)},
+                              feats.options().dtype(at::kDouble));
   if (feats.numel() == 0) return {sums, counts};  // nothing to launch (an empty CUDA grid fails)
-  const ClassSumsArgs args{labels.data_ptr<int64_t>(), feats.size(0), feats.size(1), num_classes,
+  const ClassSumsArgs args{labels.data_ptr<int64_t>(), feats.size(0), feats.size(1), num_classes, L,
                            sums.data_ptr<double>()};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(), "class_sums", [&] {
     Backend::template class_sums<scalar_t>(feats, args);

@@ -1,7 +1,7 @@
 // CPU kernels of the two passes of the exact NC metrics (docs/spec.md section 3), vectorised with
 // `omp simd` and parallelised with at::parallel_for (so torch.set_num_threads applies).
 //
-// Pass 1, class_sums:   sums[c] = sum_{y_i = c} h_i                      (float64)
+// Pass 1, class_sums:   sums[l, c] = sum_{y_li = c} h_i  (float64; L labellings y_l, each row read once)
 // Pass 2, residual_stats, with r_i = h_i - mu_{y_i} in float64, t_i = basis r_i and the class
 // scores s_i = mean_coords t_i (= M r_i):
 //   basis_sq[j] = sum_i t_i[j]^2,  class_sq[c] = sum_{y_i = c} ||r_i||^2, and the NCC decisions
@@ -39,10 +39,11 @@ static_assert(kFusedBasisMax <= kTile, "the fused kernel's basis coordinates fit
 
 // Pass 1. Work is split into (row chunk, column block) tasks. With enough column blocks every
 // task writes straight into `sums` (each task owns its columns); with few columns (small D) the
-// rows are split as well and each row chunk accumulates into its own partial copy.
+// rows are split as well and each row chunk accumulates into its own partial copy. A row's
+// block of columns, read once, is added to the sums of each of the L labellings.
 template <typename scalar_t>
 void class_sums_kernel(const scalar_t* x, int64_t row_stride, const ClassSumsArgs& args) {
-  const int64_t N = args.N, D = args.D, K = args.K;
+  const int64_t N = args.N, D = args.D, K = args.L * args.K, L = args.L;  // K: rows of sums, all labellings
   const int64_t* labels = args.labels;
   double* sums = args.sums;
   const int64_t col_blocks = (D + kColumnBlock - 1) / kColumnBlock;
@@ -65,9 +66,11 @@ void class_sums_kernel(const scalar_t* x, int64_t row_stride, const ClassSumsArg
       const int64_t i1 = std::min(N, (chunk + 1) * rows_per_chunk);
       for (int64_t i = chunk * rows_per_chunk; i < i1; ++i) {
         const scalar_t* xr = x + i * row_stride + d0;
-        double* acc = out + labels[i] * D + d0;
+        for (int64_t l = 0; l < L; ++l) {
+          double* acc = out + (l * args.K + labels[l * N + i]) * D + d0;
 #pragma omp simd
-        for (int64_t j = 0; j < len; ++j) acc[j] += as_double(xr[j]);
+          for (int64_t j = 0; j < len; ++j) acc[j] += as_double(xr[j]);
+        }
       }
     }
   });

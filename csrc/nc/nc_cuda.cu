@@ -2,8 +2,9 @@
 // formulas are in nc_cpu.cpp, the host side and the decision rules in nc_common.h.
 //
 // Pass 1 (class_sums_kernel): a block owns blockDim.x feature columns and a chunk of rows; each
-// thread owns one column, so it accumulates into its own slot of a shared-memory K x blockDim
-// table without atomics, then adds the table to the float64 sums with one atomic per entry.
+// thread owns one column, so it accumulates into its own slot of a shared-memory (L K) x blockDim
+// table without atomics (L labellings: each value read once, added to the L sums of its class),
+// then adds the table to the float64 sums with one atomic per entry.
 //
 // Pass 2: project_residuals_kernel reads every feature once per tile of 8 projection rows: a warp
 // handles 4 samples, its lanes stride over the columns, forming r = h - mu_y in float64 and
@@ -41,28 +42,31 @@ constexpr int64_t kScratchBytes = 256ll << 20;  // bound on the pass-2 scratch b
 template <typename scalar_t>
 __global__ void class_sums_kernel(const scalar_t* __restrict__ x, int64_t row_stride,
                                   const int64_t* __restrict__ labels, int64_t N, int64_t D, int64_t K,
-                                  int64_t rows_per_chunk, bool shared_table, double* __restrict__ sums) {
-  PFC_DYNAMIC_SHARED(double, table);  // K x blockDim.x when shared_table
+                                  int64_t L, int64_t rows_per_chunk, bool shared_table,
+                                  double* __restrict__ sums) {
+  PFC_DYNAMIC_SHARED(double, table);  // (L K) x blockDim.x when shared_table
   const int tid = threadIdx.x;
   const int64_t d = static_cast<int64_t>(blockIdx.x) * blockDim.x + tid;
   const int64_t i0 = static_cast<int64_t>(blockIdx.y) * rows_per_chunk;
   const int64_t i1 = min(N, i0 + rows_per_chunk);
   if (d >= D) return;  // no block-wide synchronisation below: each thread owns its column
   if (shared_table) {
-    for (int64_t k = 0; k < K; ++k) table[k * blockDim.x + tid] = 0.0;
+    for (int64_t k = 0; k < L * K; ++k) table[k * blockDim.x + tid] = 0.0;
   }
   for (int64_t i = i0; i < i1; ++i) {
-    const int64_t y = labels[i];
-    if (y < 0 || y >= K) continue;  // rejected on the host; never index out of bounds
     const double v = as_double(x[i * row_stride + d]);
-    if (shared_table) {
-      table[y * blockDim.x + tid] += v;
-    } else {
-      atomicAdd(sums + y * D + d, v);
+    for (int64_t l = 0; l < L; ++l) {
+      const int64_t y = labels[l * N + i];
+      if (y < 0 || y >= K) continue;  // rejected on the host; never index out of bounds
+      if (shared_table) {
+        table[(l * K + y) * blockDim.x + tid] += v;
+      } else {
+        atomicAdd(sums + (l * K + y) * D + d, v);
+      }
     }
   }
   if (shared_table) {
-    for (int64_t k = 0; k < K; ++k) {
+    for (int64_t k = 0; k < L * K; ++k) {
       const double v = table[k * blockDim.x + tid];
       if (v != 0.0) atomicAdd(sums + k * D + d, v);
     }
@@ -153,16 +157,17 @@ struct CudaBackend {
 
   template <typename scalar_t>
   static void class_sums(const at::Tensor& feats, const ClassSumsArgs& args) {
-    const int64_t N = args.N, D = args.D, K = args.K;
-    const bool shared_table = K * kSumThreads * static_cast<int64_t>(sizeof(double)) <= kSharedBytes;
+    const int64_t N = args.N, D = args.D, K = args.K, L = args.L;
+    const bool shared_table = L * K * kSumThreads * static_cast<int64_t>(sizeof(double)) <= kSharedBytes;
     const int64_t col_blocks = (D + kSumThreads - 1) / kSumThreads;
     const int64_t wanted = std::max<int64_t>(1, 8 * device::multiprocessor_count(feats) / col_blocks);
     const int64_t chunks = std::min<int64_t>({wanted, (N + 31) / 32, 65535});
     const int64_t rows_per_chunk = (N + chunks - 1) / chunks;
     const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>((N + rows_per_chunk - 1) / rows_per_chunk));
-    const size_t shared = shared_table ? K * kSumThreads * sizeof(double) : 0;
+    const size_t shared = shared_table ? L * K * kSumThreads * sizeof(double) : 0;
     device::launch(class_sums_kernel<scalar_t>, grid, kSumThreads, shared, device::current_stream())(
-        feats.data_ptr<scalar_t>(), feats.stride(0), args.labels, N, D, K, rows_per_chunk, shared_table, args.sums);
+        feats.data_ptr<scalar_t>(), feats.stride(0), args.labels, N, D, K, L, rows_per_chunk, shared_table,
+        args.sums);
   }
 
   // Chunks of samples, each projected into a scratch buffer, then scored, decided and summed (add_chunk).
