@@ -8,7 +8,9 @@ augmentation) on the Fashion-MNIST subset inside the package (28x28 images), ``t
 training images per class, the class-balanced probe set of ``probe_per_class`` images per class
 drawn from them, and the model of the case; the epoch is ``run.train_epoch`` and the measurement
 ``run.measure()`` of the :class:`pfc_fast.app.train.TrainingRun` (flattened features:
-``D = width * 28 * 28`` at the stem).
+``D = width * 28 * 28`` at the stem). ``ours`` measures with the permutation null of ``pfc-fast
+train``'s default (``null_permutations = 4``), ``no_null`` without it (``null_permutations = 0``):
+their ratio is the null's cost.
 """
 from pfc_fast.app.train import prepare
 
@@ -18,7 +20,8 @@ TABLES = {"monitor": Table("`PFCMonitor.measure` against a training epoch (embed
                            (("model", "model"), ("width", "width"), ("depth", "blocks"),
                             ("train_per_class", "train / class"), ("probe_per_class", "probe / class")))}
 CONTENDERS = {"train_epoch": Contender("training epoch", "reference"),
-              "ours": Contender("PFCMonitor.measure", "ours")}
+              "ours": Contender("PFCMonitor.measure", "ours"),
+              "no_null": Contender("PFCMonitor.measure, no null", "baseline")}
 TARGETS = []
 
 _RESNET18 = {"model": "resnet18", "width": 16, "depth": None, "train_per_class": 500, "probe_per_class": 50}
@@ -38,15 +41,16 @@ def cases(device_type, size):
 
 
 def make_inputs(case, device):
-    """``{"run": the prepared pfc-fast train run}`` on ``device``."""
+    """``{"run": the prepared pfc-fast train run, "plain": the same without the null}`` on ``device``."""
     options = {"dataset": "embedded", "geodesic_samples": 0, **case.params}
-    return {"run": prepare(options, device)}
+    return {"run": prepare(options, device), "plain": prepare({**options, "null_permutations": 0}, device)}
 
 
 def runner(case, inputs, name):
     """The timed call of contender ``name``."""
     run = inputs["run"]
-    return {"train_epoch": lambda: run.train_epoch(1, progress=False), "ours": run.measure}[name]
+    return {"train_epoch": lambda: run.train_epoch(1, progress=False), "ours": run.measure,
+            "no_null": inputs["plain"].measure}[name]
 
 
 def floor(case, name, rates):

@@ -11,13 +11,13 @@ README.md ("Metrics") and ``docs/spec.md``; float64 pure-PyTorch formulas:
 kernels run on the CPU by the SIMT layer, for testing without a GPU: :class:`use_simt`.
 """
 from ._ops import build_info, use_simt
-from .metrics import NCAccumulator, NCMetrics, nc_metrics
+from .metrics import FewSamplesWarning, NCAccumulator, NCMetrics, nc_metrics
 from .monitor import PFCMonitor, PFCResult
 from .transport import ConvergenceWarning, SinkhornResult, median_cost, sinkhorn, sinkhorn_divergence, wasserstein2
 from . import geodesic, mufm, reference
 
 from ._version import __version__
 
-__all__ = ["ConvergenceWarning", "NCAccumulator", "NCMetrics", "PFCMonitor", "PFCResult", "SinkhornResult", "build_info", "geodesic",
+__all__ = ["ConvergenceWarning", "FewSamplesWarning", "NCAccumulator", "NCMetrics", "PFCMonitor", "PFCResult", "SinkhornResult", "build_info", "geodesic",
            "median_cost", "mufm", "nc_metrics", "reference", "sinkhorn", "sinkhorn_divergence", "use_simt",
            "wasserstein2", "__version__"]

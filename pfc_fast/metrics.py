@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -45,6 +46,16 @@ _DIRECT_DISTANCE_RATIO = 1e-3
 #: ``||mu_c||`` is at the global mean to rounding: it has no direction (docs/spec.md section 2,
 #: "Degenerate cases"); when every one is, all class means are equal and the metrics undefined.
 _MEAN_ROUNDING = 64
+
+
+class FewSamplesWarning(UserWarning):
+    """The features have at least as many dimensions as there are samples (``D >= N``): there the
+    class means of any labelling, random ones included, separate, so the raw metrics look collapsed;
+    compare them with the permutation null (``null_permutations``)."""
+
+
+#: The fields of :class:`NCMetrics` that are counts of the data, not metrics (left out of the null).
+_COUNT_FIELDS = ("num_samples", "class_counts", "num_classes", "dim", "per_class", "null_mean", "null_std")
 
 
 @dataclass(frozen=True)
@@ -78,6 +89,12 @@ class NCMetrics:
     out-of-distribution features (``nc5``) are ``None`` without them; ``gnc2_riesz_log`` is ``None``
     for ``D = 1``. ``per_class`` (:class:`NCClassStatistics`) is set only when asked for, and is
     not part of :meth:`to_dict`.
+
+    ``null_mean`` and ``null_std`` (``None`` unless ``null_permutations > 0``): ``{metric: value}``,
+    the mean and the standard deviation (ddof 1; 0 for one permutation) of each metric over ``R``
+    permutations of the labels (class counts kept): what these features give for labels that
+    carry no information (docs/spec.md section 2, "The permutation null"). The counts
+    (``num_samples``, ``num_classes``, ``dim``) and metrics that are ``None`` are left out.
 
     Degenerate geometry (docs/spec.md section 2, "Degenerate cases") gives these values, never NaN:
     a centred class mean ``m_c = mu_c - mu_G`` at 0 (to rounding: ``||m_c|| <= 64 eps max ||mu_c||``)
@@ -113,6 +130,8 @@ class NCMetrics:
     num_classes: int
     dim: int
     per_class: Optional[NCClassStatistics] = dataclasses.field(default=None, repr=False, compare=False)
+    null_mean: Optional[Dict[str, float]] = dataclasses.field(default=None, compare=False)
+    null_std: Optional[Dict[str, float]] = dataclasses.field(default=None, compare=False)
 
     #: The metrics :meth:`__repr__` shows (those that are not ``None``).
     _REPR_FIELDS = ("nc1", "nc2_etf", "nc3", "nc3_etf", "nc4", "nc5")
@@ -416,6 +435,61 @@ class _PassTally:
         return None
 
 
+class _PermutationNull:
+    """The labels of ``R`` permutations of the labels, drawn batch by batch: within batch ``b`` of
+    either pass, ``R`` random permutations from a generator seeded by ``(seed, b)`` (each keeps the
+    batch's class counts, hence the data's). Within one batch (``nc_metrics``) they are uniform
+    permutations of all the labels; over batches, of the labels of each batch, so batches that mix
+    the classes matter (:meth:`kept_warning`). The second pass must feed the first pass's batches
+    in the same order: each batch's size and a signature of its labels are recorded and compared."""
+
+    def __init__(self, permutations: int, seed: int) -> None:
+        self.permutations, self.seed = permutations, seed
+        self.signatures: Tuple[List[torch.Tensor], List[torch.Tensor]] = ([], [])
+        self.kept: Optional[torch.Tensor] = None  # first pass: (sample, permutation) pairs keeping their label
+
+    def labels(self, labels: torch.Tensor, pass_index: int) -> torch.Tensor:
+        """``(R, B)``: the batch's labels under each permutation (``pass_index`` 0 or 1)."""
+        signatures = self.signatures[pass_index]
+        size = labels.shape[0]
+        generator = torch.Generator().manual_seed(_splitmix64(self.seed, len(signatures) + 1)[-1] >> 1)
+        order = torch.stack([torch.randperm(size, generator=generator) for _ in range(self.permutations)])
+        permuted = labels[order.to(labels.device)]
+        weights = torch.arange(1, size + 1, device=labels.device)
+        signatures.append(torch.stack([labels.new_tensor(size), labels.sum(), (labels * weights).sum()]))
+        if pass_index == 0:
+            kept = (permuted == labels).sum()
+            self.kept = kept if self.kept is None else self.kept + kept
+        return permuted
+
+    def check_batches(self) -> None:
+        """Raises ``ValueError`` where the second pass's batches are not the first's, in order."""
+        first, second = self.signatures
+        if len(first) != len(second):
+            raise ValueError(f"with null_permutations, the second pass must feed the first pass's batches in the "
+                             f"same order; it fed {len(second)} batches, the first {len(first)}")
+        if first:
+            differ = (torch.stack(first) != torch.stack(second)).any(1).nonzero().flatten().tolist()
+            if differ:
+                raise ValueError(f"with null_permutations, the second pass must feed the first pass's batches in "
+                                 f"the same order (the permutations are drawn batch by batch); batch(es) "
+                                 f"{differ[:5]} differ in size or labels (a shuffling loader?)")
+
+    def kept_warning(self, counts: torch.Tensor, name: str) -> Optional[str]:
+        """A warning where the permutations kept far more labels than uniform permutations of all
+        the labels would (``sum_c (n_c / N)^2`` of them): batches of few classes each."""
+        if self.kept is None:
+            return None
+        total = float(counts.sum())
+        expected = float((counts.double() / total).square().sum())
+        kept = float(self.kept) / (total * self.permutations)
+        if kept <= expected + 0.5 * (1.0 - expected):
+            return None
+        return (f"{name}: the permutation null kept {kept:.0%} of the labels in place (uniform permutations "
+                f"keep {expected:.0%}): the batches hold few classes each, and labels are permuted within "
+                "batches; shuffle the loader so that batches mix the classes")
+
+
 class NCAccumulator:
     """Exact NC metrics of data that arrives in batches, in two passes over the same data.
 
@@ -464,11 +538,26 @@ class NCAccumulator:
     Under ``torch.distributed`` call ``all_reduce(group)`` at the end of each pass: it sums the
     statistics of the current pass over the ranks (and takes the range of their class indices), so
     every rank gets the global means and the global result, or the same error.
+
+    ``null_permutations = R > 0`` adds the permutation null (``NCMetrics.null_mean``,
+    ``null_std``): the metrics of ``R`` labellings that permute the labels within each batch
+    (seeded by ``null_seed`` and the batch's index; class counts kept). Both passes read each
+    batch once for all labellings: the first pass's kernel sums the features of the ``R + 1``
+    labellings at once, the second projects them on the bases of all ``R`` labellings with one
+    product. The second pass must then feed the first pass's batches in the same order (checked
+    by ``compute()``), and ``update()`` draws the permutations on the host (not under
+    ``torch.compile``). Batches of one class each permute nothing: a warning says so.
+    ``compute()`` warns (:class:`FewSamplesWarning`) where ``D >= N``.
     """
 
     def __init__(self, num_classes: int, classifier: Optional[TensorLike] = None, bias: Optional[TensorLike] = None,
-                 global_mean: str = "unweighted", pooling: str = "flatten", pinv_rtol: Optional[float] = None) -> None:
+                 global_mean: str = "unweighted", pooling: str = "flatten", pinv_rtol: Optional[float] = None,
+                 null_permutations: int = 0, null_seed: int = 0) -> None:
         self.num_classes = _inputs.positive_int(num_classes, "num_classes", minimum=2)
+        self.null_permutations = _inputs.positive_int(null_permutations, "null_permutations", minimum=0)
+        self.null_seed = _inputs.positive_int(null_seed, "null_seed", minimum=0)
+        if self.null_seed >= 2 ** 64:
+            raise ValueError(f"null_seed must be < 2**64, got {null_seed}")
         _inputs.check_choice(global_mean, "global_mean", _inputs.GLOBAL_MEANS)
         _inputs.check_choice(pooling, "pooling", _inputs.POOLINGS)
         self.global_mean = global_mean
@@ -478,7 +567,8 @@ class NCAccumulator:
             raise ValueError(f"pinv_rtol must be < 1 (a fraction of the largest eigenvalue), got {pinv_rtol!r}")
         self._weight, self._bias = _inputs.classifier_weights(classifier, bias, self.num_classes)
         # the K x K statistics alone, on the classifier's device or any; the first update() checks with D
-        _inputs.class_statistics_fit(self.num_classes, [0], None if self._weight is None else self._weight.device,
+        _inputs.class_statistics_fit(self.num_classes, [0] * (1 + self.null_permutations),
+                                     None if self._weight is None else self._weight.device,
                                      "feats (the K x K matrices alone, whatever D)")
         self._check_passes = True  # nc_metrics, which feeds one tensor to both passes, turns the check off
         self._name = "feats"  # the features in messages (PFCMonitor: "features of layer 'name'")
@@ -502,6 +592,8 @@ class NCAccumulator:
         self._labels = (_inputs.ClassIndices(self.num_classes), _inputs.ClassIndices(self.num_classes))
         self._predictions = _inputs.ClassIndices(self.num_classes, "predictions")
         self._second: Optional[_SecondPass] = None  # second-pass statistics
+        self._null = _PermutationNull(self.null_permutations, self.null_seed) if self.null_permutations else None
+        self._null_second: Optional[_NullSecondPass] = None  # the null's second pass (after next_pass())
         # the float64 sum of the out-of-distribution features (unscaled), then their count
         self._ood: Optional[torch.Tensor] = None
 
@@ -525,8 +617,8 @@ class NCAccumulator:
         if self._device is None:
             _inputs.check_classifier_device(self._weight, feats)
             if not torch.compiler.is_compiling():  # it asks the device for its free memory
-                _inputs.class_statistics_fit(self.num_classes, [feats.shape[1]], feats.device,
-                                             f"{self._name} (D = {feats.shape[1]})")
+                _inputs.class_statistics_fit(self.num_classes, [feats.shape[1]] * (1 + self.null_permutations),
+                                             feats.device, f"{self._name} (D = {feats.shape[1]})")
             self._device, self._dim = feats.device, feats.shape[1]
         elif feats.device != self._device:
             raise ValueError(f"{self._name} is on {feats.device} but earlier batches were on {self._device}")
@@ -559,18 +651,23 @@ class NCAccumulator:
             self._tally(feats, labels)
             if feats.dtype == torch.float64:
                 self._rescale(feats.abs().amax())
-            sums, counts = _ops.class_sums(self._scaled(feats), labels, self.num_classes)
+            # (L, B): the labels, then the null's permutations of them; sums (L, K, D)
+            labellings = labels[None] if self._null is None else torch.cat([labels[None], self._null.labels(labels, 0)])
+            sums, counts = _ops.class_sums(self._scaled(feats), labellings, self.num_classes)
             if self._sums is None or self._counts is None:
-                self._sums, self._counts = sums, counts
+                self._sums, self._counts = sums, counts[0]
             else:
                 self._sums += sums
-                self._counts += counts
+                self._counts += counts[0]
             return
         assert self._second is not None  # set by next_pass()
         if predictions is not None:
             predictions = self._predictions.add(predictions, feats.shape[0], feats)
         self._tally(feats, labels)
-        self._second.update(self._scaled(feats), labels, predictions)
+        scaled = self._scaled(feats)
+        self._second.update(scaled, labels, predictions)
+        if self._null is not None and self._null_second is not None:
+            self._null_second.update(scaled, self._null.labels(labels, 1), predictions)
 
     def _scaled(self, feats: torch.Tensor) -> torch.Tensor:
         """The features times the power-of-two scale of the statistics (the features themselves at
@@ -603,8 +700,16 @@ class NCAccumulator:
         scale = 1.0 if self._scale is None else float(self._scale)
         if scale == 1.0:
             self._scale = None  # the second pass multiplies by nothing (and reads no host value)
-        self._second = _SecondPass(self._sums, self._counts, self._weight, self._bias, self.global_mean,
+        self._second = _SecondPass(self._sums[0], self._counts, self._weight, self._bias, self.global_mean,
                                    self.pinv_rtol, scale, self._name)
+        if self._null is not None:
+            warning = self._null.kept_warning(self._counts, self._name)
+            if warning is not None:
+                warnings.warn(warning, stacklevel=2)
+            nulls = [_SecondPass(sums, self._counts, self._weight, self._bias, self.global_mean, self.pinv_rtol, scale,
+                                 f"{self._name} (labels permuted, null {r + 1})") for r, sums in enumerate(self._sums[1:])]
+            self._null_second = _NullSecondPass(nulls, self._sums[0].sum(0) / self._second.num_samples, self._weight,
+                                                self._bias, scale)
         self._pass, self._reduced = 2, False
 
     def all_reduce(self, group: Optional[Any] = None) -> None:
@@ -624,11 +729,15 @@ class NCAccumulator:
             dist.all_reduce(magnitude, op=dist.ReduceOp.MAX, group=group)
             self._rescale(magnitude)  # one scale on every rank
             tensors = [self._sums, self._counts]
+            if self._null is not None and self._null.kept is not None:
+                tensors.append(self._null.kept)
             indices = [self._labels[0]]
         else:
             assert self._second is not None  # set by next_pass()
             device = self._second.counts.device
             tensors = self._second.tensors() + self._ood_tensors()
+            if self._null_second is not None:
+                tensors += [t for null in self._null_second.seconds for t in null.tensors()]
             indices = [self._labels[1], self._predictions]
         if self._tallies:
             tensors += self._tallies[self._pass - 1].tensors()
@@ -665,7 +774,7 @@ class NCAccumulator:
         """The out-of-distribution sums for all_reduce (zeros where this rank has none)."""
         if self._ood is None:
             assert self._sums is not None  # the second pass has begun
-            self._ood = torch.zeros(self._sums.shape[1] + 1, dtype=torch.float64, device=self._sums.device)
+            self._ood = torch.zeros(self._sums.shape[-1] + 1, dtype=torch.float64, device=self._sums.device)
         return [self._ood]
 
     def compute(self, per_class: bool = False) -> NCMetrics:
@@ -683,13 +792,26 @@ class NCAccumulator:
         if different is not None:
             raise ValueError(f"the second pass did not see the samples of the first: {different}; feed the same "
                              "data in both passes")
+        if self._null is not None:
+            self._null.check_batches()
         ood_mean = None
         if self._ood is not None and float(self._ood[-1]) > 0:
             if self._ood.shape[0] - 1 != self._dim:
                 raise ValueError(f"ood_feats has D = {self._ood.shape[0] - 1} but feats has D = {self._dim}")
             ood_mean = self._ood[:-1] / self._ood[-1]
         self._computed = True
-        return self._second.compute(per_class, ood_mean)
+        metrics = self._second.compute(per_class, ood_mean)
+        if metrics.dim >= metrics.num_samples:
+            hint = ("compare the metrics with their null_mean" if self._null is not None else
+                    "measure the permutation null (null_permutations=4)")
+            warnings.warn(f"{self._name} has D = {metrics.dim} >= N = {metrics.num_samples} samples: there the class "
+                          "means of any labelling separate, random labels too, so the metrics look collapsed; "
+                          f"{hint}, pool the maps (pooling='gap') or measure on more samples",
+                          FewSamplesWarning, stacklevel=2)
+        if self._null_second is None:
+            return metrics
+        null_mean, null_std = self._null_second.compute(ood_mean)
+        return dataclasses.replace(metrics, null_mean=null_mean, null_std=null_std)
 
 
 class _SecondPass:
@@ -826,11 +948,67 @@ class _SecondPass:
         )
 
 
+class _NullSecondPass:
+    """The second pass of the permutation null: the statistics of every permuted labelling from one
+    product per batch of the centred features with the bases of all of them (docs/spec.md section 3,
+    "The permutation null").
+
+    With ``c_i = h_i - mu`` (``mu`` the sample mean, the same for every labelling) and a labelling's
+    orthonormal basis ``Q`` (rows), ``u_i = Q c_i`` for all labellings at once; then, as the second
+    pass's kernel has it, ``t_i = Q r_i = u_i - Q (mu_{y_i} - mu)``, ``||r_i||^2 = (||c_i||^2 - ||u_i||^2)
+    + ||t_i||^2`` (``mu_y - mu`` lies in the span of the centred class means, so ``r_i`` and ``c_i``
+    share their part outside it) and the nearest class centre ``argmin_c ncc_bias[y_i, c] - 2 m_c . r_i``
+    with ``m_c . r_i = mean_coords[c] . t_i``. Exact ties of the decisions are not broken the kernel's way."""
+
+    def __init__(self, seconds: List[_SecondPass], centre: torch.Tensor, weight: Optional[torch.Tensor],
+                 bias: Optional[torch.Tensor], scale: float) -> None:
+        self.seconds, self.centre = seconds, centre
+        self.widths = [second.mean_coords.shape[1] for second in seconds]
+        bases = [second.proj[:width] for second, width in zip(seconds, self.widths)]
+        self.basis = torch.cat(bases)
+        # Q (mu_y - mu) = mean_coords[y] + Q (mu_G - mu), per labelling (K, width)
+        self.shifts = [second.mean_coords + basis @ (second.global_mu - centre) for second, basis in zip(seconds, bases)]
+        # the classifier's logits of the scaled features, as _SecondPass forms them, for nc4 without predictions
+        self.logits: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        if weight is not None and bias is not None:
+            logit_weight = weight / scale if scale > 1.0 else weight
+            self.logits = logit_weight, logit_weight @ centre + (bias if scale > 1.0 else scale * bias)
+
+    def update(self, feats: torch.Tensor, labellings: torch.Tensor, predictions: Optional[torch.Tensor]) -> None:
+        """Add a batch (features times the scale) under the labellings ``(R, B)``."""
+        centred = feats.double() - self.centre
+        coords = (centred @ self.basis.T).split(self.widths, dim=1)
+        outside = centred.square().sum(1)
+        if predictions is None and self.logits is not None:
+            predictions = (centred @ self.logits[0].T + self.logits[1]).argmax(1)
+        for second, labels, u, shift in zip(self.seconds, labellings, coords, self.shifts):
+            t = u - shift[labels]
+            second.basis_sq += t.square().sum(0)
+            second.class_sq.index_add_(0, labels, (outside - u.square().sum(1)).clamp_min(0.0) + t.square().sum(1))
+            decisions = (second.ncc_bias[labels] - 2.0 * t @ second.mean_coords.T).argmin(1)
+            second.counters[0] += (decisions == labels).sum()
+            if predictions is not None:
+                second.counters[1] += (decisions != predictions).sum()
+                second.counters[2] += feats.shape[0]
+
+    def compute(self, ood_mean: Optional[torch.Tensor]) -> Tuple[Dict[str, float], Dict[str, float]]:
+        """``(null_mean, null_std)`` over the labellings of every metric they all have."""
+        results = [second.compute(False, ood_mean).to_dict() for second in self.seconds]
+        names = [field.name for field in dataclasses.fields(NCMetrics) if field.name not in _COUNT_FIELDS
+                 and all(result[field.name] is not None for result in results)]
+        values = {name: torch.tensor([float(result[name]) for result in results], dtype=torch.float64)
+                  for name in names}
+        mean = {name: float(v.mean()) for name, v in values.items()}
+        std = {name: float(v.std()) if v.numel() > 1 and bool(torch.isfinite(v).all()) else
+               (0.0 if v.numel() == 1 else math.inf) for name, v in values.items()}
+        return mean, std
+
+
 def nc_metrics(feats: TensorLike, labels: TensorLike, num_classes: Optional[int] = None,
                classifier: Optional[TensorLike] = None, bias: Optional[TensorLike] = None,
                predictions: Optional[TensorLike] = None, global_mean: str = "unweighted",
                pooling: str = "flatten", pinv_rtol: Optional[float] = None, ood_feats: Optional[TensorLike] = None,
-               per_class: bool = False) -> NCMetrics:
+               per_class: bool = False, null_permutations: int = 0, null_seed: int = 0) -> NCMetrics:
     """Exact neural-collapse metrics of one set of features (docs/spec.md sections 2-3).
 
     Args:
@@ -853,6 +1031,11 @@ def nc_metrics(feats: TensorLike, labels: TensorLike, num_classes: Optional[int]
         ood_feats: out-of-distribution features ``(M, D)`` (or maps, pooled alike) for ``nc5``.
         per_class: also return the per-class statistics (``NCMetrics.per_class``: class-mean norms,
             within-class variances, the CDNV matrix).
+        null_permutations: ``R``, the number of random permutations of the labels (class counts
+            kept) whose metrics give ``NCMetrics.null_mean`` and ``null_std``: the value of each
+            metric for labels that carry no information (docs/spec.md section 2). 0: none. The
+            passes read the features once for all ``R + 1`` labellings.
+        null_seed: the seed of the permutations (the same seed, the same permutations).
 
     Returns:
         ``NCMetrics``. Two passes over ``feats``, float64 accumulation, no ``D x D`` matrix. Degenerate
@@ -863,9 +1046,11 @@ def nc_metrics(feats: TensorLike, labels: TensorLike, num_classes: Optional[int]
     num_classes = _inputs.infer_num_classes(num_classes, labels)
     feats = _inputs.features(feats, pooling)  # pooled once here, not again in each pass
     # with D and the device known (the accumulator's constructor knows neither)
-    _inputs.class_statistics_fit(num_classes, [feats.shape[1]], feats.device, f"feats (D = {feats.shape[1]})",
-                                 inferred=inferred)
-    accumulator = NCAccumulator(num_classes, classifier, bias, global_mean, pooling="flatten", pinv_rtol=pinv_rtol)
+    null_permutations = _inputs.positive_int(null_permutations, "null_permutations", minimum=0)
+    _inputs.class_statistics_fit(num_classes, [feats.shape[1]] * (1 + null_permutations), feats.device,
+                                 f"feats (D = {feats.shape[1]})", inferred=inferred)
+    accumulator = NCAccumulator(num_classes, classifier, bias, global_mean, pooling="flatten", pinv_rtol=pinv_rtol,
+                                null_permutations=null_permutations, null_seed=null_seed)
     accumulator._check_passes = False  # both passes read feats itself
     accumulator.update(feats, labels)
     accumulator.next_pass()

@@ -109,7 +109,9 @@ class PFCResult:
         classifier of that width, ``nc5`` without OOD features, ...) are left out, and so are the
         fields that are not numbers: ``class_counts`` (a list) and ``per_class`` (per-class
         tensors; read them from ``result.layers[name].per_class``). Degenerate values stay as
-        they are (``float("inf")``, see :class:`NCMetrics`).
+        they are (``float("inf")``, see :class:`NCMetrics`). With the permutation null, each
+        metric of ``null_mean`` / ``null_std`` follows as ``f"{layer}/{metric}_null_mean"`` and
+        ``f"{layer}/{metric}_null_std"``.
 
         This is the single source of :meth:`log` and :meth:`to_frame`.
         """
@@ -120,6 +122,9 @@ class PFCResult:
                 value = getattr(metrics, field.name)
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     scalars[f"{head}{layer}/{field.name}"] = float(value)
+            for suffix, null in (("null_mean", metrics.null_mean), ("null_std", metrics.null_std)):
+                for metric, value in (null or {}).items():
+                    scalars[f"{head}{layer}/{metric}_{suffix}"] = float(value)
         scalars[f"{head}accuracy"] = float(self.accuracy)
         return scalars
 
@@ -135,7 +140,8 @@ class PFCResult:
     def to_frame(self) -> "pandas.DataFrame":
         """The metrics as a pandas DataFrame, built from :meth:`to_scalars`: one row per layer
         (index ``"layer"``, forward order), one float column per metric (in the field order of
-        :class:`NCMetrics`), ``NaN`` where a layer has no value (e.g. ``nc3`` away from the
+        :class:`NCMetrics`, then, where the null was measured, their ``_null_mean`` and then their
+        ``_null_std`` columns), ``NaN`` where a layer has no value (e.g. ``nc3`` away from the
         classifier's width). The network's ``accuracy`` is not a layer's: it stays on the result.
 
         Raises:
@@ -152,7 +158,14 @@ class PFCResult:
             if slash:  # not "accuracy", the network's
                 rows[layer][metric] = value
         order = {field.name: i for i, field in enumerate(dataclasses.fields(NCMetrics))}
-        columns = sorted({metric for row in rows.values() for metric in row}, key=order.__getitem__)
+
+        def position(column: str) -> Tuple[int, int]:  # the metrics, then their null means, then the stds
+            for rank, suffix in enumerate(("_null_mean", "_null_std"), start=1):
+                if column.endswith(suffix):
+                    return rank, order[column[:-len(suffix)]]
+            return 0, order[column]
+
+        columns = sorted({metric for row in rows.values() for metric in row}, key=position)
         frame = pandas.DataFrame.from_dict(rows, orient="index", columns=columns, dtype=float)
         frame.index.name = "layer"
         return frame
@@ -357,6 +370,13 @@ class PFCMonitor:
             entries as keyword arguments).
         output_transform: ``model output -> logits (B, num_classes)``. Default :func:`logits_of`:
             a tensor, a dict's ``"logits"`` (Hugging Face, timm), or an ``output.logits`` attribute.
+        null_permutations: ``R``, the permutations of the labels whose metrics give each layer's
+            ``NCMetrics.null_mean`` and ``null_std`` (the metrics of labels that carry no
+            information; 0: none). The labels are permuted within each batch, so the probe
+            batches should mix the classes; the features are read once per pass for all ``R + 1``
+            labellings. Default 4: the monitor measures layers whose ``D`` may exceed the probe
+            size, where the raw metrics of any labels look collapsed (docs/spec.md section 2).
+        null_seed: the seed of the permutations (the same seed, the same permutations).
         layer_transform: ``(layer name, module output) -> features`` applied to each monitored
             layer's output before pooling: for layers that return tuples (``lambda name, out:
             out[0]``) or token sequences ``(B, S, C)``, e.g. a ViT's class token ``lambda name, out:
@@ -375,7 +395,8 @@ class PFCMonitor:
                  num_classes: Optional[int] = None, pooling: str = "flatten", global_mean: str = "unweighted",
                  cache_bytes: int = DEFAULT_CACHE_BYTES, group: Optional[Any] = None,
                  batch_transform: BatchTransform = split_batch, output_transform: OutputTransform = logits_of,
-                 layer_transform: Optional[LayerTransform] = None) -> None:
+                 layer_transform: Optional[LayerTransform] = None, null_permutations: int = 4,
+                 null_seed: int = 0) -> None:
         for name, transform in (("batch_transform", batch_transform), ("output_transform", output_transform),
                                 ("layer_transform", layer_transform)):
             if transform is not None and not callable(transform):
@@ -390,13 +411,16 @@ class PFCMonitor:
         _inputs.check_choice(pooling, "pooling", _inputs.POOLINGS)
         _inputs.check_choice(global_mean, "global_mean", _inputs.GLOBAL_MEANS)
         self.cache_bytes = _inputs.positive_int(cache_bytes, "cache_bytes", minimum=0)
+        self.null_permutations = _inputs.positive_int(null_permutations, "null_permutations", minimum=0)
+        self.null_seed = _inputs.positive_int(null_seed, "null_seed", minimum=0)
         self.network = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         if self._device().type == "meta":
             raise ValueError("model is on the meta device (its parameters hold no data); materialise it first, "
                              "e.g. model.to_empty(device=...) and load its weights")
         self.layers = _resolve_layers(self.network, layers)
         # the K x K statistics alone (D = 0); measure() checks again with the layers' dimensions
-        _inputs.class_statistics_fit(self.num_classes, [0] * len(self.layers), self._device(),
+        _inputs.class_statistics_fit(self.num_classes, [0] * len(self.layers) * (1 + self.null_permutations),
+                                     self._device(),
                                      f"the {len(self.layers)} monitored layer(s) (the K x K matrices alone, whatever D)")
         self.pooling = pooling
         self.global_mean = global_mean
@@ -516,12 +540,13 @@ class PFCMonitor:
             raise ValueError(f"classifier has D = {weight.shape[-1]} inputs but the layers have D = "
                              f"{', '.join(map(str, dims))} (pooling = {self.pooling!r}; the last block matches a "
                              "ResNet's fc with 'gap')")
-        _inputs.class_statistics_fit(self.num_classes, dims, feats[0].device,
+        _inputs.class_statistics_fit(self.num_classes, dims * (1 + self.null_permutations), feats[0].device,
                                      f"the {len(dims)} monitored layer(s) (D = {', '.join(map(str, dims))})")
         accumulators = []
         for name, match in zip(self.layers, matches):
             accumulator = NCAccumulator(self.num_classes, weight if match else None, bias if match else None,
-                                        self.global_mean)
+                                        self.global_mean, null_permutations=self.null_permutations,
+                                        null_seed=self.null_seed)
             accumulator._name = f"features of layer {name!r}"  # as the hooks name them
             accumulators.append(accumulator)
         return accumulators

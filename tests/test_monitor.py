@@ -221,6 +221,7 @@ def test_two_processes_equal_one(tmp_path):
     model = small_image_resnet("resnet18", 5, in_channels=2, width=4)
     images, labels = _data(100, 2, 8, 5, seed=10)
     whole = pfc_fast.PFCMonitor(model, num_classes=5).measure([(images, labels)])
+    nulls = []
     for rank in range(2):
         with open(tmp_path / f"rank{rank}.pkl", "rb") as handle:
             accuracy, layers = pickle.load(handle)
@@ -228,7 +229,10 @@ def test_two_processes_equal_one(tmp_path):
         assert len(layers) == len(whole.layers)
         for ours, expected in zip(layers, whole.layers.values()):
             assert ours["num_samples"] == 100
-            assert_metrics_close(pfc_fast.NCMetrics(**ours), expected.to_dict(), rtol=1e-9)
+            # the null permutes within each rank's batches, other batches than one process's
+            assert_metrics_close(pfc_fast.NCMetrics(**ours), {**expected.to_dict(), "null_mean": None}, rtol=1e-9)
+        nulls.append([(layer["null_mean"], layer["null_std"]) for layer in layers])
+    assert nulls[0] == nulls[1] and nulls[0][0][0]["nc1"] > 0  # every rank the same null of the whole probe set
 
 
 class _TwoLinear(nn.Module):
@@ -286,11 +290,12 @@ def test_num_classes_beyond_memory_is_refused(monkeypatch):
     each at least, are refused at once; measure() checks 8 K (3 D + 4 K) bytes per layer with the
     layers' D, here against a patched amount of free memory."""
     model = _TwoLinear()
-    with pytest.raises(ValueError, match="^num_classes = 1000000000000 is too many classes for the 2 monitored "
-                                         f"layer\\(s\\) .* at least {2 * 32 * 10**24:,} bytes"):
-        pfc_fast.PFCMonitor(model, layers=["a", "b"], num_classes=10**12)
+    for null in (0, 4):  # each labelling of the permutation null keeps statistics of its own
+        with pytest.raises(ValueError, match="^num_classes = 1000000000000 is too many classes for the 2 monitored "
+                                             f"layer\\(s\\) .* at least {2 * 32 * 10**24 * (1 + null):,} bytes"):
+            pfc_fast.PFCMonitor(model, layers=["a", "b"], num_classes=10**12, null_permutations=null)
     x, y = _two_linear_data(seed_for("memory"))
-    needed = 8 * 3 * (3 * 6 + 4 * 3) + 8 * 3 * (3 * 3 + 4 * 3)  # D = 6 (a), 3 (b)
+    needed = 5 * (8 * 3 * (3 * 6 + 4 * 3) + 8 * 3 * (3 * 3 + 4 * 3))  # D = 6 (a), 3 (b); the labels and 4 nulls
     monitor = pfc_fast.PFCMonitor(model, layers=["a", "b"], num_classes=3)
     monkeypatch.setattr(pfc_fast._memory, "free_bytes", lambda device: needed - 1)
     with pytest.raises(ValueError, match=f"^num_classes = 3 is too many classes for the 2 monitored layer\\(s\\) "
@@ -336,6 +341,10 @@ def test_to_scalars_are_the_numeric_fields_of_every_layer():
                      "ncc_accuracy", "within_trace", "between_trace", "num_samples", "num_classes", "dim"):
             if getattr(m, name) is not None:
                 expected[f"pfc/{layer}/{name}"] = getattr(m, name)
+        for name in m.null_mean:  # the permutation null (PFCMonitor's default: 4 permutations)
+            expected[f"pfc/{layer}/{name}_null_mean"] = m.null_mean[name]
+        for name in m.null_std:
+            expected[f"pfc/{layer}/{name}_null_std"] = m.null_std[name]
     expected["pfc/accuracy"] = result.accuracy
     assert scalars == expected
     assert list(scalars) == list(expected)  # layers in forward order, then the accuracy
@@ -405,6 +414,8 @@ def test_to_frame_is_to_scalars_by_layer():
     assert list(frame.index) == list(result.layers) and frame.index.name == "layer"
     assert list(frame.columns)[:3] == ["nc1", "nc1_quotient", "cdnv"]
     assert list(frame.columns).index("nc3") == list(frame.columns).index("nc3_etf") - 1  # field order
+    columns = list(frame.columns)
+    assert columns.index("nc1_null_mean") > columns.index("between_trace") and columns[-1] == "between_trace_null_std"
     assert "nc5" not in frame.columns and "accuracy" not in frame.columns
     assert all(dtype == float for dtype in frame.dtypes)
     scalars = result.to_scalars()

@@ -42,6 +42,7 @@ class TrainConfig:
     probe_per_class: int = 50
     pooling: str = "flatten"
     geodesic_samples: int = 200
+    null_permutations: int = 4
 
     def __post_init__(self) -> None:
         """Every option checked: ``ValueError`` / ``TypeError`` naming it."""
@@ -54,6 +55,7 @@ class TrainConfig:
             if getattr(self, name) is not None:
                 positive_int(getattr(self, name), name)
         positive_int(self.geodesic_samples, "geodesic_samples", minimum=0)
+        positive_int(self.null_permutations, "null_permutations", minimum=0)
         if positive_int(self.seed, "seed", minimum=0) >= SEED_LIMIT:
             raise ValueError(f"seed must be an integer from 0 to 2**32 - 1, got {self.seed!r}")
         finite_number(self.lr, "lr", positive=True)

@@ -84,6 +84,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         f"is measured (default {d.probe_per_class})")
     parser.add_argument("--pooling", choices=POOLINGS, help=f"features of a conv layer: flatten "
                         f"(D = C*h*w) or global average pooling (D = C) (default {d.pooling})")
+    parser.add_argument("--null-permutations", type=non_negative_int, help=f"permutations of the probe labels "
+                        f"whose metrics give every layer's null (null_mean, null_std in metrics.jsonl; the "
+                        f"report's band) (default {d.null_permutations}; 0: off)")
     parser.add_argument("--geodesic-samples", type=non_negative_int, help=f"probe samples for LSS and the W-path "
                         f"ratio of cwresnet (default {d.geodesic_samples}; 0: off)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
@@ -389,7 +392,8 @@ class TrainingRun:
         self.sampler: DistributedSampler[int] = DistributedSampler(indices, num_replicas=ddp.world, rank=ddp.rank,
                                                                    shuffle=True, seed=config.seed)
         self.local_batch = config.batch_size // ddp.world
-        self.monitor = PFCMonitor(self.model, num_classes=data.num_classes, pooling=config.pooling)
+        self.monitor = PFCMonitor(self.model, num_classes=data.num_classes, pooling=config.pooling,
+                                  null_permutations=config.null_permutations, null_seed=config.seed)
         self.geodesic = self._geodesic_subset()
 
     def _scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
