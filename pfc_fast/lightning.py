@@ -34,7 +34,7 @@ import itertools
 import math
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sized
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Union, cast
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union, cast
 
 import torch
 import torch.distributed as dist
@@ -49,7 +49,7 @@ except ImportError as error:
 
 from . import _inputs
 from .metrics import NCMetrics
-from .monitor import Classifier, LayerNames, PFCMonitor, PFCResult, _abbreviated
+from .monitor import Classifier, LayerNames, ModelInputs, PFCMonitor, PFCResult, _abbreviated, split_batch
 
 if TYPE_CHECKING:  # pandas is optional and ships no type information; matplotlib has none
     import pandas  # type: ignore[import-untyped, import-not-found, unused-ignore]
@@ -122,7 +122,8 @@ class PFCCallback(pl.Callback):
             ``layer_transform``).
 
     The network measured is the LightningModule itself: ``module(inputs)`` must give the logits
-    (or pass ``output_transform``). The monitor is built at ``on_fit_start``, on the model's final
+    (or pass ``output_transform``); the probe inputs are converted by the trainer's precision
+    plugin, as its training batches are (``precision="bf16-true"``: bfloat16). The monitor is built at ``on_fit_start``, on the model's final
     device, so that bad layer names stop the fit before its first step. Sanity checking runs no
     training epoch, so it measures nothing.
 
@@ -184,8 +185,16 @@ class PFCCallback(pl.Callback):
         return self._generate_state_key(prefix=self.prefix)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        split = self.monitor_options.get("batch_transform", split_batch)
+        convert = trainer.precision_plugin.convert_input  # the trainer's precision ("bf16-true": bfloat16 inputs)
+
+        def converted(batch: Any) -> Tuple[ModelInputs, torch.Tensor]:
+            inputs, labels = split(batch)
+            return convert(inputs), labels
+
+        options = {**self.monitor_options, "batch_transform": converted}
         self._monitor = PFCMonitor(pl_module, layers=self.layers, num_classes=self.num_classes, pooling=self.pooling,
-                                   **self.monitor_options)
+                                   **options)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch

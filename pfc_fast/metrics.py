@@ -531,7 +531,9 @@ class NCAccumulator:
     the first and the second batch of each pass compile a graph each (the state is made by the
     first), and so does a new batch size once (then traced with a dynamic size); new accumulators
     of other data reuse the graphs (float64 features rescaled by a power of two other than 1 add
-    the second pass's two). Accumulators of another ``D``, dtype, device or options need graphs
+    the second pass's two). Accumulators of a second ``D`` need ``torch.compile(...,
+    dynamic=False)``: with a dynamic ``D`` the pass tally's draws (seeded by ``D``) overflow
+    inductor's int64 arithmetic (an ``InductorError``; a known limitation). Accumulators of another ``D``, dtype, device or options need graphs
     of their own, and ``torch._dynamo.config.recompile_limit`` (8) bounds those of ``update``
     (one function, whichever accumulator): raise it to compile several kinds.
 
@@ -644,6 +646,9 @@ class NCAccumulator:
             raise RuntimeError("update() after compute(); call reset() to measure other data")
         if self._reduced:
             raise RuntimeError("update() after all_reduce() in the same pass; call next_pass() or compute()")
+        if self._null is not None and torch.compiler.is_compiling():
+            raise RuntimeError("NCAccumulator.update() with null_permutations > 0 draws its permutations on the "
+                               "host and does not compile; call it eagerly, or use null_permutations=0")
         feats, labels = self._batch(feats, labels)
         if self._pass == 1:
             if predictions is not None:

@@ -181,10 +181,12 @@ def default_layers(model: nn.Module) -> OrderedDict[str, str]:
        :func:`pfc_fast.app.models.small_image_resnet`): ``"stem"``, the child registered just before
        ``layer1`` (``maxpool``: the input of the first block), then every block, ``"layer1.0"``,
        ``"layer1.1"``, ..., ``"layer4.{last}"``;
-    3. otherwise a block list, the longest ``nn.Sequential`` / ``nn.ModuleList`` of two or more
-       modules of one type that have submodules of their own (a ViT's ``blocks`` in timm,
+    3. otherwise the model's one block list, an ``nn.Sequential`` / ``nn.ModuleList`` of two or
+       more modules of one type that have submodules of their own (a ViT's ``blocks`` in timm,
        ``encoder.layers`` in torchvision): every block, named ``"{list}.{block}"`` (e.g.
-       ``"blocks.0"``, ``"layers.encoder_layer_0"``).
+       ``"blocks.0"``, ``"layers.encoder_layer_0"``). Several such lists, none inside another
+       (the stages of a ConvNeXt or a Swin, heads beside a backbone), raise a ``ValueError`` that
+       names them: which make the depth is the caller's choice.
 
     Display names leave out the path to the submodule found (``net.layer1.0`` in a wrapper, such as
     a LightningModule, is ``"layer1.0"``). A model with none of these raises a ``ValueError`` that
@@ -205,9 +207,14 @@ def default_layers(model: nn.Module) -> OrderedDict[str, str]:
                 names += [(f"{stage}.{block}", f"{head}{stage}.{block}")
                           for block, _ in getattr(module, stage).named_children()]
             return OrderedDict(names)
-    lists = [(path, len(module)) for path, module in modules if _is_block_list(module)]
+    lists = [path for path, module in modules if _is_block_list(module)]
+    lists = [path for path in lists if not any(path.startswith(f"{other}.") for other in lists)]  # outermost
+    if len(lists) > 1:  # stages of a hierarchical model (ConvNeXt, Swin), or heads beside a backbone
+        raise ValueError(f"layers: a {type(model).__name__} has {len(lists)} lists of blocks "
+                         f"({_abbreviated(lists, shown=6, width=40)}), so which of them make its depth is not "
+                         "clear; pass layers=[module names], e.g. the blocks of every stage in forward order")
     if lists:
-        path, _ = max(lists, key=lambda item: item[1])  # the first of the longest
+        path = lists[0]
         short = path.rpartition(".")[2]
         return OrderedDict((f"{short}.{block}", f"{path}.{block}")
                            for block, _ in dict(modules)[path].named_children())
@@ -484,6 +491,11 @@ class PFCMonitor:
         missing = [name for name in self.layers if name not in outputs]
         if missing:
             raise ValueError(f"layers: {', '.join(map(repr, missing))} did not run in the forward pass")
+        for name in self.layers:
+            if isinstance(logits, torch.Tensor) and logits.dim() >= 1 and outputs[name].shape[0] != logits.shape[0]:
+                raise ValueError(f"layers: {name!r} gives {outputs[name].shape[0]} rows of features for a batch of "
+                                 f"{logits.shape[0]} samples (its output has the samples in another dimension, e.g. "
+                                 "sequence-first); pass layer_transform=lambda name, output: <(B, ...) features>")
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[1] != self.num_classes:
             shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
             source = "the model" if self.output_transform is logits_of else "output_transform"

@@ -222,3 +222,24 @@ def test_residual_stats_of_error_tensor_passes_opcheck():
     expected = torch.ops.pfc_fast.residual_stats(*args[:6], float(second.score_error), *args[7:9])
     for ours, theirs in zip(torch.ops.pfc_fast.residual_stats_of_error_tensor(*args), expected):
         assert torch.equal(ours, theirs)
+
+
+def test_accumulators_of_two_dimensions_compile_with_inductor():
+    """A second D compiles with dynamic=False, as the docstring says (with a dynamic D the pass
+    tally's 64-bit draws, seeded by D, overflow inductor's int64 arithmetic: a known limitation)."""
+    torch._dynamo.reset()
+    for dim in (8, 16):
+        feats, labels = make_features(64, dim, 4, seed=seed_for("two dims", dim))
+        acc = pfc_fast.NCAccumulator(4)
+        update = torch.compile(acc.update, fullgraph=True, dynamic=False)
+        update(feats, labels)
+        acc.next_pass()
+        update(feats, labels)
+        assert_metrics_close(acc.compute(), pfc_fast.nc_metrics(feats, labels, num_classes=4).to_dict(), rtol=1e-10)
+
+
+def test_the_null_says_that_it_does_not_compile():
+    feats, labels = make_features(32, 4, 3, seed=seed_for("null compile"))
+    acc = pfc_fast.NCAccumulator(3, null_permutations=2)
+    with pytest.raises(Exception, match="null_permutations > 0 draws its permutations on the host"):
+        torch.compile(acc.update, fullgraph=True, backend="aot_eager")(feats, labels)

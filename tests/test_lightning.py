@@ -404,3 +404,13 @@ def test_the_probe_sets_refused_under_torch_distributed(tmp_path):
             assert ours["num_samples"] == 30
             assert_metrics_close(pfc_fast.NCMetrics(**{k: v for k, v in ours.items() if k != "name"}),
                                  {**theirs.to_dict(), "null_mean": None}, rtol=1e-9)
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "64-true"])
+def test_probe_batches_take_the_trainers_precision(precision):
+    """The probe inputs go through the precision plugin, as the training batches do (float32 probe
+    images into a bfloat16 or float64 network failed at the first epoch's end)."""
+    module, train, probe = _setup(f"precision {precision}")
+    pfc = PFCCallback(probe, num_classes=3, layers=LAYERS, null_permutations=0)
+    _trainer(max_epochs=1, precision=precision, callbacks=[pfc]).fit(module, train)
+    assert pfc.results[0].layers["net.blocks.1"].num_samples == 30

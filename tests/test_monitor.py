@@ -677,7 +677,15 @@ def test_block_lists_and_the_error_that_lists_candidates():
             self.short = nn.ModuleList(nn.Sequential(nn.Linear(4, 4)) for _ in range(2))
             self.long = nn.Sequential(*(nn.Sequential(nn.Linear(4, 4)) for _ in range(3)))
 
-    assert pfc_fast.monitor.default_layers(Mixed()) == {f"long.{i}": f"long.{i}" for i in range(3)}
+    mixed = Mixed()
+    with pytest.raises(ValueError, match=r"a Mixed has 2 lists of blocks \(short, long\), so which of them make its "
+                                         r"depth is not clear; pass layers="):
+        pfc_fast.monitor.default_layers(mixed)
+    del mixed.short
+    assert pfc_fast.monitor.default_layers(mixed) == {f"long.{i}": f"long.{i}" for i in range(3)}
+    # the stages of a hierarchical model: which make the depth is the caller's choice
+    with pytest.raises(ValueError, match=r"has 4 lists of blocks \(features.1, features.3, features.5, features.7\)"):
+        pfc_fast.PFCMonitor(torchvision.models.convnext_tiny(num_classes=3), num_classes=3)
     flat = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3))
     with pytest.raises(ValueError, match=r"no default layers for a Sequential .* pass layers=\[module names\], e.g. "
                                          r"of the containers 0, 1, 2"):
@@ -685,3 +693,25 @@ def test_block_lists_and_the_error_that_lists_candidates():
     nested = nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), nn.Linear(4, 3))
     with pytest.raises(ValueError, match=r"of the containers 0$"):
         pfc_fast.PFCMonitor(nested, num_classes=3)
+
+
+class _SequenceFirst(nn.Module):
+    """A layer whose output has the samples second, (S, B, C), as nn.Transformer's default layout."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):  # x (B, S, 4)
+        h = self.embed(x.transpose(0, 1))  # (S, B, 6)
+        return self.head(h.mean(0))
+
+
+def test_a_layer_without_the_samples_first_is_named():
+    gen = torch.Generator().manual_seed(seed_for("sequence first"))
+    x, y = torch.randn(30, 10, 4, generator=gen), torch.arange(30) % 3
+    with pytest.raises(ValueError, match=r"layers: 'embed' gives 10 rows of features for a batch of 30 samples"):
+        pfc_fast.PFCMonitor(_SequenceFirst(), layers=["embed"], num_classes=3).measure([(x, y)])
+    result = pfc_fast.PFCMonitor(_SequenceFirst(), layers=["embed"], num_classes=3,
+                                 layer_transform=lambda name, out: out.transpose(0, 1)).measure([(x, y)])
+    assert result.layers["embed"].dim == 60
