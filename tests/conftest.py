@@ -113,14 +113,17 @@ def assert_metrics_close(ours, ref, rtol, exact_decisions=True, abs_tol=1e-14):
 
 def resnet_by_hand(model, x):
     """Stem output and every block output of a torchvision ResNet, and its logits, computed
-    explicitly (torchvision's ``_forward_impl`` step by step)."""
-    h = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+    explicitly (torchvision's ``_forward_impl`` step by step; timm's ResNets name the stem's
+    activation ``act1`` and pool with ``global_pool``, which flattens)."""
+    activation = model.relu if hasattr(model, "relu") else model.act1
+    pool = model.avgpool if hasattr(model, "avgpool") else model.global_pool
+    h = model.maxpool(activation(model.bn1(model.conv1(x))))
     feats = [h]
     for stage in (model.layer1, model.layer2, model.layer3, model.layer4):
         for block in stage:
             h = block(h)
             feats.append(h)
-    return feats, model.fc(torch.flatten(model.avgpool(h), 1))
+    return feats, model.fc(torch.flatten(pool(h), 1))
 
 
 def interrupt_on_call(function, n, signum=None):

@@ -479,13 +479,8 @@ def test_timm_resnet_default_layers_match_features_by_hand():
     assert monitor.layer_names == ["stem"] + [f"layer{s}.{b}" for s in range(1, 5) for b in range(2)]
     result = monitor.measure(_batches(images, labels, [20, 16]))
     with torch.no_grad():
-        h = model.maxpool(model.act1(model.bn1(model.conv1(images))))
-        feats = [h]
-        for stage in (model.layer1, model.layer2, model.layer3, model.layer4):
-            for block in stage:
-                h = block(h)
-                feats.append(h)
-        predictions = model(images).argmax(1)
+        feats, logits = resnet_by_hand(model, images)
+        predictions = logits.argmax(1)
     for (name, metrics), expected in zip(result.layers.items(), _by_hand_metrics(feats, labels, predictions, "gap")):
         assert_metrics_close(metrics, expected, rtol=1e-9)
 

@@ -79,27 +79,25 @@ def test_nc_metrics_null_equals_the_exact_metrics_of_permuted_labels(device, n, 
             {key: v for key, v in plain.to_dict().items() if not key.startswith("null")}
 
 
-def test_accumulator_null_permutes_within_batches_and_rescales(device):
-    seed = seed_for("null batches")
-    feats, labels = make_features(900, 24, 5, seed=seed, device=device, dtype=torch.float64)
-    feats = feats * 2.0 ** -400  # the power-of-two rescaling applies to every labelling
-    sizes = [400, 300, 200]
-    acc = pfc_fast.NCAccumulator(5, null_permutations=4, null_seed=7)
+def _two_passes(acc, feats, labels, sizes):
+    """``acc.compute()`` after both passes over the batches of ``sizes``, in order."""
     for _ in range(2):
         for piece_feats, piece_labels in zip(feats.split(sizes), labels.split(sizes)):
             acc.update(piece_feats, piece_labels)
         if acc.current_pass == 1:
             acc.next_pass()
-    m = acc.compute()
+    return acc.compute()
+
+
+def test_accumulator_null_permutes_within_batches_and_rescales(device):
+    seed = seed_for("null batches")
+    feats, labels = make_features(900, 24, 5, seed=seed, device=device, dtype=torch.float64)
+    feats = feats * 2.0 ** -400  # the power-of-two rescaling applies to every labelling
+    sizes = [400, 300, 200]
+    m = _two_passes(pfc_fast.NCAccumulator(5, null_permutations=4, null_seed=7), feats, labels, sizes)
     _assert_null_close(m.null_mean, m.null_std, _expected_null(feats, labels, sizes, 4, 7, num_classes=5))
     assert m.null_mean["nc1"] > 10 * m.nc1  # separated classes: far below the null
-    again = pfc_fast.NCAccumulator(5, null_permutations=4, null_seed=7)
-    for _ in range(2):
-        for piece_feats, piece_labels in zip(feats.split(sizes), labels.split(sizes)):
-            again.update(piece_feats, piece_labels)
-        if again.current_pass == 1:
-            again.next_pass()
-    repeated = again.compute()  # the same seed, the same permutations (to the last bits the simt blocks' order moves)
+    repeated = _two_passes(pfc_fast.NCAccumulator(5, null_permutations=4, null_seed=7), feats, labels, sizes)  # the same seed, the same permutations (to the last bits the simt blocks' order moves)
     _assert_null_close(repeated.null_mean, repeated.null_std, (m.null_mean, m.null_std), rtol=1e-12)
 
 
