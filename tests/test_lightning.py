@@ -27,7 +27,8 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 import pfc_fast  # noqa: E402
-from pfc_fast.lightning import PFCCallback  # noqa: E402
+from pfc_fast.lightning import PFCCallback
+from lightning.pytorch.plugins.precision import Precision  # noqa: E402
 
 from conftest import assert_metrics_close, seed_for  # noqa: E402
 
@@ -364,16 +365,17 @@ def _shard_checks_main(rank, world, init_file, out_dir, module, batches):
         probe = DataLoader(TensorDataset(torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])),
                            batch_size=8, shuffle=True)
         epoch_end = types.SimpleNamespace(current_epoch=0)
+        fit_start = types.SimpleNamespace(precision_plugin=Precision())  # float32: the inputs as they are
         errors = []
         for loader in (batches[:1], batches[:3 - rank], probe, _NoLength(batches)):
             pfc = PFCCallback(loader, num_classes=3, layers=LAYERS)
-            pfc.on_fit_start(None, module)
+            pfc.on_fit_start(fit_start, module)
             try:
                 pfc.on_train_epoch_end(epoch_end, module)
             except (TypeError, ValueError) as error:
                 errors.append(f"{type(error).__name__}: {error}")
         pfc = PFCCallback(batches, num_classes=3, layers=LAYERS)
-        pfc.on_fit_start(None, module)
+        pfc.on_fit_start(fit_start, module)
         bn = module.net.stem[1]
         with torch.no_grad():
             bn.running_var.add_(rank)
