@@ -101,7 +101,7 @@ def _plot_training(records, initial, path):
 
 def run(preset, runs_dir, out, device="auto"):
     """Train or reuse ``preset``, compare with the transparent model, write figures and JSON."""
-    run_dir, records = train_or_reuse(preset, runs_dir, device)
+    run_dir, records = train_or_reuse(preset, runs_dir, device, needs_null=False)  # no use of the null
     if not records[-1].has_geodesic:
         raise SystemExit(f"preset {preset} records no geodesic scores: the transparent model needs a "
                          "constant-width network (--model cwresnet) with --geodesic-samples > 0")
