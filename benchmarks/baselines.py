@@ -28,6 +28,16 @@ Optimal transport (docs/spec.md section 4; each is given its cost matrix, comput
 - :func:`torch_sinkhorn_log`: the log-domain iterations of pfc_fast written as a plain PyTorch
   loop, ``f_i = -eps log sum_j b_j exp((g_j - C_ij)/eps)`` then ``g`` likewise, from ``g = 0``.
 
+To a tolerance (the time-to-tolerance table), each with its own stopping rule:
+
+- :func:`pot_to_tolerance`: POT's ``sinkhorn``, ``sinkhorn_log`` or ``sinkhorn_stabilized`` with
+  ``stopThr = tol`` (POT's rule: the 2-norm of a marginal's violation, checked every 10
+  iterations); returns the plan, whose 1-norm marginal errors :func:`plan_marginal_error` measures;
+- :func:`geomloss_potentials`: GeomLoss's ``SamplesLoss("sinkhorn", backend="tensorized")``, which
+  anneals eps (``scaling`` per step) instead of testing a tolerance; for ``C = ||x - y||^2`` and
+  ``eps`` its problem is ``p = 2`` (cost ``||x - y||^2 / 2``) at ``blur = sqrt(eps / 2)``, its
+  potentials half of pfc_fast's.
+
 ``tests/test_bench_baselines.py`` checks that each computes the numbers of
 :mod:`pfc_fast.reference`, so no speed-up is measured against a wrong baseline.
 """
@@ -37,6 +47,10 @@ try:
     import ot
 except ImportError:  # the GPU machine has POT only when benchmarks/wheels is carried along
     ot = None
+try:
+    import geomloss
+except ImportError:
+    geomloss = None
 
 
 def _batches(feats, labels, batch_size, dtype=torch.float64):
@@ -179,3 +193,54 @@ def pot_sinkhorn(cost, eps, n_iter, a=None, b=None):
     """POT's ``ot.sinkhorn`` (Sinkhorn-Knopp) for ``n_iter`` iterations (``stopThr=0``); returns the plan."""
     a, b = _uniform(cost, a, b)
     return _pot().sinkhorn(a, b, cost, eps, method="sinkhorn", numItermax=n_iter, stopThr=0.0, warn=False)
+
+
+#: POT's solvers to a tolerance, by the name of their ``method``.
+POT_METHODS = ("sinkhorn", "sinkhorn_log", "sinkhorn_stabilized")
+
+
+def pot_to_tolerance(cost, eps, tol, max_iter, method):
+    """POT's ``ot.sinkhorn(method=method)`` with ``stopThr=tol``, at most ``max_iter`` iterations;
+    returns the plan (NaN where the method broke down)."""
+    a, b = _uniform(cost, None, None)
+    return _pot().sinkhorn(a, b, cost, eps, method=method, numItermax=max_iter, stopThr=tol, warn=False)
+
+
+def plan_marginal_error(plan):
+    """``max(||P 1 - a||_1, ||P^T 1 - b||_1)`` of a plan of uniform marginals, in float64 (NaN
+    where the plan holds NaN or Inf)."""
+    plan = torch.as_tensor(plan)
+    n, m = plan.shape[-2:]
+    rows = (plan.sum(-1, dtype=torch.float64) - 1.0 / n).abs().sum(-1)
+    cols = (plan.sum(-2, dtype=torch.float64) - 1.0 / m).abs().sum(-1)
+    error = torch.maximum(rows, cols)
+    return float(error) if bool(torch.isfinite(plan).all()) else float("nan")
+
+
+def geomloss_potentials(x, y, eps, scaling):
+    """GeomLoss's tensorized Sinkhorn for ``C = ||x - y||^2`` at ``eps`` (uniform weights, no
+    debiasing), with eps annealed by ``scaling``; returns pfc_fast's potentials ``(f, g)``."""
+    if geomloss is None:
+        raise RuntimeError("GeomLoss is not installed (pip install geomloss)")
+    loss = geomloss.SamplesLoss("sinkhorn", p=2, blur=(eps / 2) ** 0.5, scaling=scaling, debias=False,
+                                potentials=True, backend="tensorized")
+    n, m = x.shape[-2], y.shape[-2]
+    a = torch.full((1, n), 1.0 / n, dtype=x.dtype, device=x.device)
+    b = torch.full((1, m), 1.0 / m, dtype=x.dtype, device=x.device)
+    f, g = loss(a, x.unsqueeze(0), b, y.unsqueeze(0))
+    return 2 * f[0], 2 * g[0]
+
+
+def potentials_marginal_error(cost, f, g, eps, chunk_rows=256):
+    """:func:`plan_marginal_error` of the plan ``exp((f_i + g_j - C_ij) / eps) / (N M)`` of
+    potentials, formed in float64 a chunk of rows at a time."""
+    cost, f, g = (torch.as_tensor(t).double() for t in (cost, f, g))
+    n, m = cost.shape
+    rows, cols = 0.0, torch.zeros(m, dtype=torch.float64, device=cost.device)
+    for start in range(0, n, chunk_rows):
+        part = torch.exp((f[start:start + chunk_rows, None] + g[None] - cost[start:start + chunk_rows]) / eps) / (n * m)
+        rows += float((part.sum(1) - 1.0 / n).abs().sum())
+        cols += part.sum(0)
+    error = max(rows, float((cols - 1.0 / m).abs().sum()))
+    return error if torch.isfinite(f).all() and torch.isfinite(g).all() else float("nan")
+

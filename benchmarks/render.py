@@ -2,7 +2,7 @@
 report of one run, and tables that gather the rows of several machines (the README's section).
 
 A row shows the case's params, the median time of every contender (per iteration where the table
-says so) and, where the table measures it, its peak memory, each baseline's speed-up ``baseline
+says so) and, where the table measures it, its peak memory or what it reached (a tolerance), each baseline's speed-up ``baseline
 time / time of the fastest of ours`` in the same run,
 ``ours / reference`` where the table has a reference (a training epoch), and on a GPU the fraction
 of the floor each of ours reached (``floor time / measured time``). Skipped contenders point to a
@@ -40,6 +40,15 @@ def ratio_text(ratio):
     return f"{ratio:.1f}x" if ratio >= 1 else f"{ratio:.2f}x"
 
 
+def outcome_text(outcome):
+    """``err 3.1e-07, 412 it`` or ``NOT REACHED: err 0.012``: what a contender to a tolerance reached."""
+    error = outcome["marginal_error"]
+    text = f"err {error:.2g}" + (f", {outcome['n_iter']:,} it" if "n_iter" in outcome else "")
+    if outcome["reached"]:
+        return text
+    return "NaN" if error != error else f"NOT REACHED: {text}"
+
+
 def _param_text(value):
     if value is None:
         return "-"
@@ -71,6 +80,8 @@ def _row(result, case, table, notes, with_machine, with_floor):
                 text += f" ({ratio_text(entry['seconds'] / ours)})"
             if "peak_bytes" in entry:
                 text += f", peak {bytes_text(entry['peak_bytes'])}"
+            if "outcome" in entry:
+                text += f", {outcome_text(entry['outcome'])}"
             if role == "reference":
                 reference = entry["seconds"]
             cells.append(text)

@@ -13,6 +13,10 @@ being the GPU's name or the CPU's model and thread count. Where that machine's f
 committed results), a run writes new ones beside them, ``bench-<machine>-<date>``, unless
 ``--replace`` says to overwrite them.
 
+A group may define ``outcome(case, inputs, name, output)``: what the last timed run of a contender
+reached (the time-to-tolerance table: its marginal error, iterations and whether it reached the
+tolerance), kept in the results beside its time.
+
 ``--readme`` runs nothing: it rewrites README.md's generated performance section from the
 ``bench-*.json`` files of ``--out`` (:mod:`benchmarks.readme`).
 
@@ -38,7 +42,7 @@ from .baselines import ot
 from .cases import GROUPS, SIZES, check_size, group_module, input_skip_reason, skip_reason
 from .plot import plot
 from .readme import update_readme
-from .render import bytes_text, ratio_text, report_markdown, seconds_text
+from .render import bytes_text, outcome_text, ratio_text, report_markdown, seconds_text
 from .timing import device_name, device_rates, machine_name, peak_memory, run_times
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -87,12 +91,20 @@ def _time_contender(module, case, inputs, name, device, sizes, rates):
         return {"skipped": reason}
     repeat, budget = TIMING[sizes]
     fn = module.runner(case, inputs, name)
+    last = []  # the last run's output, for the group's outcome()
+
+    def keeping():
+        last[:] = [fn()]
+
     try:
-        times = run_times(fn, device, repeat, budget)
+        times = run_times(keeping, device, repeat, budget)
         peak = peak_memory(fn, device) if module.TABLES[case.table].with_memory else None
     except (torch.OutOfMemoryError, MemoryError) as error:
         return {"skipped": f"out of memory ({str(error).splitlines()[0][:120]})"}
     entry = {"seconds": statistics.median(times), "min_s": min(times), "runs": len(times)}
+    found = module.outcome(case, inputs, name, last[0]) if hasattr(module, "outcome") else None
+    if found is not None:
+        entry["outcome"] = found
     if peak is not None:
         entry["peak_bytes"] = peak
     floor = module.floor(case, name, rates)
@@ -108,6 +120,8 @@ def _entry_text(entry, label, ours):
     text = f"    {label}: {seconds_text(entry['seconds'])} ({runs})"
     if "peak_bytes" in entry:
         text += f", peak {bytes_text(entry['peak_bytes'])}"
+    if "outcome" in entry:
+        text += f", {outcome_text(entry['outcome'])}"
     return text + (f", {ratio_text(entry['seconds'] / ours)} ours" if ours else "")
 
 

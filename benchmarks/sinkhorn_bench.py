@@ -1,6 +1,20 @@
 """The sinkhorn benchmarks: :func:`pfc_fast.sinkhorn` (``mode="dense"`` and ``"online"``) against
 POT (``ot.bregman.sinkhorn_log``, ``ot.sinkhorn``) and a plain PyTorch log-domain loop
-(:mod:`benchmarks.baselines`), and B problems in one batched call against a loop of B calls.
+(:mod:`benchmarks.baselines`), B problems in one batched call against a loop of B calls, and the
+time to a tolerance against POT's three solvers and GeomLoss.
+
+Time to tolerance (table ``sinkhorn-tol``): the time until the marginal error reaches ``TOLERANCE``
+(1e-6 in float64, 1e-4 in float32), at ``eps`` = 0.05, 0.01 and 0.001 times the median cost, from
+the same clouds. The error is measured the same way for everyone after the timed call,
+``max(||P 1 - a||_1, ||P^T 1 - b||_1)`` of the returned plan or potentials in float64
+(:func:`benchmarks.baselines.plan_marginal_error`), and shown beside each time with the iterations
+where known; a contender whose error is not below ``REACHED_SLACK`` times the tolerance (each stops
+at it by its own arithmetic and rule) or that returns NaN is marked so. Ours: ``auto``
+(the scaling solver in dense mode) and ``method="log"``, ``tol`` as given, ``max_iter =
+max_iterations(params)`` (``MAX_ITER``, fewer at large N M). POT: ``stopThr = tol`` (its own rule,
+a 2-norm of a marginal's violation, so it may stop at a larger 1-norm error: then marked), the same
+``numItermax``. GeomLoss has no tolerance: its eps-annealing factor ``scaling`` is chosen, untimed,
+as the first of ``GEOMLOSS_SCALINGS`` whose potentials reach the tolerance (the last if none does).
 
 Inputs: point clouds ``x ~ N(0, I)``, ``y ~ N(0.5, 0.64 I)`` of ``N = M`` points in dimension
 ``D`` (batches: ``(B, N, D)``), float32, uniform weights, ``eps = 0.05 * median_cost(x, y)``, a
@@ -27,7 +41,26 @@ TABLES = {
                       per_iteration=True),
     "sinkhorn-batch": Table("`sinkhorn` on B problems (layer pairs): one batched call against B calls "
                             "(float32, time per iteration)", (("B", "B"),) + _POINT, per_iteration=True),
+    "sinkhorn-tol": Table("`sinkhorn` time to tolerance (marginal error 1e-6 in float64, 1e-4 in float32; "
+                          "eps a fraction of the median cost; the error reached and the iterations beside each time)",
+                          (("N", "N"), ("M", "M"), ("D", "D"), ("eps", "eps / median"), ("dtype", "dtype"))),
 }
+#: The marginal error to reach, by dtype.
+TOLERANCE = {"float64": 1e-6, "float32": 1e-4}
+#: The most iterations of every contender to a tolerance: MAX_ITER, or fewer where N M is so large
+#: that they would sweep more than MAX_ENTRIES kernel entries (a solver that breaks down runs to it).
+MAX_ITER = 20_000
+MAX_ENTRIES = 2e10
+
+
+def max_iterations(params):
+    """The iteration cap of every contender of a time-to-tolerance case."""
+    return max(10, min(MAX_ITER, int(MAX_ENTRIES / (params["N"] * params["M"]))))
+#: GeomLoss's eps-annealing factors tried, in order, until its potentials reach the tolerance.
+GEOMLOSS_SCALINGS = (0.5, 0.7, 0.9, 0.95)
+#: A contender reached the tolerance where its error, measured again in float64, is below this
+#: multiple of it (everyone stops right at the tolerance by their own arithmetic).
+REACHED_SLACK = 1.5
 
 
 def _entries(p):
@@ -36,6 +69,16 @@ def _entries(p):
 
 def _pot_missing():
     return None if baselines.ot is not None else "POT is not installed"
+
+
+def _geomloss_missing():
+    return None if baselines.geomloss is not None else "GeomLoss is not installed"
+
+
+def _to_tolerance(label, role="baseline", unavailable=None, memory=0):
+    """A contender of the time-to-tolerance table holding ``memory`` N x M matrices of the dtype."""
+    return Contender(label, role, memory=lambda p: memory * _entries(p) * (8 if p["dtype"] == "float64" else 4),
+                     memory_text="N x M matrices", unavailable=unavailable)
 
 
 def _baseline(label, matrices, loop_matrices=0, pot=False):
@@ -60,9 +103,31 @@ CONTENDERS = {
     "ours_loop": Contender("ours, B calls", "baseline"),
     "pot_log_loop": _baseline("POT sinkhorn_log, B calls", 1, loop_matrices=5, pot=True),
     "torch_log_batched": _baseline("PyTorch log loop, batched", 4),
+    "ours_tol": _to_tolerance("ours (auto: scaling)", "ours", memory=2),
+    "ours_log_tol": _to_tolerance("ours, log domain", "ours", memory=1),
+    "pot_tol": _to_tolerance("POT sinkhorn", unavailable=_pot_missing, memory=4),
+    "pot_log_tol": _to_tolerance("POT sinkhorn_log", unavailable=_pot_missing, memory=6),
+    "pot_stabilized_tol": _to_tolerance("POT sinkhorn_stabilized", unavailable=_pot_missing, memory=6),
+    "geomloss_tol": Contender("GeomLoss tensorized", "baseline", unavailable=_geomloss_missing,
+                              memory=lambda p: 6 * _entries(p) * (8 if p["dtype"] == "float64" else 4),
+                              memory_text="N x M matrices", work=_entries, work_limit={"cpu": 4.1e6, "cuda": 1e9},
+                              work_text="N M (its calibration runs up to one solve per scaling)"),
 }
 _SINGLE = ("ours_dense", "ours_online", "pot_log", "pot", "torch_log")
 _BATCHED = ("ours_batched", "ours_loop", "pot_log_loop", "torch_log_batched")
+_TOLERANCE = ("ours_tol", "ours_log_tol", "pot_tol", "pot_log_tol", "pot_stabilized_tol", "geomloss_tol")
+_CONTENDERS = {"sinkhorn": _SINGLE, "sinkhorn-batch": _BATCHED, "sinkhorn-tol": _TOLERANCE}
+
+
+_EPS_FACTORS = (0.05, 0.01, 0.001)
+
+
+def _tolerance_grid(sizes, size_factors=_EPS_FACTORS):
+    """The time-to-tolerance cases: N = M = sizes[0] at every eps in float32 and float64, then the
+    other sizes at the eps factors ``size_factors`` in float32."""
+    base = {"N": sizes[0], "M": sizes[0], "D": 64, "eps": _EPS_FACTORS[0], "dtype": "float32"}
+    return base, {"eps": [{"eps": e, "dtype": d} for d in ("float32", "float64") for e in _EPS_FACTORS],
+                  "N": [{"N": n, "M": n, "eps": e} for n in sizes[1:] for e in size_factors]}
 
 
 def _n(n, iterations=None):
@@ -74,43 +139,50 @@ _BASE = {"cpu": {"N": 2_000, "M": 2_000, "D": 64, "iterations": 100},
 #: ``{size: {device type: {table: (base, sweeps)}}}``, see :func:`benchmarks.cases.sweep`.
 _GRIDS = {
     "tiny": {device: {"sinkhorn": ({"N": 64, "M": 64, "D": 8, "iterations": 5}, {"N": [_n(32), _n(64)]}),
-                      "sinkhorn-batch": ({"B": 2, "N": 32, "M": 32, "D": 8, "iterations": 5}, {"B": [{"B": 2}]})}
+                      "sinkhorn-batch": ({"B": 2, "N": 32, "M": 32, "D": 8, "iterations": 5}, {"B": [{"B": 2}]}),
+                      "sinkhorn-tol": ({"N": 64, "M": 64, "D": 8, "eps": 0.05, "dtype": "float64"},
+                                       {"eps": [{"eps": 0.05}, {"eps": 0.01, "dtype": "float32"}]})}
              for device in ("cpu", "cuda")},
     "quick": {
-        "cpu": {"sinkhorn": (_BASE["cpu"], {"N": [_n(1_000), _n(2_000), _n(5_000, 20), _n(10_000, 10)],
+        "cpu": {"sinkhorn": (_BASE["cpu"], {"N": [_n(1_000), _n(2_000), _n(5_000, 50), _n(10_000, 50)],
                                             "D": [{"D": d} for d in (16, 64, 256, 512)]}),
                 "sinkhorn-batch": ({"B": 8, "N": 1_000, "M": 1_000, "D": 64, "iterations": 50},
-                                   {"B": [{"B": b} for b in (2, 8)]})},
+                                   {"B": [{"B": b} for b in (2, 8)]}),
+                "sinkhorn-tol": _tolerance_grid((1_000, 2_000, 5_000), size_factors=(0.05, 0.01))},
         "cuda": {"sinkhorn": (_BASE["cuda"], {"N": [_n(10_000), _n(50_000), _n(100_000, 20)],
                                               "D": [{"D": d} for d in (16, 64, 512)]}),
                  "sinkhorn-batch": ({"B": 8, "N": 10_000, "M": 10_000, "D": 64, "iterations": 100},
-                                    {"B": [{"B": 8}]})},
+                                    {"B": [{"B": 8}]}),
+                 "sinkhorn-tol": _tolerance_grid((1_000, 10_000))},
     },
     "full": {
-        "cpu": {"sinkhorn": (_BASE["cpu"], {"N": [_n(1_000), _n(2_000), _n(5_000, 20), _n(10_000, 10),
+        "cpu": {"sinkhorn": (_BASE["cpu"], {"N": [_n(1_000), _n(2_000), _n(5_000, 50), _n(10_000, 50),
                                                   _n(20_000, 5)],
                                             "D": [{"D": d} for d in (16, 32, 64, 128, 256, 512)]}),
                 "sinkhorn-batch": ({"B": 8, "N": 1_000, "M": 1_000, "D": 64, "iterations": 50},
-                                   {"B": [{"B": b} for b in (2, 4, 8, 16)]})},
+                                   {"B": [{"B": b} for b in (2, 4, 8, 16)]}),
+                "sinkhorn-tol": _tolerance_grid((1_000, 2_000, 5_000, 10_000))},
         "cuda": {"sinkhorn": (_BASE["cuda"], {"N": [_n(n) for n in (1_000, 2_000, 5_000, 10_000, 20_000, 50_000)]
                                               + [_n(100_000, 20)],
                                               "D": [{"D": d} for d in (16, 32, 64, 128, 256, 512)]}),
                  "sinkhorn-batch": ({"B": 8, "N": 10_000, "M": 10_000, "D": 64, "iterations": 100},
-                                    {"B": [{"B": b} for b in (2, 4, 8, 16)]})},
+                                    {"B": [{"B": b} for b in (2, 4, 8, 16)]}),
+                 "sinkhorn-tol": _tolerance_grid((1_000, 2_000, 5_000, 10_000))},
     },
 }
 
 TARGETS = [Target("`sinkhorn` (faster mode) vs POT `sinkhorn_log`, N = M = 2,000, D = 64, float32, 100 iterations",
-                  "cpu", "sinkhorn", _BASE["cpu"], ("ours_dense", "ours_online"), "pot_log", 5.0)]
+                  "cpu", "sinkhorn", _BASE["cpu"], ("ours_dense", "ours_online"), "pot_log", 5.0),
+           Target("`sinkhorn` dense (auto: the scaling solver) vs POT `sinkhorn` per iteration, N = M = 2,000, D = 64, "
+                  "float32, 100 iterations", "cpu", "sinkhorn", _BASE["cpu"], ("ours_dense",), "pot", 1.5)]
 
 
 def cases(device_type, size):
     found = []
     for table, (base, sweeps) in _GRIDS[check_size(size)][device_type].items():
-        names = _BATCHED if table == "sinkhorn-batch" else _SINGLE
         for params, series in sweep(base, sweeps):
             points = params.get("B", 1) * (params["N"] + params["M"]) * params["D"] * 4
-            found.append(Case("sinkhorn", table, params, series, names, input_bytes=2 * points))
+            found.append(Case("sinkhorn", table, params, series, _CONTENDERS[table], input_bytes=2 * points))
     return found
 
 
@@ -120,10 +192,11 @@ def make_inputs(case, device, seed=0):
     p = case.params
     batch = (p["B"],) if "B" in p else ()
     gen = torch.Generator(device=device).manual_seed(seed)
-    x = torch.randn(batch + (p["N"], p["D"]), generator=gen, device=device)
-    y = torch.randn(batch + (p["M"], p["D"]), generator=gen, device=device) * 0.8 + 0.5
-    eps = 0.05 * pfc_fast.median_cost(x.reshape(-1, p["N"], p["D"])[0].cpu(), y.reshape(-1, p["M"], p["D"])[0].cpu())
-    return {"x": x, "y": y, "eps": eps}
+    dtype = getattr(torch, p.get("dtype", "float32"))
+    x = torch.randn(batch + (p["N"], p["D"]), generator=gen, device=device).to(dtype)
+    y = (torch.randn(batch + (p["M"], p["D"]), generator=gen, device=device) * 0.8 + 0.5).to(dtype)
+    median = pfc_fast.median_cost(x.reshape(-1, p["N"], p["D"])[0].cpu(), y.reshape(-1, p["M"], p["D"])[0].cpu())
+    return {"x": x, "y": y, "eps": p.get("eps", 0.05) * median}
 
 
 def _cost(inputs):
@@ -133,8 +206,50 @@ def _cost(inputs):
     return inputs["cost"]
 
 
+def _geomloss_scaling(inputs, tol):
+    """The first of ``GEOMLOSS_SCALINGS`` whose potentials reach ``tol`` (the last if none does)."""
+    for scaling in GEOMLOSS_SCALINGS:
+        f, g = baselines.geomloss_potentials(inputs["x"], inputs["y"], inputs["eps"], scaling)
+        if baselines.potentials_marginal_error(_cost(inputs), f, g, inputs["eps"]) < tol:
+            break
+    return scaling
+
+
+def _tolerance_runner(case, inputs, name):
+    x, y, eps = inputs["x"], inputs["y"], inputs["eps"]
+    tol, cap = TOLERANCE[case.params["dtype"]], max_iterations(case.params)
+    if name in ("ours_tol", "ours_log_tol"):
+        method = "auto" if name == "ours_tol" else "log"
+        return lambda: pfc_fast.sinkhorn(x, y, eps=eps, tol=tol, max_iter=cap, method=method)
+    if name == "geomloss_tol":
+        scaling = _geomloss_scaling(inputs, tol)  # untimed
+        return lambda: baselines.geomloss_potentials(x, y, eps, scaling)
+    cost = _cost(inputs)
+    method = {"pot_tol": "sinkhorn", "pot_log_tol": "sinkhorn_log", "pot_stabilized_tol": "sinkhorn_stabilized"}[name]
+    return lambda: baselines.pot_to_tolerance(cost, eps, tol, cap, method)
+
+
+def outcome(case, inputs, name, output):
+    """What a contender to a tolerance reached (``None`` in the other tables): ``{"marginal_error",
+    "reached"[, "n_iter"]}``, the error measured alike for everyone (module docstring)."""
+    if case.table != "sinkhorn-tol":
+        return None
+    tol, eps = TOLERANCE[case.params["dtype"]], inputs["eps"]
+    if name in ("ours_tol", "ours_log_tol"):
+        error = baselines.potentials_marginal_error(_cost(inputs), output.f, output.g, eps)
+        found = {"marginal_error": error, "n_iter": output.n_iter}
+    elif name == "geomloss_tol":
+        found = {"marginal_error": baselines.potentials_marginal_error(_cost(inputs), *output, eps)}
+    else:
+        found = {"marginal_error": baselines.plan_marginal_error(output)}
+    found["reached"] = bool(found["marginal_error"] < REACHED_SLACK * tol)
+    return found
+
+
 def runner(case, inputs, name):
     """The timed call of contender ``name``; it returns what the contender computes."""
+    if case.table == "sinkhorn-tol":
+        return _tolerance_runner(case, inputs, name)
     x, y, eps, iterations = inputs["x"], inputs["y"], inputs["eps"], case.params["iterations"]
     ours = lambda mode, xs=x, ys=y: pfc_fast.sinkhorn(xs, ys, eps=eps, tol=0, max_iter=iterations, mode=mode)
     if name.startswith("ours"):
@@ -151,7 +266,7 @@ def runner(case, inputs, name):
 
 def floor(case, name, rates):
     """The least time of ``iterations`` iterations of ours at the card's rates (module docstring)."""
-    if rates is None or CONTENDERS[name].role != "ours":
+    if rates is None or CONTENDERS[name].role != "ours" or case.table == "sinkhorn-tol":
         return None
     p = case.params
     online = name == "ours_online" or (name == "ours_batched" and 4 * _entries(p) > DENSE_BYTES)

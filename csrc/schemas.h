@@ -48,6 +48,20 @@ inline void define_ops(torch::Library& m) {
   m.def(
       "sinkhorn_plan_sums(Tensor? x, Tensor? y, Tensor? cost, Tensor f, Tensor g, Tensor log_a, Tensor log_b, "
       "float eps) -> (Tensor mass, Tensor cost)");
+  // The kernel of stabilised-scaling Sinkhorn (docs/spec.md section 4) from a cost (B, N, M) and
+  // potentials f (B, N), g (B, M), formed as the plan's exponent is (the potentials' sum first):
+  //   kernel[b, i, j] = exp(((f_i + g_j) - C_ij) / eps)   (0 below the dtype's range, inf above).
+  m.def("sinkhorn_kernel(Tensor cost, Tensor f, Tensor g, float eps) -> Tensor");
+  // One iteration of stabilised-scaling Sinkhorn (docs/spec.md section 4, Schmitzer 2019) on a stored
+  // kernel K (B, N, M) = exp((f_i + g_j - C_ij) / eps), whose plan is P_ij = a_i u_i K_ij b_j v_j:
+  //   s_i = sum_j K_ij b_j v_j,   u'_i = 1 / s_i,   v'_j = 1 / sum_i K_ij a_i u'_i,
+  // K read once: each row's u'_i is final after its dot product, and the same row then adds to the
+  // column sums. u, a: (B, N); v, b: (B, M). status (B, 2): status[b, 0] = sum_i a_i |u_i s_i - 1|,
+  // the marginal error ||P 1 - a||_1 of the plan before the step (after the last v update);
+  // status[b, 1] = max(|log2 u'_i|, |log2 v'_j|) over the problem, +inf where a new scaling is 0,
+  // infinite or NaN (the caller then absorbs the scalings into f and g). All float32 or all float64.
+  m.def("sinkhorn_scaling_step(Tensor kernel, Tensor u, Tensor v, Tensor a, Tensor b) -> (Tensor u, Tensor v, "
+        "Tensor status)");
 }
 
 }  // namespace pfc_fast

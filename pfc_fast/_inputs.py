@@ -216,23 +216,24 @@ def infer_num_classes(num_classes: object, labels: object) -> int:
     return max(2, int(tensor.max()) + 1)
 
 
-def class_statistics_bytes(num_classes: int, dims: Sequence[int]) -> int:
+def class_statistics_bytes(num_classes: int, dims: Sequence[int], null_permutations: int = 0) -> int:
     """The bytes that accumulators (``NCAccumulator``) of ``num_classes`` classes keep, one per feature
-    dimension in ``dims``, at the least: ``8 K (3 D + 4 K)`` each, for three ``K x D`` float64 matrices
+    dimension in ``dims``, each for its ``1 + null_permutations`` labellings (the labels and their
+    permutations, the null), at the least: ``8 K (3 D + 4 K)`` per labelling, for three ``K x D`` float64 matrices
     (the class sums, means and centred means) and four ``K x K`` ones (the Gram matrix of the centred
     means, the distances of the means, the nearest-class-centre offsets; the distances' expansion
     holds a fourth at a time), for every class index ``0..K-1``, present in the data or not."""
-    return sum(8 * num_classes * (3 * dim + 4 * num_classes) for dim in dims)
+    return (1 + null_permutations) * sum(8 * num_classes * (3 * dim + 4 * num_classes) for dim in dims)
 
 
 def class_statistics_fit(num_classes: int, dims: Sequence[int], device: Optional[torch.device], what: str,
-                         inferred: bool = False) -> None:
+                         inferred: bool = False, null_permutations: int = 0) -> None:
     """Refuses a ``num_classes`` whose class statistics (:func:`class_statistics_bytes`) for ``what``
     (the features, of dimensions ``dims``) exceed the memory free on ``device``, with the bytes they
     would need. ``device`` None (not known yet): only what fits on no device is refused, more than
     the CPU's free memory and the largest CUDA device's total (asked only then, so that a fitting
     ``num_classes`` never initialises CUDA). ``inferred``: ``num_classes`` is ``max(labels) + 1``."""
-    needed = class_statistics_bytes(num_classes, dims)
+    needed = class_statistics_bytes(num_classes, dims, null_permutations)
     if device is not None:
         free, where = _memory.free_bytes(device), f"free on {device}"
     else:

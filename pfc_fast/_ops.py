@@ -105,6 +105,17 @@ def _sinkhorn_plan_sums_fake(x: Optional[torch.Tensor], y: Optional[torch.Tensor
     return f.new_empty(f.shape), f.new_empty(f.shape)
 
 
+@_register_fake("sinkhorn_kernel")
+def _sinkhorn_kernel_fake(cost: torch.Tensor, f: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
+    return cost.new_empty(cost.shape)
+
+
+@_register_fake("sinkhorn_scaling_step")
+def _sinkhorn_scaling_step_fake(kernel: torch.Tensor, u: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
+                                b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return u.new_empty(u.shape), v.new_empty(v.shape), u.new_empty((u.shape[0], 2))
+
+
 _simt_active = False
 
 
@@ -202,6 +213,17 @@ def sinkhorn_plan_sums(x: Optional[torch.Tensor], y: Optional[torch.Tensor], cos
                        f: torch.Tensor, g: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor,
                        eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
     return ops_for(f).sinkhorn_plan_sums(x, y, cost, f, g, log_a, log_b, eps)
+
+
+def sinkhorn_kernel(cost: torch.Tensor, f: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
+    """``pfc_fast::sinkhorn_kernel`` (csrc/schemas.h): ``exp(((f_i + g_j) - C_ij) / eps)`` (B, N, M)."""
+    return ops_for(cost).sinkhorn_kernel(cost, f, g, eps)
+
+
+def sinkhorn_scaling_step(kernel: torch.Tensor, u: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
+                          b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``pfc_fast::sinkhorn_scaling_step`` (csrc/schemas.h): new scalings ``u``, ``v`` and status ``(B, 2)``."""
+    return ops_for(kernel).sinkhorn_scaling_step(kernel, u, v, a, b)
 
 
 if os.getenv("PFC_FAST_USE_SIMT", "0") == "1":

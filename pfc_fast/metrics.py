@@ -569,9 +569,9 @@ class NCAccumulator:
             raise ValueError(f"pinv_rtol must be < 1 (a fraction of the largest eigenvalue), got {pinv_rtol!r}")
         self._weight, self._bias = _inputs.classifier_weights(classifier, bias, self.num_classes)
         # the K x K statistics alone, on the classifier's device or any; the first update() checks with D
-        _inputs.class_statistics_fit(self.num_classes, [0] * (1 + self.null_permutations),
-                                     None if self._weight is None else self._weight.device,
-                                     "feats (the K x K matrices alone, whatever D)")
+        _inputs.class_statistics_fit(self.num_classes, [0], None if self._weight is None else self._weight.device,
+                                     "feats (the K x K matrices alone, whatever D)",
+                                     null_permutations=self.null_permutations)
         self._check_passes = True  # nc_metrics, which feeds one tensor to both passes, turns the check off
         self._name = "feats"  # the features in messages (PFCMonitor: "features of layer 'name'")
         self.reset()
@@ -619,8 +619,9 @@ class NCAccumulator:
         if self._device is None:
             _inputs.check_classifier_device(self._weight, feats)
             if not torch.compiler.is_compiling():  # it asks the device for its free memory
-                _inputs.class_statistics_fit(self.num_classes, [feats.shape[1]] * (1 + self.null_permutations),
-                                             feats.device, f"{self._name} (D = {feats.shape[1]})")
+                _inputs.class_statistics_fit(self.num_classes, [feats.shape[1]], feats.device,
+                                             f"{self._name} (D = {feats.shape[1]})",
+                                             null_permutations=self.null_permutations)
             self._device, self._dim = feats.device, feats.shape[1]
         elif feats.device != self._device:
             raise ValueError(f"{self._name} is on {feats.device} but earlier batches were on {self._device}")
@@ -1052,8 +1053,8 @@ def nc_metrics(feats: TensorLike, labels: TensorLike, num_classes: Optional[int]
     feats = _inputs.features(feats, pooling)  # pooled once here, not again in each pass
     # with D and the device known (the accumulator's constructor knows neither)
     null_permutations = _inputs.positive_int(null_permutations, "null_permutations", minimum=0)
-    _inputs.class_statistics_fit(num_classes, [feats.shape[1]] * (1 + null_permutations), feats.device,
-                                 f"feats (D = {feats.shape[1]})", inferred=inferred)
+    _inputs.class_statistics_fit(num_classes, [feats.shape[1]], feats.device, f"feats (D = {feats.shape[1]})",
+                                 inferred=inferred, null_permutations=null_permutations)
     accumulator = NCAccumulator(num_classes, classifier, bias, global_mean, pooling="flatten", pinv_rtol=pinv_rtol,
                                 null_permutations=null_permutations, null_seed=null_seed)
     accumulator._check_passes = False  # both passes read feats itself

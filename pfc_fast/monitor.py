@@ -426,9 +426,9 @@ class PFCMonitor:
                              "e.g. model.to_empty(device=...) and load its weights")
         self.layers = _resolve_layers(self.network, layers)
         # the K x K statistics alone (D = 0); measure() checks again with the layers' dimensions
-        _inputs.class_statistics_fit(self.num_classes, [0] * len(self.layers) * (1 + self.null_permutations),
-                                     self._device(),
-                                     f"the {len(self.layers)} monitored layer(s) (the K x K matrices alone, whatever D)")
+        _inputs.class_statistics_fit(self.num_classes, [0] * len(self.layers), self._device(),
+                                     f"the {len(self.layers)} monitored layer(s) (the K x K matrices alone, whatever D)",
+                                     null_permutations=self.null_permutations)
         self.pooling = pooling
         self.global_mean = global_mean
         self.group = group
@@ -552,8 +552,9 @@ class PFCMonitor:
             raise ValueError(f"classifier has D = {weight.shape[-1]} inputs but the layers have D = "
                              f"{', '.join(map(str, dims))} (pooling = {self.pooling!r}; the last block matches a "
                              "ResNet's fc with 'gap')")
-        _inputs.class_statistics_fit(self.num_classes, dims * (1 + self.null_permutations), feats[0].device,
-                                     f"the {len(dims)} monitored layer(s) (D = {', '.join(map(str, dims))})")
+        _inputs.class_statistics_fit(self.num_classes, dims, feats[0].device,
+                                     f"the {len(dims)} monitored layer(s) (D = {', '.join(map(str, dims))})",
+                                     null_permutations=self.null_permutations)
         accumulators = []
         for name, match in zip(self.layers, matches):
             accumulator = NCAccumulator(self.num_classes, weight if match else None, bias if match else None,

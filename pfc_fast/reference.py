@@ -10,7 +10,7 @@ geometry gives the values of docs/spec.md section 2, "Degenerate cases" (cosines
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -192,3 +192,22 @@ def sinkhorn(x: Optional[TensorLike] = None, y: Optional[TensorLike] = None, a: 
             break
     return {"f": f, "g": g, "plan": plan, "cost": float((plan * cost).sum()),
             "value": float((a * f).sum() + (b * g).sum()), "n_iter": n_iter, "marginal_error": error}
+
+
+def sinkhorn_scaling_step(kernel: torch.Tensor, u: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
+                          b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One stabilised-scaling iteration in float64, ``pfc_fast::sinkhorn_scaling_step`` (csrc/schemas.h).
+
+    With ``K (B, N, M)`` and the plan ``P = diag(a u) K diag(b v)``: ``s = K (b v)``, ``u' = 1 / s``,
+    ``v' = 1 / K^T (a u')``; status ``(B, 2)``: ``||P 1 - a||_1 = sum_i a_i |u_i s_i - 1|`` before the
+    step, and ``max |log2|`` of ``u'`` and ``v'`` (``inf`` where one is 0, infinite or NaN).
+    """
+    kernel, u, v, a, b = (t.double() for t in (kernel, u, v, a, b))
+    sums = (kernel @ (b * v).unsqueeze(-1)).squeeze(-1)
+    new_u = 1.0 / sums
+    new_v = 1.0 / (kernel.transpose(1, 2) @ (a * new_u).unsqueeze(-1)).squeeze(-1)
+    error = (a * (u * sums - 1.0).abs()).sum(-1)
+    scalings = torch.cat([new_u, new_v], dim=1)
+    usable = ((scalings > 0) & torch.isfinite(scalings)).all(1)
+    spread = torch.where(usable, scalings.log2().abs().amax(1), torch.full_like(error, math.inf))
+    return new_u, new_v, torch.stack([error, spread], dim=1)

@@ -17,6 +17,25 @@ the plan itself, one call of ``pfc_fast::sinkhorn_plan_sums``, which forms the e
 ``(f_i + g_j - C_ij) / eps`` like :meth:`SinkhornResult.plan`: right at every eps, also where eps
 is so small that the f updates change at rounding level only while the plan is no coupling.
 
+Two solvers of the same iterations (``method``). ``"log"``: each half-step is one call of
+``pfc_fast::sinkhorn_softmin`` (one exp per entry). ``"scaling"`` (stabilised scaling, Schmitzer
+2019; dense mode only): the kernel ``K_ij = exp((f_i + g_j - C_ij) / eps)`` of the current
+potentials is kept beside the cost, the plan is ``P = diag(a u) K diag(b v)``, and an iteration is
+``u_i = 1 / sum_j K_ij b_j v_j``, ``v_j = 1 / sum_i K_ij a_i u_i``: one call of
+``pfc_fast::sinkhorn_scaling_step``, which reads K once for both (each row's ``u_i`` is final
+after its dot product and the row then adds to the column sums) and returns the marginal error
+``||P 1 - a||_1`` of the plan before the step, so every iteration is checked at no cost. Where a
+scaling leaves ``[2^-SAFE_LOG2, 2^SAFE_LOG2]`` (``SAFE_LOG2``: 30 in float32, 100 in float64) the
+scalings are absorbed, ``f += eps log u``, ``g += eps log v``, and K is formed again; where one
+under- or overflowed (0, inf: small eps, early iterations), the last good scalings are absorbed and
+log-domain iterations follow (1, then twice as many at each consecutive failure, at most
+``MAX_LOG_STREAK``; halved by every scaling step that stays in range) before K is formed again.
+Both solvers start with one log-domain iteration from ``g = 0`` and end with the potentials
+``f + eps log u``, ``g + eps log v``; ``"auto"`` takes the scaling one in dense mode where K fits
+in half the free memory, else the log one; both ``"auto"`` and ``"scaling"`` run the log one where eps
+is below ``SCALING_MIN_EPS`` machine epsilons of the costs' magnitude (there ``eps log u`` vanishes
+in the rounding of the potentials). Both give the same iterates up to rounding.
+
 Choosing eps: ``eps`` is absolute, in the units of the cost. A scale-free choice is a fraction of
 the median cost, ``eps = 0.05 * median_cost(x, y)``: about 1 gives a blurred plan, 1e-2 to 1e-3 is
 close to unregularised OT (use ``eps_scaling``, e.g. 0.5, there: the iterations start at the range
@@ -37,6 +56,8 @@ Gradients: ``value`` is differentiable with respect to ``x``, ``y``, ``a``, ``b`
 """
 from __future__ import annotations
 
+import copy
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -48,6 +69,18 @@ from ._inputs import TensorLike
 from ._memory import free_bytes
 
 MODES = ("auto", "online", "dense")
+METHODS = ("auto", "log", "scaling")
+#: The scaling solver absorbs its scalings into the potentials where one leaves [2^-s, 2^s].
+SAFE_LOG2 = {torch.float32: 30.0, torch.float64: 100.0}
+#: The most log-domain iterations the scaling solver runs after a scaling under- or overflowed.
+MAX_LOG_STREAK = 64
+#: The most iterations the scaling solver waits, after the plan's error failed ``tol``, to check it again.
+MAX_VERIFY_WAIT = 1024
+#: The scaling solver runs where eps >= SCALING_MIN_EPS * (machine epsilon) * (the costs' magnitude);
+#: below, ``eps log u`` would vanish in the rounding of the potentials, and the log domain runs.
+SCALING_MIN_EPS = 8
+#: On the CPU the scaling solver takes a batch a few problems at a time, their kernels within this many bytes.
+CACHE_BYTES = 4 << 20
 #: Dense mode ("auto") when the cost matrix takes at most this many bytes.
 DENSE_BYTES = 1 << 30
 #: Rows of the plan formed at a time when reducing it (cost, gradients, plan()).
@@ -60,7 +93,8 @@ class SinkhornResult:
 
     ``f (N,)``, ``g (M,)``: dual potentials; ``cost = <P, C>``; ``value = <a, f> + <b, g>`` (the
     entropic OT value, differentiable); ``n_iter``: iterations run (one = an f and a g update);
-    ``marginal_error = ||P 1 - a||_1`` after the last g update; ``eps``: the regularisation.
+    ``marginal_error = ||P 1 - a||_1`` after the last g update; ``eps``: the regularisation;
+    ``method``: the solver that ran.
     """
 
     f: torch.Tensor
@@ -70,6 +104,7 @@ class SinkhornResult:
     n_iter: int
     marginal_error: torch.Tensor
     eps: float
+    method: str = "log"  #: the solver that ran, ``"log"`` or ``"scaling"`` (module docstring)
     _problem: Optional[_Problem] = field(repr=False, default=None)
 
     def __repr__(self) -> str:
@@ -196,13 +231,18 @@ class _Problem:
         return self.x, self.y
 
     def _cost_rows(self, start: int, stop: int) -> torch.Tensor:
-        """``C[:, start:stop]`` in the kernels' formula ``max(|x|^2 + |y|^2 - 2 x.y, 0)``."""
+        """``C[:, start:stop]`` in the kernels' formula ``max(|x|^2 + |y|^2 - 2 x.y, 0)``; on the CPU
+        one problem of a batch at a time (its temporaries stay in cache)."""
         if self.cost is not None and self.x is None:
             return self.cost[:, start:stop]
         x, y = self.points()
-        xs = x[:, start:stop]
-        sq = (xs * xs).sum(-1, keepdim=True) + (y * y).sum(-1).unsqueeze(1)
-        return (sq - 2.0 * xs @ y.transpose(1, 2)).clamp_min(0.0)
+        out = torch.empty((self.batch, stop - start, self.cols), dtype=self.dtype, device=self.device)
+        parts = [slice(k, k + 1) for k in range(self.batch)] if self.device.type == "cpu" else [slice(None)]
+        for part in parts:
+            xs, ys = x[part, start:stop], y[part]
+            sq = (xs * xs).sum(-1, keepdim=True) + (ys * ys).sum(-1).unsqueeze(1)
+            torch.baddbmm(sq, xs, ys.transpose(1, 2), alpha=-2.0, out=out[part]).clamp_min_(0.0)
+        return out
 
     def update_f(self, g: torch.Tensor, eps: float, previous: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The f update from g; ``previous`` (the last f, if any) lets the kernel take one pass."""
@@ -221,6 +261,26 @@ class _Problem:
         if self.cost is not None:
             return _ops.sinkhorn_plan_sums(None, None, self.cost, f, g, self.log_a, self.log_b, eps)
         return _ops.sinkhorn_plan_sums(self.x, self.y, None, f, g, self.log_a, self.log_b, eps)
+
+    def problems(self, start: int, stop: int) -> _Problem:
+        """The problems ``start:stop`` of the batch, as a problem of their own (views, nothing copied)."""
+        part = copy.copy(self)
+        for name in ("x", "y", "cost", "a", "b", "log_a", "log_b"):
+            value = getattr(self, name)
+            setattr(part, name, None if value is None else value[start:stop])
+        part.batch = stop - start
+        return part
+
+    def scaling_fits(self) -> bool:
+        """Whether the scaling solver's kernel (the size of the cost matrix) fits in half the free memory."""
+        return self.cost is not None and \
+            2 * self.batch * self.rows * self.cols * self.dtype.itemsize <= free_bytes(self.device)
+
+    def kernel(self, f: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
+        """``K_ij = exp(((f_i + g_j) - C_ij) / eps)`` (B, N, M), the potentials' sum against the cost
+        first (as the plan is formed); one sweep of ``pfc_fast::sinkhorn_kernel``."""
+        assert self.cost is not None, "the scaling solver needs the cost matrix"
+        return _ops.sinkhorn_kernel(self.cost, f, g, eps)
 
     def plan_chunks(self, f: torch.Tensor, g: torch.Tensor,
                     eps: float) -> Iterator[Tuple[int, torch.Tensor, torch.Tensor]]:
@@ -272,6 +332,84 @@ def _solve(problem: _Problem, eps: float, max_iter: int, tol: float, check_every
             if n_iter >= max_iter or (tol > 0 and float(error.max()) < tol):
                 return f, g, n_iter, error, mass, row_cost
         f = problem.update_f(g, eps, f)
+
+
+def _solve_scaling(problem: _Problem, eps: float, max_iter: int, tol: float,
+                   eps_scaling: Optional[float]) -> Tuple[torch.Tensor, torch.Tensor, int, torch.Tensor, torch.Tensor,
+                                                          torch.Tensor]:
+    """:func:`_solve` by stabilised scaling (module docstring); the same results.
+
+    The marginal error of the state at iteration ``n`` comes with step ``n + 1`` (the status of
+    ``sinkhorn_scaling_step``): below ``tol``, that step's scalings are dropped, those of iteration
+    ``n`` absorbed, and the error of the plan itself (``plan_sums``, as :func:`_solve` measures it)
+    decides. Where that one is not below ``tol`` (in float32 at small eps, the rounding of
+    ``f + g - C`` that K was formed with is not that of the plan), K is formed again from the
+    absorbed potentials and the iterations go on, the plan checked again after 1, 2, 4, ... (at
+    most ``MAX_VERIFY_WAIT``) iterations."""
+    g = torch.zeros(problem.batch, problem.cols, dtype=problem.dtype, device=problem.device)
+    n_iter = 0
+    if eps_scaling is not None:
+        stage_eps = problem.cost_range
+        while stage_eps > eps and n_iter < max_iter - 1:
+            g = problem.update_g(problem.update_f(g, stage_eps), stage_eps)
+            n_iter += 1
+            stage_eps *= eps_scaling
+    f = problem.update_f(g, eps)
+    g = problem.update_g(f, eps)
+    n_iter += 1
+    safe = SAFE_LOG2[problem.dtype]
+    ones_u, ones_v = torch.ones_like(problem.a), torch.ones_like(problem.b)
+    kernel = problem.kernel(f, g, eps)
+    u, v = ones_u, ones_v
+    streak, wait, verify_at = 1, 1, 0
+    while n_iter < max_iter:
+        new_u, new_v, status = _ops.sinkhorn_scaling_step(kernel, u, v, problem.a, problem.b)
+        error, spread = (float(t) for t in status.amax(0))
+        if tol > 0 and error < tol and n_iter >= verify_at:
+            f, g = f + eps * u.log(), g + eps * v.log()
+            mass, row_cost = problem.plan_sums(f, g, eps)
+            plan_error = (mass - problem.a).abs().sum(-1)
+            if float(plan_error.max()) < tol:
+                return f, g, n_iter, plan_error, mass, row_cost
+            verify_at, wait = n_iter + wait, min(2 * wait, MAX_VERIFY_WAIT)
+        elif spread <= safe:
+            u, v, n_iter = new_u, new_v, n_iter + 1
+            streak = max(1, streak // 2)
+            continue
+        elif math.isfinite(spread):  # in range of the dtype still: absorbed, one iteration on
+            u, v, n_iter = new_u, new_v, n_iter + 1
+            f, g = f + eps * u.log(), g + eps * v.log()
+        else:  # a scaling failed: the last good ones absorbed, then log-domain iterations
+            f, g = f + eps * u.log(), g + eps * v.log()
+            for _ in range(min(streak, max_iter - n_iter)):
+                f = problem.update_f(g, eps, f)
+                g = problem.update_g(f, eps, g)
+                n_iter += 1
+            streak = min(2 * streak, MAX_LOG_STREAK)
+        del kernel  # not two at once
+        kernel = problem.kernel(f, g, eps)
+        u, v = ones_u, ones_v
+    f, g = f + eps * u.log(), g + eps * v.log()
+    mass, row_cost = problem.plan_sums(f, g, eps)
+    return f, g, n_iter, (mass - problem.a).abs().sum(-1), mass, row_cost
+
+
+def _solve_scaling_batch(problem: _Problem, eps: float, max_iter: int, tol: float,
+                         eps_scaling: Optional[float]) -> Tuple[torch.Tensor, torch.Tensor, int, torch.Tensor,
+                                                                torch.Tensor, torch.Tensor]:
+    """:func:`_solve_scaling` of a batch; on the CPU a few problems at a time, as many as keep their
+    kernels within ``CACHE_BYTES`` (at least one), so that every iteration reads them from cache
+    where a problem's kernel fits there (the problems are independent: the same results, ``n_iter``
+    the largest of the groups')."""
+    per_problem = problem.rows * problem.cols * problem.dtype.itemsize
+    step = problem.batch if problem.device.type != "cpu" else max(1, CACHE_BYTES // per_problem)
+    if step >= problem.batch:
+        return _solve_scaling(problem, eps, max_iter, tol, eps_scaling)
+    parts = [_solve_scaling(problem.problems(start, min(problem.batch, start + step)), eps, max_iter, tol, eps_scaling)
+             for start in range(0, problem.batch, step)]
+    fs, gs, iterations, errors, masses, row_costs = zip(*parts)
+    return (torch.cat(fs), torch.cat(gs), max(iterations), torch.cat(errors), torch.cat(masses),
+            torch.cat(row_costs))
 
 
 class _EnvelopeGradient(torch.autograd.Function):
@@ -334,7 +472,7 @@ def _envelope_gradients(problem: _Problem, f: torch.Tensor, g: torch.Tensor, eps
 def sinkhorn(x: Optional[TensorLike] = None, y: Optional[TensorLike] = None, a: Optional[TensorLike] = None,
              b: Optional[TensorLike] = None, eps: float = 0.05, cost: Optional[TensorLike] = None,
              max_iter: int = 1000, tol: float = 1e-6, check_every: int = 10, eps_scaling: Optional[float] = None,
-             mode: str = "auto") -> SinkhornResult:
+             mode: str = "auto", method: str = "auto") -> SinkhornResult:
     """Entropic optimal transport between ``x`` and ``y`` (see the module docstring).
 
     Args:
@@ -348,10 +486,16 @@ def sinkhorn(x: Optional[TensorLike] = None, y: Optional[TensorLike] = None, a: 
         eps: regularisation (> 0, absolute; see "Choosing eps").
         cost: a cost matrix ``(N, M)``/``(B, N, M)`` instead of ``||x_i - y_j||^2``.
         max_iter, tol, check_every: stop when ``marginal_error < tol`` (checked every
-            ``check_every`` iterations) or after ``max_iter``; ``tol=0`` runs exactly ``max_iter``.
+            ``check_every`` iterations by the log solver, every iteration by the scaling one) or
+            after ``max_iter``; ``tol=0`` runs exactly ``max_iter``.
         eps_scaling: None, or a factor in (0, 1): anneal eps from the range of the cost.
         mode: ``"online"`` (cost recomputed tile by tile, nothing ``N x M`` in memory),
             ``"dense"`` (cost matrix kept), ``"auto"`` (dense when it takes at most 1 GiB).
+        method: ``"log"`` (log-domain half-steps), ``"scaling"`` (stabilised scaling on the kept
+            kernel ``exp((f + g - C) / eps)``: dense mode only), ``"auto"`` (scaling in dense mode
+            where the kernel fits in half the free memory, else log); below about ``1e-15`` of the
+            costs (float64; ``1e-6`` in float32) both run log. ``SinkhornResult.method`` says which
+            ran; see the module docstring.
 
     Returns:
         SinkhornResult. Computation in float64 if any input is float64, else float32.
@@ -364,9 +508,20 @@ def sinkhorn(x: Optional[TensorLike] = None, y: Optional[TensorLike] = None, a: 
         eps_scaling = _inputs.finite_number(eps_scaling, "eps_scaling")
         if not 0 < eps_scaling < 1:
             raise ValueError(f"eps_scaling must be None or a number in (0, 1), got {eps_scaling!r}")
+    _inputs.check_choice(method, "method", METHODS)
     problem = _Problem(x, y, a, b, cost, mode)
     problem.check_eps(eps)
-    f, g, n_iter, error, mass, row_cost = _solve(problem, eps, max_iter, tol, check_every, eps_scaling)
+    if method == "scaling" and problem.cost is None:
+        raise ValueError("method='scaling' keeps the kernel exp((f + g - C) / eps) beside the cost matrix, so it needs "
+                         "the cost in memory: mode='dense' or 'auto' (mode='online' iterates in the log domain)")
+    # below this eps the potentials cannot absorb the scalings (eps log u is under their rounding)
+    representable = eps >= SCALING_MIN_EPS * torch.finfo(problem.dtype).eps * problem.magnitude
+    solver = "scaling" if representable and (method == "scaling" or (method == "auto" and problem.scaling_fits())) \
+        else "log"
+    if solver == "scaling":
+        f, g, n_iter, error, mass, row_cost = _solve_scaling_batch(problem, eps, max_iter, tol, eps_scaling)
+    else:
+        f, g, n_iter, error, mass, row_cost = _solve(problem, eps, max_iter, tol, check_every, eps_scaling)
     if tol > 0 and not float(error.max()) < tol:  # tol = 0 asks for max_iter iterations: no check, no sync
         warnings.warn(f"sinkhorn stopped at max_iter = {max_iter} unconverged: marginal_error {float(error.max()):.3g} "
                       f"> tol = {tol:g} (eps = {eps:g}); raise max_iter, or eps, or use eps_scaling", ConvergenceWarning,
@@ -398,7 +553,7 @@ def sinkhorn(x: Optional[TensorLike] = None, y: Optional[TensorLike] = None, a: 
     else:
         value = unbatch(value)
     return SinkhornResult(f=unbatch(f), g=unbatch(g), cost=unbatch(ot_cost), value=value, n_iter=n_iter,
-                          marginal_error=unbatch(error), eps=eps, _problem=problem)
+                          marginal_error=unbatch(error), eps=eps, method=solver, _problem=problem)
 
 
 def sinkhorn_divergence(x: TensorLike, y: TensorLike, a: Optional[TensorLike] = None, b: Optional[TensorLike] = None,

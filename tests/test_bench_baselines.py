@@ -129,3 +129,32 @@ def test_sinkhorn_contenders_compute_the_transport_cost(table):
     for name in case.contenders:
         found = _transport_costs(sinkhorn_bench.runner(case, inputs, name)(), cost, eps).reshape(-1)
         torch.testing.assert_close(found, expected, rtol=2e-4, atol=0, msg=name)
+
+
+@pytest.mark.skipif(baselines.ot is None or baselines.geomloss is None, reason="POT or GeomLoss is not installed")
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_tolerance_contenders_solve_the_same_problem_and_their_errors_are_measured(dtype):
+    """The time-to-tolerance contenders on one case: each gives the reference's <P, C> (GeomLoss
+    at its loosest accuracy), and outcome() measures the marginal error of what each returned
+    against the same error formed directly from its plan in float64."""
+    case = Case("sinkhorn", "sinkhorn-tol", {"N": 50, "M": 50, "D": 3, "eps": 0.05, "dtype": dtype}, (),
+                sinkhorn_bench._TOLERANCE)
+    inputs = sinkhorn_bench.make_inputs(case, torch.device("cpu"))
+    x, y, eps = inputs["x"].double(), inputs["y"].double(), inputs["eps"]
+    expected = reference.sinkhorn(x, y, eps=eps, max_iter=10_000, tol=1e-12)
+    cost = torch.cdist(x, y).square()
+    tol = sinkhorn_bench.TOLERANCE[dtype]
+    for name in case.contenders:
+        output = sinkhorn_bench.runner(case, inputs, name)()
+        found = sinkhorn_bench.outcome(case, inputs, name, output)
+        plan = torch.as_tensor(output).double() if name.startswith("pot") else \
+            (output.plan().double() if name.startswith("ours") else
+             torch.exp((output[0].double()[:, None] + output[1].double()[None] - cost) / eps) / 2500)
+        direct = max(float((plan.sum(1) - 1 / 50).abs().sum()), float((plan.sum(0) - 1 / 50).abs().sum()))
+        # the plan of ours is formed in the compute dtype, the outcome's error in float64 from its potentials
+        assert found["marginal_error"] == pytest.approx(direct, rel=1e-3 if dtype == "float64" else 2e-2, abs=1e-9), name
+        assert found["reached"] == (direct < sinkhorn_bench.REACHED_SLACK * tol) or abs(direct / tol - 1.5) < 1e-3
+        accuracy = 5e-2 if name == "geomloss_tol" else (1e-3 if dtype == "float32" else 1e-5)  # GeomLoss: annealed
+        assert float((plan * cost).sum()) == pytest.approx(expected["cost"], rel=accuracy), name
+        if name.startswith("ours"):
+            assert found["reached"] and found["n_iter"] == output.n_iter

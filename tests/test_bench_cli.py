@@ -30,7 +30,7 @@ def test_bench_writes_json_markdown_and_plot(tiny_run, capsys):
         result = json.load(handle)
     assert os.path.basename(stem) == f"bench-{result['machine']}" and result["machine"].endswith("t")
     assert result["sizes"] == "tiny" and result["device"] == "cpu" and result["targets"] == []
-    assert set(result["tables"]) == {"nc", "stream", "sinkhorn", "sinkhorn-batch", "monitor"}
+    assert set(result["tables"]) == {"nc", "stream", "sinkhorn", "sinkhorn-batch", "sinkhorn-tol", "monitor"}
     for case in result["cases"]:
         assert set(case["results"]) == {name for name, _, _ in result["tables"][case["table"]]["contenders"]}
         for entry in case["results"].values():

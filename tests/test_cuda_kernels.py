@@ -2,12 +2,14 @@
 tables end: N = 1, D = 1, K = 1,000, rows and columns just past a tile, strided rows, every input
 dtype. Run as ``simt`` (torch.ops.pfc_fast_simt on CPU tensors, every CI run) and as ``cuda`` on a
 GPU, against float64 formulas written here and against the C++ CPU kernels."""
+import math
+
 import pytest
 import torch
 
-from pfc_fast import _ops
+from pfc_fast import _ops, reference
 
-from conftest import DEVICES
+from conftest import DEVICES, seed_for
 
 GPU_KERNELS = [p for p in DEVICES if getattr(p, "values", [p])[0] != "cpu"]
 
@@ -302,3 +304,32 @@ def test_ops_for_routes_cpu_tensors_only_under_use_simt():
         with pfc_fast.use_simt():
             assert _ops.ops_for(cpu) is torch.ops.pfc_fast_simt
             assert _ops.ops_for(torch.zeros(1, device="meta")) is torch.ops.pfc_fast
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("b,n,m", [(1, 1, 1), (1, 33, 70), (2, 65, 31), (3, 40, 300), (1, 300, 7)])
+def test_sinkhorn_scaling_step(kernels, b, n, m, dtype):
+    """Against the float64 reference on fresh kernels with zero weights, past a 32-row block and a
+    256-column stride; a row of zeros (its u' infinite) gives status inf, not NaN elsewhere."""
+    ops, device = kernels
+    gen = torch.Generator().manual_seed(seed_for("scaling", b, n, m, str(dtype)))
+    kernel = torch.rand(b, n, m, generator=gen, dtype=torch.float64) * 2.0
+    u, v = (torch.rand(b, k, generator=gen, dtype=torch.float64) + 0.5 for k in (n, m))
+    a, w = (torch.rand(b, k, generator=gen, dtype=torch.float64) for k in (n, m))
+    a[:, ::3], w[:, 1::4] = 0.0, 0.0  # zero weights
+    w[:, 0] = 1.0
+    inputs = [t.to(dtype) for t in (kernel, u, v, a, w)]
+    expected = reference.sinkhorn_scaling_step(*inputs)
+    got = [t.cpu() for t in ops.sinkhorn_scaling_step(*(t.to(device) for t in inputs))]
+    tol = dict(rtol=2e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-13)
+    for name, mine, ref in zip(("u", "v", "status"), got, expected):
+        torch.testing.assert_close(mine.double(), ref, **tol, msg=name)
+    cpu = torch.ops.pfc_fast.sinkhorn_scaling_step(*inputs)
+    for mine, theirs in zip(got, cpu):
+        torch.testing.assert_close(mine, theirs, **tol)
+    if n > 1:
+        inputs[0][0, 1] = 0.0  # row 1 of problem 0: no mass, u' = inf
+        status = ops.sinkhorn_scaling_step(*(t.to(device) for t in inputs))[2].cpu()
+        assert status[0, 1] == math.inf and not status.isnan().any()
+        torch.testing.assert_close(status[1:].double(), reference.sinkhorn_scaling_step(*inputs)[2][1:], **tol)
+

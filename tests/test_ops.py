@@ -40,6 +40,20 @@ def test_opcheck(device, dtype, with_classifier):
     torch.library.opcheck(ops.residual_stats.default, _residual_args(feats, labels, 6, classifier))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_opcheck_sinkhorn(device, dtype):
+    """plan sums and the scaling step (sinkhorn_softmin: tests/test_sinkhorn.py)."""
+    gen = torch.Generator().manual_seed(33)
+    cost = torch.cdist(torch.randn(2, 9, 3, generator=gen), torch.randn(2, 7, 3, generator=gen)).square()
+    h, log_w = torch.randn(2, 7, generator=gen), torch.full((2, 7), 1.0).log_softmax(1)
+    f, log_a = torch.randn(2, 9, generator=gen), torch.full((2, 9), 1.0).log_softmax(1)
+    cost, h, log_w, f, log_a = (t.to(device, dtype) for t in (cost, h, log_w, f, log_a))
+    ops = _ops.ops_for(h)
+    torch.library.opcheck(ops.sinkhorn_plan_sums.default, (None, None, cost, f, h, log_a, log_w, 0.5))
+    kernel = (-cost / 2).exp()
+    torch.library.opcheck(ops.sinkhorn_scaling_step.default, (kernel, f.exp(), h.exp(), log_a.exp(), log_w.exp()))
+
+
 def test_ops_trace_under_compile(device):
     feats, labels = make_features(200, 16, 4, seed=32, device=device)
 

@@ -8,21 +8,21 @@ import os
 import numpy as np
 import pytest
 from matplotlib.collections import PolyCollection
-from scipy.stats import rankdata, spearmanr
+from scipy.stats import permutation_test, rankdata, spearmanr
 
 from pfc_fast import NCMetrics
 from pfc_fast.app import cli
 from pfc_fast.app.config import TrainConfig
 from pfc_fast.app.record import EpochRecord
 from pfc_fast.app.report import (NULL_LABEL, PFC_METRICS, Runs, figures, indistinguishable, load_run, monotonicity,
-                                 trend, write_report)
+                                 spearman_p_value, trend, write_report)
 from pfc_fast.app.run_directory import RunDirectory
 
 NAMES = ["stem", "layer1.0", "layer1.1", "layer2.0", "layer2.1"]
 #: The fields of NCMetrics but the null (the files of older runs lack it) and per_class.
 FIELDS = [f.name for f in dataclasses.fields(NCMetrics) if f.name != "per_class" and not f.name.startswith("null_")]
 MONOTONE = [5.0, 4.0, 3.0, 2.0, 1.0]
-BUMPY = [4.0, 3.5, 3.8, 2.0, 1.0]  # decreases overall, not from layer1.0 to layer1.1
+BUMPY = [4.0, 3.5, 3.5, 2.0, 1.0]  # decreases with p < 0.05 (exact: 5 layers), not from layer1.0 to layer1.1 (a tie)
 FLAT = [2.0, 1.0, 3.0, 1.5, 2.5]
 NO_NULL = "null keys present, None"
 
@@ -72,14 +72,27 @@ def _row(summary, label, which=0):
 
 
 def _scipy(values):
+    """rho and its two-sided p-value: scipy's exact permutation test up to 9 layers, spearmanr's beyond."""
     result = spearmanr(np.arange(len(values)), values)
-    return float(result.statistic), float(result.pvalue)
+    if len(values) > 9:
+        return float(result.statistic), float(result.pvalue)
+
+    def rho(sample, axis):
+        ranks = rankdata(sample, axis=axis)
+        ranks = ranks - ranks.mean(axis=axis, keepdims=True)
+        index = np.arange(sample.shape[axis]) - (sample.shape[axis] - 1) / 2
+        return (ranks * index).sum(axis) / np.sqrt((ranks ** 2).sum(axis) * (index ** 2).sum())
+
+    exact = permutation_test((np.asarray(values, dtype=float),), rho, permutation_type="pairings",
+                             n_resamples=np.inf, vectorized=True)
+    return float(result.statistic), float(exact.pvalue)
 
 
 @pytest.mark.parametrize("values,verdict", [
     (MONOTONE, "decreases monotonically"),
     ([9, 7, 8, 5, 4, 2, 3, 1], "decreases (p < 0.05) but not at every layer"),
-    ([1, 2, 3, 4], "increases monotonically"),
+    ([1, 2, 3, 4, 5], "increases monotonically"),
+    ([1, 2, 3, 4], "no significant trend (rho = 1.00, p = 0.083)"),  # exact: 2 of the 4! orderings reach |rho| = 1
     ([1, 3, 2, 4, 6, 5, 7, 8], "increases (p < 0.05) but not at every layer"),
     ([5, 2, 7, 3, 4, 6, 8, 0, 1], "no significant trend (rho = -0.28, p = 0.46)"),  # the issue's example
     ([4.0, 3.0, 2.0, 2.0, 1.0], "decreases (p < 0.05) but not at every layer"),  # a tie is no decrease
@@ -91,6 +104,21 @@ def test_verdicts_follow_the_spearman_test(values, verdict):
     assert result.decreasing == sum(b < a for a, b in zip(values, values[1:])) and result.pairs == len(values) - 1
     assert result.verdict == verdict
     assert result.decreases == (p_value < 0.05 and rho < 0)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_exact_spearman_p_value_against_scipys_permutation_test(seed):
+    """Fresh random curves of 3 to 9 layers, half of them with ties (rounded values), against
+    scipy's exact permutation test; beyond 9 layers, spearmanr's asymptotic p-value."""
+    rng = np.random.default_rng(seed)
+    for length in range(3, 10):
+        values = np.cumsum(rng.normal(-0.5, 1.0, length))
+        values = np.round(values) if seed % 2 else values
+        if len(set(values)) == 1:
+            continue
+        assert spearman_p_value(values.tolist()) == pytest.approx(_scipy(values.tolist())[1], rel=1e-9)
+    long = rng.normal(size=12).tolist()
+    assert spearman_p_value(long) == pytest.approx(float(spearmanr(np.arange(12), long).pvalue), rel=1e-12)
 
 
 def test_spearman_rho_by_hand_and_the_json_form():
@@ -206,7 +234,7 @@ def test_a_one_epoch_run_without_a_null_shows_points(tmp_path):
 def _seeds(tmp_path, epochs=(3, 3, 3)):
     """Three runs: the first two decrease with depth (with a null at the stem, none in the third
     run), the third does not."""
-    lasts = [{"nc1": [5.0, 4.0, 3.0, 2.0, 1.0], "nc2_etf": [1.0, 0.8, 0.9, 0.4, 0.2], "nc4": FLAT},
+    lasts = [{"nc1": [5.0, 4.0, 3.0, 2.0, 1.0], "nc2_etf": [1.0, 0.8, 0.8, 0.4, 0.2], "nc4": FLAT},
              {"nc1": [6.0, 4.5, 3.5, 2.5, 1.5], "nc2_etf": [1.1, 0.9, 0.7, 0.5, 0.3], "nc4": MONOTONE},
              {"nc1": [3.0, 4.0, 2.0, 5.0, 1.0], "nc2_etf": [0.3, 0.4, 0.2, 0.5, 0.1], "nc4": FLAT}]
     null = ({"nc1": 5.0, "nc2_etf": 0.0, "nc4": 0.0}, {"nc1": 1.0, "nc2_etf": 0.01, "nc4": 0.01})

@@ -1,5 +1,6 @@
 """pfc_fast.sinkhorn against POT (float64, run to convergence), emd2, finite differences and POT's
 autograd; batched equals unbatched; small eps; online memory; bad input; the op under opcheck."""
+import math
 import subprocess
 import sys
 import textwrap
@@ -192,6 +193,133 @@ def test_plan_too_large(monkeypatch):
     monkeypatch.setattr(transport, "free_bytes", lambda device: 1000)
     with pytest.raises(MemoryError, match="the plan needs"):
         result.plan()
+
+
+@pytest.mark.parametrize("dtype,rtol,tol", [(torch.float64, 1e-8, 1e-12), (torch.float32, 5e-4, 1e-5)], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("eps_factor", [0.05, 0.01, 0.001])
+def test_scaling_solver_matches_pot_at_every_eps(device, dtype, rtol, tol, eps_factor):
+    """The stabilised-scaling solver (dense mode's default) against POT's converged log-domain plan at
+    the benchmarks' eps (fractions of the median cost), from fresh clouds: converged, no NaN. In
+    float32 at 0.001 the rounding of the cost over eps limits the marginal error to about 1e-5
+    (the benchmarks' float32 tolerance, 1e-4, there)."""
+    if dtype == torch.float32 and eps_factor < 0.01:
+        rtol, tol = 10 * rtol, 10 * tol
+    x, y, a, b = _clouds(150, 120, 8, seed=seed_for("scaling pot", eps_factor), dtype=dtype, device=device)
+    eps = eps_factor * pfc_fast.median_cost(x, y)
+    result = pfc_fast.sinkhorn(x, y, a, b, eps=eps, tol=tol, max_iter=200_000, mode="dense")
+    assert result.method == "scaling"
+    for value in (result.f, result.g, result.cost, result.value):
+        assert bool(torch.isfinite(value).all())
+    assert result.marginal_error < tol
+    plan, cost = _pot(a, b, ot.dist(x.double().cpu(), y.double().cpu()), eps)
+    assert result.cost.item() == pytest.approx(cost, rel=rtol)
+    assert _rel(result.plan(), plan) < (rtol if eps_factor >= 0.01 else 50 * rtol)  # plan entries ~ exp(1/eps)
+
+
+@pytest.mark.parametrize("iterations", [1, 2, 37, 400])
+@pytest.mark.parametrize("batched", [False, True], ids=["single", "batched"])
+def test_scaling_solver_has_the_iterates_of_the_log_solver(device, iterations, batched):
+    """The same iterations (f from g = 0, then g) in another arithmetic: equal potentials after any
+    fixed number of them, at an eps where the scalings are absorbed along the way (small eps)."""
+    clouds = [_clouds(70, 50, 3, seed=seed_for("iterates", iterations, k), device=device) for k in range(3)]
+    x, y, a, b = (torch.stack(parts) for parts in zip(*clouds)) if batched else clouds[0]
+    eps = 0.005 * pfc_fast.median_cost(clouds[0][0], clouds[0][1])
+    log = pfc_fast.sinkhorn(x, y, a, b, eps=eps, tol=0, max_iter=iterations, method="log")
+    scaling = pfc_fast.sinkhorn(x, y, a, b, eps=eps, tol=0, max_iter=iterations, method="scaling")
+    assert (log.method, scaling.method, log.n_iter, scaling.n_iter) == ("log", "scaling", iterations, iterations)
+    scale = float(log.f.abs().max())
+    torch.testing.assert_close(scaling.f, log.f, rtol=0, atol=1e-11 * scale)
+    torch.testing.assert_close(scaling.g, log.g, rtol=0, atol=1e-11 * scale)
+    torch.testing.assert_close(scaling.marginal_error, log.marginal_error, rtol=1e-7, atol=1e-14)
+
+
+def _count_calls(monkeypatch, name):
+    calls = []
+    original = getattr(_ops, name)
+    monkeypatch.setattr(_ops, name, lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_scaling_solver_reads_the_kernel_once_per_iteration(monkeypatch, dtype):
+    """At eps = 0.05 median the first iteration is the only log-domain one and every other is one
+    scaling step (the last one only measures the error): no absorption, no fallback."""
+    softmin = _count_calls(monkeypatch, "sinkhorn_softmin")
+    steps = _count_calls(monkeypatch, "sinkhorn_scaling_step")
+    x, y, a, b = _clouds(120, 100, 4, seed=seed_for("once", str(dtype)), dtype=dtype)
+    tol = 1e-4 if dtype == torch.float32 else 1e-9
+    result = pfc_fast.sinkhorn(x, y, a, b, eps=0.05 * pfc_fast.median_cost(x, y), tol=tol, max_iter=10_000)
+    assert result.method == "scaling" and result.marginal_error < tol
+    assert len(softmin) == 2 and len(steps) == result.n_iter
+
+
+@pytest.mark.parametrize("safe", [0.0, 2.0], ids=["every step absorbed", "absorbed past 4x"])
+def test_scaling_solver_absorbs_its_scalings(monkeypatch, device, safe):
+    """Scalings absorbed into the potentials (forced: a safe range of [2^-safe, 2^safe]) change the
+    arithmetic, not the iterates."""
+    monkeypatch.setitem(transport.SAFE_LOG2, torch.float64, safe)
+    x, y, a, b = _clouds(60, 45, 3, seed=seed_for("absorb", safe), device=device)
+    eps = 0.01 * pfc_fast.median_cost(x, y)
+    log = pfc_fast.sinkhorn(x, y, a, b, eps=eps, tol=0, max_iter=60, method="log")
+    scaling = pfc_fast.sinkhorn(x, y, a, b, eps=eps, tol=0, max_iter=60, method="scaling")
+    scale = float(log.f.abs().max())
+    torch.testing.assert_close(scaling.f, log.f, rtol=0, atol=1e-11 * scale)
+    torch.testing.assert_close(scaling.g, log.g, rtol=0, atol=1e-11 * scale)
+
+
+def test_scaling_solver_falls_back_to_the_log_domain_where_a_scaling_fails(monkeypatch, device):
+    """Scaling steps that report a failed scaling (status inf: a 0, inf or NaN), here the 3rd, 4th and
+    10th, make the solver absorb the last good scalings and run log-domain iterations (1, then 2 at
+    the next consecutive failure, then 1 again after a good step) before forming K again: more
+    log-domain half-steps, and the iterates of the log solver."""
+    original = _ops.sinkhorn_scaling_step
+    calls = []
+
+    def failing(*args):
+        u, v, status = original(*args)
+        calls.append(1)
+        if len(calls) in (3, 4, 10):
+            status = status.clone()
+            status[:, 1] = math.inf
+        return u, v, status
+
+    monkeypatch.setattr(_ops, "sinkhorn_scaling_step", failing)
+    softmin = _count_calls(monkeypatch, "sinkhorn_softmin")
+    x, y, a, b = _clouds(50, 40, 3, seed=seed_for("fails"), device=device)
+    eps = 0.02 * pfc_fast.median_cost(x, y)
+    scaling = pfc_fast.sinkhorn(x, y, a, b, eps=eps, tol=0, max_iter=30, method="scaling")
+    assert scaling.method == "scaling" and scaling.n_iter == 30
+    assert len(softmin) == 2 * (1 + 1 + 2 + 1)  # the first iteration, then the fallbacks
+    log = pfc_fast.sinkhorn(x, y, a, b, eps=eps, tol=0, max_iter=30, method="log")
+    scale = float(log.f.abs().max())
+    torch.testing.assert_close(scaling.f, log.f, rtol=0, atol=1e-11 * scale)
+    torch.testing.assert_close(scaling.g, log.g, rtol=0, atol=1e-11 * scale)
+
+
+@pytest.mark.parametrize("eps", [1e-18, 1e-20])
+def test_eps_below_the_scalings_resolution_runs_the_log_domain(device, eps):
+    """At eps this small against the cost, eps log u is under the rounding of the potentials, so the
+    scalings cannot be absorbed: "scaling" and "auto" run the log domain, whose potentials are finite
+    and whose marginal error is that of its own plan (inf where the plan overflows: no coupling)."""
+    gen = torch.Generator().manual_seed(seed_for("tiny eps", eps))
+    cost = (torch.rand(1, 40, 30, generator=gen, dtype=torch.float64) * 100).to(device)
+    for method in ("scaling", "auto"):
+        result = pfc_fast.sinkhorn(cost=cost, eps=eps, tol=0, max_iter=200, method=method)
+        assert result.method == "log" and result.n_iter == 200
+        assert bool(torch.isfinite(result.f).all()) and bool(torch.isfinite(result.g).all())
+        own = float((result.plan().sum(-1) - 1 / 40).abs().sum())
+        assert result.marginal_error.item() == (pytest.approx(own, rel=1e-9, abs=1e-12) if math.isfinite(own) else own)
+
+
+def test_method_choice():
+    x, y = torch.randn(30, 3), torch.randn(20, 3)
+    assert pfc_fast.sinkhorn(x, y, eps=0.5).method == "scaling"  # auto, dense
+    assert pfc_fast.sinkhorn(x, y, eps=0.5, mode="online").method == "log"
+    assert pfc_fast.sinkhorn(x, y, eps=0.5, method="log").method == "log"
+    with pytest.raises(ValueError, match="method='scaling'.*mode='dense'"):
+        pfc_fast.sinkhorn(x, y, eps=0.5, mode="online", method="scaling")
+    with pytest.raises(ValueError, match="method must be one of"):
+        pfc_fast.sinkhorn(x, y, eps=0.5, method="fast")
 
 
 @pytest.mark.parametrize(

@@ -1,10 +1,14 @@
 // What the CPU and CUDA Sinkhorn kernels share (schemas in schemas.h): argument checks, the
-// operands of the row folds, and the host side of the two ops, which hand a per-row Fold to the
-// backend's sweep over all pairs.
+// operands of the row folds, and the host side of the ops: the two log-domain ones hand a per-row
+// Fold to the backend's sweep over all pairs, the two of the scaling solver their operands to the
+// backend's kernel / scaling_step.
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 
+#include <algorithm>
+#include <cmath>
+#include <limits>
 #include <tuple>
 
 namespace pfc_fast {
@@ -123,6 +127,100 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_plan_sums_op(
     Backend::template sweep<scalar_t, Fold>(x, y, cost, g, log_b, static_cast<scalar_t>(eps), shape, args);
   });
   return {mass, total};
+}
+
+// The operands of sinkhorn_kernel (schemas.h), contiguous: cost and kernel (B, N, M), f (B, N), g (B, M).
+template <typename T>
+struct KernelArgs {
+  const T* cost;
+  const T* f;
+  const T* g;
+  T* kernel;
+  T eps;
+  int64_t batch, rows, cols;
+};
+
+// The op for a Backend providing `template <typename T> static void kernel(const KernelArgs<T>&)`.
+template <typename Backend>
+at::Tensor sinkhorn_kernel_op(const at::Tensor& cost_in, const at::Tensor& f_in, const at::Tensor& g_in, double eps) {
+  TORCH_CHECK(eps > 0, "pfc_fast: eps must be positive, got ", eps);
+  const auto dtype = cost_in.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "pfc_fast: sinkhorn ops compute in float32 or float64");
+  TORCH_CHECK(cost_in.dim() == 3, "pfc_fast: cost must be (B, N, M)");
+  const int64_t batch = cost_in.size(0), rows = cost_in.size(1), cols = cost_in.size(2);
+  TORCH_CHECK(f_in.dim() == 2 && f_in.size(0) == batch && f_in.size(1) == rows, "pfc_fast: f must be (B, N)");
+  TORCH_CHECK(g_in.dim() == 2 && g_in.size(0) == batch && g_in.size(1) == cols, "pfc_fast: g must be (B, M)");
+  for (const at::Tensor* t : {&f_in, &g_in}) {
+    TORCH_CHECK(t->scalar_type() == dtype && t->device() == cost_in.device(),
+                "pfc_fast: f and g must have the dtype and device of cost");
+  }
+  [[maybe_unused]] const auto guard = Backend::guard(cost_in);
+  const at::Tensor cost = cost_in.contiguous(), f = f_in.contiguous(), g = g_in.contiguous();
+  at::Tensor kernel = at::empty_like(cost);
+  if (kernel.numel() == 0) return kernel;
+  AT_DISPATCH_FLOATING_TYPES(dtype, "sinkhorn_kernel", [&] {
+    const KernelArgs<scalar_t> args{cost.data_ptr<scalar_t>(), f.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(),
+                                    kernel.data_ptr<scalar_t>(), static_cast<scalar_t>(eps), batch, rows, cols};
+    Backend::template kernel<scalar_t>(args);
+  });
+  return kernel;
+}
+
+// The operands of sinkhorn_scaling_step (schemas.h), contiguous: kernel (B, N, M), u, a (B, N),
+// v, b (B, M); outputs u_out (B, N), v_out (B, M), status (B, 2).
+template <typename T>
+struct ScalingArgs {
+  const T* kernel;
+  const T* u;
+  const T* v;
+  const T* a;
+  const T* b;
+  T* u_out;
+  T* v_out;
+  T* status;
+  int64_t batch, rows, cols;
+};
+
+// status[b, 1] from the extremes of a problem's new scalings: max(|log2 lo|, |log2 hi|), +inf where
+// one is not a positive finite number (bad: some scaling failed the test 0 < s < inf, NaN included).
+template <typename T>
+inline T scaling_spread(T lo, T hi, bool bad) {
+  if (bad || !(lo > T(0)) || !(hi < std::numeric_limits<T>::infinity())) return std::numeric_limits<T>::infinity();
+  return std::max(std::abs(std::log2(lo)), std::abs(std::log2(hi)));
+}
+
+// The op for a Backend providing `template <typename T> static void scaling_step(const ScalingArgs<T>&,
+// const at::TensorOptions&)` (the options of u: for the backend's own buffers) and guard (as above).
+template <typename Backend>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn_scaling_step_op(const at::Tensor& kernel_in,
+                                                                        const at::Tensor& u_in, const at::Tensor& v_in,
+                                                                        const at::Tensor& a_in, const at::Tensor& b_in) {
+  const auto dtype = kernel_in.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "pfc_fast: sinkhorn ops compute in float32 or float64");
+  TORCH_CHECK(kernel_in.dim() == 3, "pfc_fast: kernel must be (B, N, M)");
+  const int64_t batch = kernel_in.size(0), rows = kernel_in.size(1), cols = kernel_in.size(2);
+  auto check = [&](const at::Tensor& t, int64_t n, const char* name) {
+    TORCH_CHECK(t.dim() == 2 && t.size(0) == batch && t.size(1) == n, "pfc_fast: ", name, " must be (", batch, ", ",
+                n, ")");
+    TORCH_CHECK(t.scalar_type() == dtype && t.device() == kernel_in.device(), "pfc_fast: ", name,
+                " must have the dtype and device of kernel");
+  };
+  check(u_in, rows, "u");
+  check(a_in, rows, "a");
+  check(v_in, cols, "v");
+  check(b_in, cols, "b");
+  [[maybe_unused]] const auto guard = Backend::guard(kernel_in);
+  const at::Tensor kernel = kernel_in.contiguous(), u = u_in.contiguous(), v = v_in.contiguous();
+  const at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
+  at::Tensor u_out = at::empty_like(u), v_out = at::empty_like(v), status = at::zeros({batch, 2}, u.options());
+  if (batch == 0 || rows == 0 || cols == 0) return {u_out, v_out, status};
+  AT_DISPATCH_FLOATING_TYPES(dtype, "sinkhorn_scaling_step", [&] {
+    const ScalingArgs<scalar_t> args{kernel.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+                                     a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), u_out.data_ptr<scalar_t>(),
+                                     v_out.data_ptr<scalar_t>(), status.data_ptr<scalar_t>(), batch, rows, cols};
+    Backend::template scaling_step<scalar_t>(args, u.options());
+  });
+  return {u_out, v_out, status};
 }
 
 }  // namespace pfc_fast

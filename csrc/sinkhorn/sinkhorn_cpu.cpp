@@ -12,6 +12,8 @@
 // a shift (an estimate of out: the previous potential) is given: sum_j 2^(u_ij - m_i) with
 // m_i = -shift_i log2 e / eps, accepted when the sum is in a range where no term that matters was
 // clamped, else redone exactly (block maximum, then the sum).
+// The stabilised-scaling solver's ops work on a stored kernel K = exp((f + g - C) / eps) instead:
+// sinkhorn_kernel forms it in one sweep, sinkhorn_scaling_step runs one iteration in one read of it.
 // Online mode computes C_ij = max(|x_i|^2 + |y_j|^2 - 2 x_i.y_j, 0) in register tiles of kRows
 // rows x kCols columns (the dot products over d accumulate in registers); dense mode reads rows
 // of a given C, or with transpose its columns (vectorised over the outputs), so one matrix serves
@@ -328,6 +330,97 @@ void sweep_online(const T* x, const T* yt, const T* sq_y, const std::vector<T>& 
   });
 }
 
+// sinkhorn_kernel (schemas.h): exp in base 2, 2^(((f_i + g_j) - C_ij) log2 e / eps), with 0 and inf
+// beyond vec_pow2's range (which clamps) so that the scaling step sees the under- and overflows.
+template <typename T>
+void build_kernel(const KernelArgs<T>& s) {
+  using Limits = Pow2Constants<T>;
+  const T scale = cost_scale(s.eps);
+  at::parallel_for(0, s.batch * s.rows, grain_for(s.cols), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T fi = s.f[r];
+      const T* g = s.g + (r / s.rows) * s.cols;
+      const T* c = s.cost + r * s.cols;
+      T* out = s.kernel + r * s.cols;
+#pragma omp simd
+      for (int64_t j = 0; j < s.cols; ++j) {
+        const T u = ((fi + g[j]) - c[j]) * scale;
+        const T p = vec_pow2<T>(u);
+        out[j] = u < Limits::kMin ? T(0) : (u > Limits::kMax ? std::numeric_limits<T>::infinity() : p);
+      }
+    }
+  });
+}
+
+// sinkhorn_scaling_step (schemas.h). The rows of all problems are cut into one contiguous range per
+// thread; each row's dot product with b v gives u'_i, and the row, still in cache, is added times
+// a_i u'_i to the thread's own column sums (one K read per iteration). Then the threads' column
+// sums are added up per column, v'_j = 1 / sum, and the extremes of u', v' give status[b, 1].
+template <typename T>
+void scaling_step(const ScalingArgs<T>& s) {
+  const int64_t total = s.batch * s.rows, cols = s.cols;
+  const int64_t chunks = std::max<int64_t>(
+      1, std::min<int64_t>(at::get_num_threads(), total * cols / kMinTaskWork));
+  std::vector<T> bv(s.batch * cols);  // b_j v_j
+  for (int64_t k = 0; k < s.batch * cols; ++k) bv[k] = s.b[k] * s.v[k];
+  std::vector<T> partial(chunks * s.batch * cols, T(0));
+  struct Extremes {  // per chunk and problem: error, min / max of u', a failed u'
+    T error = 0, lo = std::numeric_limits<T>::infinity(), hi = 0;
+    bool bad = false;
+  };
+  std::vector<Extremes> extremes(chunks * s.batch);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      for (int64_t r = total * c / chunks, stop = total * (c + 1) / chunks; r < stop; ++r) {
+        const int64_t b = r / s.rows;
+        const T* row = s.kernel + r * cols;
+        const T* w = bv.data() + b * cols;
+        T sum = 0;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < cols; ++j) sum += row[j] * w[j];
+        const T u = T(1) / sum;
+        s.u_out[r] = u;
+        Extremes& e = extremes[c * s.batch + b];
+        e.error += s.a[r] * std::abs(s.u[r] * sum - T(1));
+        e.lo = std::min(e.lo, u);
+        e.hi = std::max(e.hi, u);
+        e.bad = e.bad || !(u > T(0) && u < std::numeric_limits<T>::infinity());
+        const T weight = s.a[r] * u;
+        if (weight == T(0)) continue;
+        T* col = partial.data() + (c * s.batch + b) * cols;
+#pragma omp simd
+        for (int64_t j = 0; j < cols; ++j) col[j] += row[j] * weight;
+      }
+    }
+  });
+  at::parallel_for(0, s.batch * cols, grain_for(chunks), [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      T sum = 0;
+      for (int64_t c = 0; c < chunks; ++c) sum += partial[c * s.batch * cols + k];
+      s.v_out[k] = T(1) / sum;
+    }
+  });
+  for (int64_t b = 0; b < s.batch; ++b) {
+    T error = 0, lo = std::numeric_limits<T>::infinity(), hi = 0;
+    bool bad = false;
+    for (int64_t c = 0; c < chunks; ++c) {
+      const Extremes& e = extremes[c * s.batch + b];
+      error += e.error;
+      lo = std::min(lo, e.lo);
+      hi = std::max(hi, e.hi);
+      bad = bad || e.bad;
+    }
+    const T* v = s.v_out + b * cols;
+    for (int64_t j = 0; j < cols; ++j) {
+      lo = std::min(lo, v[j]);
+      hi = std::max(hi, v[j]);
+      bad = bad || !(v[j] > T(0) && v[j] < std::numeric_limits<T>::infinity());
+    }
+    s.status[2 * b] = error;
+    s.status[2 * b + 1] = scaling_spread(lo, hi, bad);
+  }
+}
+
 // The backend of sinkhorn_softmin_op and sinkhorn_plan_sums_op (sinkhorn_common.h): sweep runs a
 // Fold over all pairs, online from x and y or dense from cost.
 struct CpuBackend {
@@ -336,6 +429,14 @@ struct CpuBackend {
   template <typename T>
   using PlanFold = pfc_fast::PFC_CPU_ISA::PlanFold<T>;
   static int guard(const at::Tensor&) { return 0; }  // nothing to switch on the CPU
+  template <typename T>
+  static void kernel(const KernelArgs<T>& args) {
+    build_kernel<T>(args);
+  }
+  template <typename T>
+  static void scaling_step(const ScalingArgs<T>& args, const at::TensorOptions&) {
+    pfc_fast::PFC_CPU_ISA::scaling_step<T>(args);
+  }
 
   template <typename T, typename Fold>
   static void sweep(const c10::optional<at::Tensor>& x, const c10::optional<at::Tensor>& y,
@@ -371,6 +472,8 @@ struct CpuBackend {
 void register_sinkhorn_cpu(torch::Library& m) {
   m.impl("sinkhorn_softmin", &sinkhorn_softmin_op<CpuBackend>);
   m.impl("sinkhorn_plan_sums", &sinkhorn_plan_sums_op<CpuBackend>);
+  m.impl("sinkhorn_kernel", &sinkhorn_kernel_op<CpuBackend>);
+  m.impl("sinkhorn_scaling_step", &sinkhorn_scaling_step_op<CpuBackend>);
 }
 
 }  // namespace PFC_CPU_ISA

@@ -11,7 +11,8 @@
 // C = max(|x_i|^2 + |y_j|^2 - 2 x_i.y_j, 0) and v, and folds them into its own partial fold of its
 // 4 rows. At the end the 16 threads that share a row combine their partial folds with warp
 // shuffles. Nothing of size N x M exists. Dense mode: one warp per row of the given cost matrix,
-// each lane folding a strided subset of the columns, combined with shuffles.
+// each lane folding a strided subset of the columns, combined with shuffles. The stabilised-scaling
+// ops (sinkhorn_kernel, sinkhorn_scaling_step) are at the end, before the backend.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -226,6 +227,74 @@ __global__ void sweep_columns_kernel(const T* __restrict__ cost, const T* __rest
   fold.finish(args, b * outs + j);
 }
 
+// sinkhorn_kernel (schemas.h): one thread per entry, exp of the plan's exponent (0 and inf beyond
+// the dtype's range, as exp gives them).
+template <typename T>
+__global__ void build_kernel_kernel(KernelArgs<T> s) {
+  const int64_t total = s.batch * s.rows * s.cols;
+  const T inv_eps = T(1) / s.eps;
+  for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < total;
+       k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = k / s.cols, j = k % s.cols;
+    s.kernel[k] = exp_(((s.f[r] + s.g[(r / s.rows) * s.cols + j]) - s.cost[k]) * inv_eps);
+  }
+}
+
+// sinkhorn_scaling_step (schemas.h), first kernel: a block of kThreads threads owns kScalingRows
+// rows of one problem. Each warp takes rows in turn: its lanes form the dot product s_i = sum_j
+// K_ij b_j v_j (strided, combined with shuffles), lane 0 writes u'_i = 1 / s_i and the row's
+// marginal error a_i |u_i s_i - 1|, and keeps a_i u'_i in shared memory. Then the block adds its
+// rows, still in L1 / L2, times a_i u'_i column by column (coalesced) into its partial column sums
+// partial (B, blocks, M): K is read from memory once per iteration.
+constexpr int kScalingRows = 32;
+
+template <typename T>
+__global__ void scaling_rows_kernel(ScalingArgs<T> s, T* __restrict__ row_error, T* __restrict__ partial,
+                                    int64_t blocks) {
+  PFC_SHARED(T, weight, [kScalingRows]);
+  const int64_t b = blockIdx.y, row0 = static_cast<int64_t>(blockIdx.x) * kScalingRows;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const T* kernel = s.kernel + b * s.rows * s.cols;
+  const T* bb = s.b + b * s.cols;
+  const T* vb = s.v + b * s.cols;
+  for (int r = warp; r < kScalingRows; r += kThreads / 32) {
+    const int64_t i = row0 + r;
+    if (i >= s.rows) {
+      if (lane == 0) weight[r] = T(0);
+      continue;  // the whole warp
+    }
+    const T* row = kernel + i * s.cols;
+    T sum = 0;
+    for (int64_t j = lane; j < s.cols; j += 32) sum += row[j] * (bb[j] * vb[j]);
+    for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+    if (lane == 0) {
+      const int64_t k = b * s.rows + i;
+      const T u = T(1) / sum;
+      s.u_out[k] = u;
+      row_error[k] = s.a[k] * fabs(s.u[k] * sum - T(1));
+      weight[r] = s.a[k] * u;
+    }
+  }
+  __syncthreads();
+  const int n = s.rows - row0 < kScalingRows ? static_cast<int>(s.rows - row0) : kScalingRows;
+  T* out = partial + (b * blocks + blockIdx.x) * s.cols;
+  for (int64_t j = threadIdx.x; j < s.cols; j += kThreads) {
+    T sum = 0;
+    for (int r = 0; r < n; ++r) sum += kernel[(row0 + r) * s.cols + j] * weight[r];
+    out[j] = sum;
+  }
+}
+
+// Second kernel: v'_j = 1 / (the blocks' partial sums of column j added up).
+template <typename T>
+__global__ void scaling_columns_kernel(ScalingArgs<T> s, const T* __restrict__ partial, int64_t blocks) {
+  const int64_t b = blockIdx.y, j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j >= s.cols) return;
+  T sum = 0;
+  for (int64_t k = 0; k < blocks; ++k) sum += partial[(b * blocks + k) * s.cols + j];
+  s.v_out[b * s.cols + j] = T(1) / sum;
+}
+
 // The backend of sinkhorn_softmin_op and sinkhorn_plan_sums_op (sinkhorn_common.h): sweep runs a
 // Fold over all pairs, online from x and y or dense from cost.
 struct CudaBackend {
@@ -234,6 +303,35 @@ struct CudaBackend {
   template <typename T>
   using PlanFold = pfc_fast::PlanFold<T>;
   static device::Guard guard(const at::Tensor& t) { return device::Guard(t.device()); }
+
+  template <typename T>
+  static void kernel(const KernelArgs<T>& s) {
+    const int64_t total = s.batch * s.rows * s.cols;
+    const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((total + 255) / 256, 65535));
+    device::launch(build_kernel_kernel<T>, blocks, 256, 0, device::current_stream())(s);
+  }
+
+  // The two kernels above, then status from the row errors and the new scalings (scaling_spread's
+  // rule, in tensor operations).
+  template <typename T>
+  static void scaling_step(const ScalingArgs<T>& s, const at::TensorOptions& options) {
+    TORCH_CHECK(s.batch <= 65535, "pfc_fast: at most 65535 problems per batch on CUDA");
+    const cudaStream_t stream = device::current_stream();
+    const int64_t blocks = (s.rows + kScalingRows - 1) / kScalingRows;
+    at::Tensor row_error = at::empty({s.batch, s.rows}, options);
+    at::Tensor partial = at::empty({s.batch, blocks, s.cols}, options);
+    device::launch(scaling_rows_kernel<T>, dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(s.batch)),
+                   kThreads, 0, stream)(s, row_error.data_ptr<T>(), partial.data_ptr<T>(), blocks);
+    device::launch(scaling_columns_kernel<T>,
+                   dim3(static_cast<unsigned>((s.cols + 255) / 256), static_cast<unsigned>(s.batch)), 256, 0,
+                   stream)(s, partial.data_ptr<T>(), blocks);
+    const at::Tensor scalings = at::cat({at::from_blob(s.u_out, {s.batch, s.rows}, options),
+                                         at::from_blob(s.v_out, {s.batch, s.cols}, options)}, 1);
+    const at::Tensor usable = ((scalings > 0) & (scalings < std::numeric_limits<T>::infinity())).all(1);
+    const at::Tensor spread = at::where(usable, scalings.log2().abs().amax(1),
+                                        at::full({s.batch}, std::numeric_limits<T>::infinity(), options));
+    at::from_blob(s.status, {s.batch, 2}, options).copy_(at::stack({row_error.sum(1), spread}, 1));
+  }
 
   template <typename T, typename Fold>
   static void sweep(const c10::optional<at::Tensor>& x, const c10::optional<at::Tensor>& y,
@@ -272,6 +370,8 @@ struct CudaBackend {
 PFC_DEVICE_LIBRARY_IMPL(m) {
   m.impl("sinkhorn_softmin", &sinkhorn_softmin_op<CudaBackend>);
   m.impl("sinkhorn_plan_sums", &sinkhorn_plan_sums_op<CudaBackend>);
+  m.impl("sinkhorn_kernel", &sinkhorn_kernel_op<CudaBackend>);
+  m.impl("sinkhorn_scaling_step", &sinkhorn_scaling_step_op<CudaBackend>);
 }
 
 }  // namespace pfc_fast

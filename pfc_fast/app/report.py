@@ -25,7 +25,11 @@ points), every figure the run's name (its directory's basename; several: all of 
 The verdict (``docs/spec.md`` section 2), at the last epoch, on the values ``v_0 .. v_{L-1}`` of a
 metric at the layers in forward order (:func:`trend`):
 
-- ``rho`` and ``p``: ``scipy.stats.spearmanr(range(L), v)``; a pair ``l, l + 1`` decreases where
+- ``rho``: Spearman's correlation of ``v`` with the layer index ``0 .. L-1`` (midranks for ties);
+  ``p``: its two-sided p-value, exact for ``L <= EXACT_LAYERS`` (9: the fraction of the ``L!``
+  orderings of the layers whose ``|rho|`` reaches the observed one, :func:`spearman_p_value`; with 3
+  layers it is at least 1/3, with 4 at least 1/12, so fewer than 5 layers never give ``p < 0.05``),
+  else ``scipy.stats.spearmanr``'s t approximation (Kendall & Stuart); a pair ``l, l + 1`` decreases where
   ``v_{l+1} < v_l`` strictly (ties neither decrease nor increase);
 - ``"not measured at every layer"`` where a value is missing (``None``, NaN), ``"too few layers for
   a trend (L)"`` where ``L < 3``, ``"constant across layers"`` where every value is equal (no rho);
@@ -49,6 +53,8 @@ counting, per layer, the runs where it is.
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import math
 import os
 import sys
@@ -63,13 +69,15 @@ from matplotlib.axes import Axes
 from matplotlib.axis import Axis
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, MaxNLocator
-from scipy.stats import spearmanr
+from scipy.stats import rankdata, spearmanr
 
 from .record import EpochRecord
 from .run_directory import RunDirectory
 
 #: The significance level of the Spearman test.
 ALPHA = 0.05
+#: Up to this many layers the Spearman p-value is exact (all L! orderings), beyond it asymptotic.
+EXACT_LAYERS = 9
 #: A layer within this many null standard deviations of the null mean is indistinguishable from it.
 NULL_SIGMAS = 2.0
 #: The legend entry of the null band.
@@ -132,8 +140,8 @@ def trend(values: Sequence[float | None]) -> Trend:
     if len(numbers) < 3 or len(set(numbers)) == 1:
         verdict = f"too few layers for a trend ({len(numbers)})" if len(numbers) < 3 else "constant across layers"
         return Trend(math.nan, math.nan, decreasing, increasing, pairs, verdict)
-    result = spearmanr(range(len(numbers)), numbers)
-    rho, p_value = float(result.statistic), float(result.pvalue)
+    rho = float(spearmanr(range(len(numbers)), numbers).statistic)
+    p_value = spearman_p_value(numbers)
     if p_value < ALPHA and rho != 0:
         direction, every = ("decreases", decreasing) if rho < 0 else ("increases", increasing)
         verdict = (f"{direction} monotonically" if every == pairs
@@ -141,6 +149,33 @@ def trend(values: Sequence[float | None]) -> Trend:
     else:
         verdict = f"no significant trend (rho = {rho:.2f}, p = {p_value:.2g})"
     return Trend(rho, p_value, decreasing, increasing, pairs, verdict)
+
+
+@functools.lru_cache(maxsize=EXACT_LAYERS)
+def _orderings(length: int) -> np.ndarray:
+    """All ``length!`` permutations of ``0 .. length-1``, centred, as rows of a float64 array."""
+    flat = itertools.chain.from_iterable(itertools.permutations(range(length)))
+    orders = np.fromiter(flat, dtype=np.float64, count=length * math.factorial(length)).reshape(-1, length)
+    return orders - (length - 1) / 2
+
+
+def spearman_p_value(values: Sequence[float]) -> float:
+    """Two-sided p-value of Spearman's rho between ``values`` and their index ``0 .. L-1``.
+
+    Exact for ``L <= EXACT_LAYERS``: under the null every ordering of the layers is equally likely,
+    so ``p`` is the fraction of the ``L!`` permutations ``pi`` whose ``|sum_l (pi_l - mean) r_l|``
+    (``r``: the midranks of ``values``, centred; proportional to rho, ties included) reaches the
+    observed one, up to a relative 1e-12 (rounding of equal statistics). Beyond, scipy's
+    ``spearmanr`` (the t distribution with ``L - 2`` degrees of freedom). Needs ``L >= 3`` and
+    values that are not all equal (else rho is undefined: ``trend`` says so before asking).
+    """
+    if len(values) > EXACT_LAYERS:
+        return float(spearmanr(range(len(values)), values).pvalue)
+    ranks = rankdata(values)
+    ranks = ranks - ranks.mean()
+    statistics = np.abs(_orderings(len(values)) @ ranks)
+    observed = abs(float(np.dot(np.arange(len(values)) - (len(values) - 1) / 2, ranks)))
+    return float(np.mean(statistics >= observed * (1 - 1e-12)))
 
 
 def monotonicity(values: Sequence[float | None]) -> dict[str, Any]:
