@@ -75,10 +75,11 @@ def _geomloss_missing():
     return None if baselines.geomloss is not None else "GeomLoss is not installed"
 
 
-def _to_tolerance(label, role="baseline", unavailable=None, memory=0):
-    """A contender of the time-to-tolerance table holding ``memory`` N x M matrices of the dtype."""
+def _to_tolerance(label, role="baseline", unavailable=None, memory=0, **limits):
+    """A contender of the time-to-tolerance table holding ``memory`` N x M matrices of the dtype
+    (``limits``: its ``work``, ``work_limit``, ``work_text``)."""
     return Contender(label, role, memory=lambda p: memory * _entries(p) * (8 if p["dtype"] == "float64" else 4),
-                     memory_text="N x M matrices", unavailable=unavailable)
+                     memory_text="N x M matrices", unavailable=unavailable, **limits)
 
 
 def _baseline(label, matrices, loop_matrices=0, pot=False):
@@ -108,10 +109,9 @@ CONTENDERS = {
     "pot_tol": _to_tolerance("POT sinkhorn", unavailable=_pot_missing, memory=4),
     "pot_log_tol": _to_tolerance("POT sinkhorn_log", unavailable=_pot_missing, memory=6),
     "pot_stabilized_tol": _to_tolerance("POT sinkhorn_stabilized", unavailable=_pot_missing, memory=6),
-    "geomloss_tol": Contender("GeomLoss tensorized", "baseline", unavailable=_geomloss_missing,
-                              memory=lambda p: 6 * _entries(p) * (8 if p["dtype"] == "float64" else 4),
-                              memory_text="N x M matrices", work=_entries, work_limit={"cpu": 4.1e6, "cuda": 1e9},
-                              work_text="N M (its calibration runs up to one solve per scaling)"),
+    "geomloss_tol": _to_tolerance("GeomLoss tensorized", unavailable=_geomloss_missing, memory=6, work=_entries,
+                                  work_limit={"cpu": 4.1e6, "cuda": 1e9},
+                                  work_text="N M (its calibration runs up to one solve per scaling)"),
 }
 _SINGLE = ("ours_dense", "ours_online", "pot_log", "pot", "torch_log")
 _BATCHED = ("ours_batched", "ours_loop", "pot_log_loop", "torch_log_batched")

@@ -262,6 +262,11 @@ class _Problem:
             return _ops.sinkhorn_plan_sums(None, None, self.cost, f, g, self.log_a, self.log_b, eps)
         return _ops.sinkhorn_plan_sums(self.x, self.y, None, f, g, self.log_a, self.log_b, eps)
 
+    def plan_error(self, f: torch.Tensor, g: torch.Tensor, eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(||P 1 - a||_1 (B,), P 1, (P * C) 1)`` of the plan of ``f``, ``g`` (:meth:`plan_sums`)."""
+        mass, row_cost = self.plan_sums(f, g, eps)
+        return (mass - self.a).abs().sum(-1), mass, row_cost
+
     def problems(self, start: int, stop: int) -> _Problem:
         """The problems ``start:stop`` of the batch, as a problem of their own (views, nothing copied)."""
         part = copy.copy(self)
@@ -313,6 +318,21 @@ def _solve(problem: _Problem, eps: float, max_iter: int, tol: float, check_every
     kernel), right at every eps, also where f no longer changes at rounding level while the plan is
     not a coupling; its row cost gives the transport cost of the returned potentials.
     """
+    g, n_iter = _annealed(problem, eps, max_iter, eps_scaling)
+    f = problem.update_f(g, eps)
+    previous: Optional[torch.Tensor] = None  # the first g update at eps starts without a shift
+    while True:
+        g = previous = problem.update_g(f, eps, previous)
+        n_iter += 1
+        if n_iter % check_every == 0 or n_iter >= max_iter:
+            error, mass, row_cost = problem.plan_error(f, g, eps)
+            if n_iter >= max_iter or (tol > 0 and float(error.max()) < tol):
+                return f, g, n_iter, error, mass, row_cost
+        f = problem.update_f(g, eps, f)
+
+
+def _annealed(problem: _Problem, eps: float, max_iter: int, eps_scaling: Optional[float]) -> Tuple[torch.Tensor, int]:
+    """The g of the eps-scaling stages (module docstring; g = 0 without them) and the iterations they took."""
     g = torch.zeros(problem.batch, problem.cols, dtype=problem.dtype, device=problem.device)
     n_iter = 0
     if eps_scaling is not None:
@@ -321,17 +341,7 @@ def _solve(problem: _Problem, eps: float, max_iter: int, tol: float, check_every
             g = problem.update_g(problem.update_f(g, stage_eps), stage_eps)
             n_iter += 1
             stage_eps *= eps_scaling
-    f = problem.update_f(g, eps)
-    previous: Optional[torch.Tensor] = None  # the first g update at eps starts without a shift
-    while True:
-        g = previous = problem.update_g(f, eps, previous)
-        n_iter += 1
-        if n_iter % check_every == 0 or n_iter >= max_iter:
-            mass, row_cost = problem.plan_sums(f, g, eps)
-            error = (mass - problem.a).abs().sum(-1)
-            if n_iter >= max_iter or (tol > 0 and float(error.max()) < tol):
-                return f, g, n_iter, error, mass, row_cost
-        f = problem.update_f(g, eps, f)
+    return g, n_iter
 
 
 def _solve_scaling(problem: _Problem, eps: float, max_iter: int, tol: float,
@@ -346,14 +356,7 @@ def _solve_scaling(problem: _Problem, eps: float, max_iter: int, tol: float,
     ``f + g - C`` that K was formed with is not that of the plan), K is formed again from the
     absorbed potentials and the iterations go on, the plan checked again after 1, 2, 4, ... (at
     most ``MAX_VERIFY_WAIT``) iterations."""
-    g = torch.zeros(problem.batch, problem.cols, dtype=problem.dtype, device=problem.device)
-    n_iter = 0
-    if eps_scaling is not None:
-        stage_eps = problem.cost_range
-        while stage_eps > eps and n_iter < max_iter - 1:
-            g = problem.update_g(problem.update_f(g, stage_eps), stage_eps)
-            n_iter += 1
-            stage_eps *= eps_scaling
+    g, n_iter = _annealed(problem, eps, max_iter, eps_scaling)
     f = problem.update_f(g, eps)
     g = problem.update_g(f, eps)
     n_iter += 1
@@ -367,8 +370,7 @@ def _solve_scaling(problem: _Problem, eps: float, max_iter: int, tol: float,
         error, spread = (float(t) for t in status.amax(0))
         if tol > 0 and error < tol and n_iter >= verify_at:
             f, g = f + eps * u.log(), g + eps * v.log()
-            mass, row_cost = problem.plan_sums(f, g, eps)
-            plan_error = (mass - problem.a).abs().sum(-1)
+            plan_error, mass, row_cost = problem.plan_error(f, g, eps)
             if float(plan_error.max()) < tol:
                 return f, g, n_iter, plan_error, mass, row_cost
             verify_at, wait = n_iter + wait, min(2 * wait, MAX_VERIFY_WAIT)
@@ -390,8 +392,7 @@ def _solve_scaling(problem: _Problem, eps: float, max_iter: int, tol: float,
         kernel = problem.kernel(f, g, eps)
         u, v = ones_u, ones_v
     f, g = f + eps * u.log(), g + eps * v.log()
-    mass, row_cost = problem.plan_sums(f, g, eps)
-    return f, g, n_iter, (mass - problem.a).abs().sum(-1), mass, row_cost
+    return (f, g, n_iter) + problem.plan_error(f, g, eps)
 
 
 def _solve_scaling_batch(problem: _Problem, eps: float, max_iter: int, tol: float,

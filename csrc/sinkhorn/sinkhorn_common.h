@@ -185,8 +185,7 @@ struct ScalingArgs {
 // one is not a positive finite number (bad: some scaling failed the test 0 < s < inf, NaN included).
 template <typename T>
 inline T scaling_spread(T lo, T hi, bool bad) {
-  if (bad || !(lo > T(0)) || !(hi < std::numeric_limits<T>::infinity())) return std::numeric_limits<T>::infinity();
-  return std::max(std::abs(std::log2(lo)), std::abs(std::log2(hi)));
+  return bad ? std::numeric_limits<T>::infinity() : std::max(std::abs(std::log2(lo)), std::abs(std::log2(hi)));
 }
 
 // The op for a Backend providing `template <typename T> static void scaling_step(const ScalingArgs<T>&,
