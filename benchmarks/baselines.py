@@ -31,8 +31,9 @@ Optimal transport (docs/spec.md section 4; each is given its cost matrix, comput
 To a tolerance (the time-to-tolerance table), each with its own stopping rule:
 
 - :func:`pot_to_tolerance`: POT's ``sinkhorn``, ``sinkhorn_log`` or ``sinkhorn_stabilized`` with
-  ``stopThr = tol`` (POT's rule: the 2-norm of a marginal's violation, checked every 10
-  iterations); returns the plan, whose 1-norm marginal errors :func:`plan_marginal_error` measures;
+  a ``stopThr`` (POT's rule: the 2-norm of a marginal's violation, checked every 10 iterations;
+  ``sinkhorn_stabilized`` with ``tau`` by ``POT_TAU``, since its default never stops once N >=
+  1000); returns the plan, whose 1-norm marginal errors :func:`plan_marginal_error` measures;
 - :func:`geomloss_potentials`: GeomLoss's ``SamplesLoss("sinkhorn", backend="tensorized")``, which
   anneals eps (``scaling`` per step) instead of testing a tolerance; for ``C = ||x - y||^2`` and
   ``eps`` its problem is ``p = 2`` (cost ``||x - y||^2 / 2``) at ``blur = sqrt(eps / 2)``, its
@@ -199,11 +200,22 @@ def pot_sinkhorn(cost, eps, n_iter, a=None, b=None):
 POT_METHODS = ("sinkhorn", "sinkhorn_log", "sinkhorn_stabilized")
 
 
-def pot_to_tolerance(cost, eps, tol, max_iter, method):
-    """POT's ``ot.sinkhorn(method=method)`` with ``stopThr=tol``, at most ``max_iter`` iterations;
-    returns the plan (NaN where the method broke down)."""
+#: POT's ``sinkhorn_stabilized`` absorbs its scalings where one exceeds ``tau`` and then restarts
+#: from ``u = 1/N``, ``v = 1/M``, so that the next ``v`` is about ``N``: with its default ``tau =
+#: 1e3`` it absorbs at every iteration once ``N >= 1000``, its error stays at that of a plan of mass
+#: ``1/(N M)`` and it never stops. It is given ``tau = POT_TAU * max(N, M)`` (the default at N = 1).
+POT_TAU = 1e3
+
+
+def pot_to_tolerance(cost, eps, stop, max_iter, method):
+    """POT's ``ot.sinkhorn(method=method)`` with ``stopThr=stop``, at most ``max_iter`` iterations
+    (``sinkhorn_stabilized`` with ``tau`` by ``POT_TAU``); returns ``(plan, iterations)`` (NaN in the
+    plan where the method broke down)."""
     a, b = _uniform(cost, None, None)
-    return _pot().sinkhorn(a, b, cost, eps, method=method, numItermax=max_iter, stopThr=tol, warn=False)
+    extra = {"tau": POT_TAU * max(cost.shape[-2:])} if method == "sinkhorn_stabilized" else {}
+    plan, log = _pot().sinkhorn(a, b, cost, eps, method=method, numItermax=max_iter, stopThr=stop, warn=False,
+                                log=True, **extra)
+    return plan, 1 + int(log["niter"] if "niter" in log else log["n_iter"])  # POT logs the last loop index
 
 
 def plan_marginal_error(plan):

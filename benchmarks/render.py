@@ -41,9 +41,11 @@ def ratio_text(ratio):
 
 
 def outcome_text(outcome):
-    """``err 3.1e-07, 412 it`` or ``NOT REACHED: err 0.012``: what a contender to a tolerance reached."""
+    """``err 3.1e-07, 412 it`` or ``NOT REACHED: err 0.012`` (with the contender's setting, if any,
+    e.g. ``, stopThr 1e-07``): what a contender to a tolerance reached."""
     error = outcome["marginal_error"]
-    text = f"err {error:.2g}" + (f", {outcome['n_iter']:,} it" if "n_iter" in outcome else "")
+    text = f"err {error:.2g}" + (f", {outcome['n_iter']:,} it" if "n_iter" in outcome else "") \
+        + (f", {outcome['setting']}" if "setting" in outcome else "")
     if outcome["reached"]:
         return text
     return "NaN" if error != error else f"NOT REACHED: {text}"

@@ -11,10 +11,15 @@ the same clouds. The error is measured the same way for everyone after the timed
 where known; a contender whose error is not below ``REACHED_SLACK`` times the tolerance (each stops
 at it by its own arithmetic and rule) or that returns NaN is marked so. Ours: ``auto``
 (the scaling solver in dense mode) and ``method="log"``, ``tol`` as given, ``max_iter =
-max_iterations(params)`` (``MAX_ITER``, fewer at large N M). POT: ``stopThr = tol`` (its own rule,
-a 2-norm of a marginal's violation, so it may stop at a larger 1-norm error: then marked), the same
-``numItermax``. GeomLoss has no tolerance: its eps-annealing factor ``scaling`` is chosen, untimed,
-as the first of ``GEOMLOSS_SCALINGS`` whose potentials reach the tolerance (the last if none does).
+max_iterations(params)`` (``MAX_ITER``, fewer at large N M). POT: the same ``numItermax``, and
+its own stopping rule, a 2-norm of a marginal's violation checked every 10 iterations, so that
+``stopThr = tol`` may stop it at a larger 1-norm error: its ``stopThr`` is chosen, untimed, as the
+first of ``tol`` times ``POT_STOP_FACTORS`` whose plan reaches the tolerance (tighter ones are not
+tried once a run took every iteration or broke down). GeomLoss has no tolerance: its
+eps-annealing factor ``scaling`` is chosen, untimed, as the first of ``GEOMLOSS_SCALINGS`` whose
+potentials reach the tolerance; near 1 its error falls about as ``1 - scaling``, so the search
+stops where even the last factor would miss the tolerance by that rule. The setting chosen is shown
+beside the time.
 
 Inputs: point clouds ``x ~ N(0, I)``, ``y ~ N(0.5, 0.64 I)`` of ``N = M`` points in dimension
 ``D`` (batches: ``(B, N, D)``), float32, uniform weights, ``eps = 0.05 * median_cost(x, y)``, a
@@ -57,7 +62,11 @@ def max_iterations(params):
     """The iteration cap of every contender of a time-to-tolerance case."""
     return max(10, min(MAX_ITER, int(MAX_ENTRIES / (params["N"] * params["M"]))))
 #: GeomLoss's eps-annealing factors tried, in order, until its potentials reach the tolerance.
-GEOMLOSS_SCALINGS = (0.5, 0.7, 0.9, 0.95)
+GEOMLOSS_SCALINGS = (0.5, 0.7, 0.9, 0.95, 0.99, 0.995, 0.999)
+#: From this factor on GeomLoss's error falls about as ``1 - scaling`` (measured: N = M = 1,000, D = 64).
+GEOMLOSS_LINEAR_FROM = 0.95
+#: POT's ``stopThr``, as multiples of the tolerance, tried in order until its plan reaches it.
+POT_STOP_FACTORS = (1.0, 0.1, 0.01, 0.001)
 #: A contender reached the tolerance where its error, measured again in float64, is below this
 #: multiple of it (everyone stops right at the tolerance by their own arithmetic).
 REACHED_SLACK = 1.5
@@ -206,13 +215,37 @@ def _cost(inputs):
     return inputs["cost"]
 
 
+def _reached(error, tol):
+    """Whether a contender's measured marginal error reached ``tol`` (``REACHED_SLACK``; NaN did not)."""
+    return bool(error < REACHED_SLACK * tol)
+
+
 def _geomloss_scaling(inputs, tol):
-    """The first of ``GEOMLOSS_SCALINGS`` whose potentials reach ``tol`` (the last if none does)."""
+    """The first of ``GEOMLOSS_SCALINGS`` whose potentials reach ``tol`` (:func:`_reached`); else the last tried (the
+    search stops, from ``GEOMLOSS_LINEAR_FROM`` on, where the error, taken to fall as ``1 - scaling``,
+    would miss ``tol`` at the last one)."""
     for scaling in GEOMLOSS_SCALINGS:
         f, g = baselines.geomloss_potentials(inputs["x"], inputs["y"], inputs["eps"], scaling)
-        if baselines.potentials_marginal_error(_cost(inputs), f, g, inputs["eps"]) < tol:
+        error = baselines.potentials_marginal_error(_cost(inputs), f, g, inputs["eps"])
+        hopeless = scaling >= GEOMLOSS_LINEAR_FROM and \
+            not error * (1 - GEOMLOSS_SCALINGS[-1]) / (1 - scaling) < REACHED_SLACK * tol  # NaN too
+        if _reached(error, tol) or hopeless:
             break
     return scaling
+
+
+def _pot_stop(inputs, method, tol, cap):
+    """The first ``stopThr`` of ``tol * POT_STOP_FACTORS`` whose plan reaches ``tol``; else the last
+    tried (a tighter one cannot help once a run took all ``cap`` iterations or broke down)."""
+    for stop in (tol * factor for factor in POT_STOP_FACTORS):
+        plan, n_iter = baselines.pot_to_tolerance(_cost(inputs), inputs["eps"], stop, cap, method)
+        error = baselines.plan_marginal_error(plan)
+        if _reached(error, tol) or n_iter >= cap or error != error:  # NaN: it broke down
+            break
+    return stop
+
+
+_POT_METHODS = {"pot_tol": "sinkhorn", "pot_log_tol": "sinkhorn_log", "pot_stabilized_tol": "sinkhorn_stabilized"}
 
 
 def _tolerance_runner(case, inputs, name):
@@ -221,12 +254,15 @@ def _tolerance_runner(case, inputs, name):
     if name in ("ours_tol", "ours_log_tol"):
         method = "auto" if name == "ours_tol" else "log"
         return lambda: pfc_fast.sinkhorn(x, y, eps=eps, tol=tol, max_iter=cap, method=method)
+    settings = inputs.setdefault("settings", {})  # what outcome() shows beside the time
     if name == "geomloss_tol":
         scaling = _geomloss_scaling(inputs, tol)  # untimed
+        settings[name] = f"scaling {scaling:g}"
         return lambda: baselines.geomloss_potentials(x, y, eps, scaling)
-    cost = _cost(inputs)
-    method = {"pot_tol": "sinkhorn", "pot_log_tol": "sinkhorn_log", "pot_stabilized_tol": "sinkhorn_stabilized"}[name]
-    return lambda: baselines.pot_to_tolerance(cost, eps, tol, cap, method)
+    cost, method = _cost(inputs), _POT_METHODS[name]
+    stop = _pot_stop(inputs, method, tol, cap)  # untimed
+    settings[name] = f"stopThr {stop:.0e}"
+    return lambda: baselines.pot_to_tolerance(cost, eps, stop, cap, method)
 
 
 def outcome(case, inputs, name, output):
@@ -241,8 +277,10 @@ def outcome(case, inputs, name, output):
     elif name == "geomloss_tol":
         found = {"marginal_error": baselines.potentials_marginal_error(_cost(inputs), *output, eps)}
     else:
-        found = {"marginal_error": baselines.plan_marginal_error(output)}
-    found["reached"] = bool(found["marginal_error"] < REACHED_SLACK * tol)
+        found = {"marginal_error": baselines.plan_marginal_error(output[0]), "n_iter": output[1]}
+    found["reached"] = _reached(found["marginal_error"], tol)
+    if name in inputs.get("settings", {}):
+        found["setting"] = inputs["settings"][name]
     return found
 
 

@@ -30,7 +30,10 @@ scalings are absorbed, ``f += eps log u``, ``g += eps log v``, and K is formed a
 under- or overflowed (0, inf: small eps, early iterations), the last good scalings are absorbed and
 log-domain iterations follow (1, then twice as many at each consecutive failure, at most
 ``MAX_LOG_STREAK``; halved by every scaling step that stays in range) before K is formed again.
-Both solvers start with one log-domain iteration from ``g = 0`` and end with the potentials
+Both solvers start from ``g = 0`` (the scaling one with ``f_i = min_j C_ij``, which puts a 1 in
+every row of K, so that its first step is the first iteration and stays in range where that
+entry's weight is not 0; after ``eps_scaling``'s stages, with one log-domain iteration) and end
+with the potentials
 ``f + eps log u``, ``g + eps log v``; ``"auto"`` takes the scaling one in dense mode where K fits
 in half the free memory, else the log one; both ``"auto"`` and ``"scaling"`` run the log one where eps
 is below ``SCALING_MIN_EPS`` machine epsilons of the costs' magnitude (there ``eps log u`` vanishes
@@ -240,8 +243,9 @@ class _Problem:
         parts = [slice(k, k + 1) for k in range(self.batch)] if self.device.type == "cpu" else [slice(None)]
         for part in parts:
             xs, ys = x[part, start:stop], y[part]
-            sq = (xs * xs).sum(-1, keepdim=True) + (ys * ys).sum(-1).unsqueeze(1)
-            torch.baddbmm(sq, xs, ys.transpose(1, 2), alpha=-2.0, out=out[part]).clamp_min_(0.0)
+            # |x|^2 broadcast into the product's output, |y|^2 added in place: no N x M temporary
+            torch.baddbmm((xs * xs).sum(-1, keepdim=True), xs, ys.transpose(1, 2), alpha=-2.0, out=out[part])
+            out[part].add_((ys * ys).sum(-1).unsqueeze(1)).clamp_min_(0.0)
         return out
 
     def update_f(self, g: torch.Tensor, eps: float, previous: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -356,10 +360,14 @@ def _solve_scaling(problem: _Problem, eps: float, max_iter: int, tol: float,
     ``f + g - C`` that K was formed with is not that of the plan), K is formed again from the
     absorbed potentials and the iterations go on, the plan checked again after 1, 2, 4, ... (at
     most ``MAX_VERIFY_WAIT``) iterations."""
-    g, n_iter = _annealed(problem, eps, max_iter, eps_scaling)
-    f = problem.update_f(g, eps)
-    g = problem.update_g(f, eps)
-    n_iter += 1
+    assert problem.cost is not None, "the scaling solver needs the cost matrix"
+    if eps_scaling is None:  # from g = 0, f = the row minima of C: each row of K holds a 1 (u_i <= 1 / b_j there)
+        f, g, n_iter = problem.cost.amin(-1), torch.zeros_like(problem.b), 0
+    else:
+        g, n_iter = _annealed(problem, eps, max_iter, eps_scaling)
+        f = problem.update_f(g, eps)
+        g = problem.update_g(f, eps)
+        n_iter += 1
     safe = SAFE_LOG2[problem.dtype]
     ones_u, ones_v = torch.ones_like(problem.a), torch.ones_like(problem.b)
     kernel = problem.kernel(f, g, eps)

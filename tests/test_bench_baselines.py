@@ -9,7 +9,7 @@ from benchmarks import baselines, nc_metrics_bench, sinkhorn_bench, stream_bench
 from benchmarks.cases import Case
 from pfc_fast import reference
 
-from conftest import make_features
+from conftest import make_features, seed_for
 
 
 @pytest.mark.parametrize("baseline", [baselines.papyan_nc_metrics, baselines.published_nc_metrics],
@@ -147,7 +147,7 @@ def test_tolerance_contenders_solve_the_same_problem_and_their_errors_are_measur
     for name in case.contenders:
         output = sinkhorn_bench.runner(case, inputs, name)()
         found = sinkhorn_bench.outcome(case, inputs, name, output)
-        plan = torch.as_tensor(output).double() if name.startswith("pot") else \
+        plan = torch.as_tensor(output[0]).double() if name.startswith("pot") else \
             (output.plan().double() if name.startswith("ours") else
              torch.exp((output[0].double()[:, None] + output[1].double()[None] - cost) / eps) / 2500)
         direct = max(float((plan.sum(1) - 1 / 50).abs().sum()), float((plan.sum(0) - 1 / 50).abs().sum()))
@@ -158,3 +158,18 @@ def test_tolerance_contenders_solve_the_same_problem_and_their_errors_are_measur
         assert float((plan * cost).sum()) == pytest.approx(expected["cost"], rel=accuracy), name
         if name.startswith("ours"):
             assert found["reached"] and found["n_iter"] == output.n_iter
+
+
+@pytest.mark.skipif(baselines.ot is None, reason="POT is not installed")
+def test_pot_stabilized_is_given_a_tau_under_which_it_converges_at_1000_points():
+    """POT's sinkhorn_stabilized with the benchmark's tau (baselines.POT_TAU; its default never
+    stops from N = 1000 on) stops at the tolerance with the plan of reference.sinkhorn."""
+    gen = torch.Generator().manual_seed(seed_for("pot_stabilized_tau"))
+    x = torch.randn(1000, 8, generator=gen, dtype=torch.float64)
+    y = torch.randn(1000, 8, generator=gen, dtype=torch.float64) * 0.8 + 0.5
+    cost = torch.cdist(x, y).square()
+    eps = 0.05 * float(cost.median())
+    plan, n_iter = baselines.pot_to_tolerance(cost, eps, 1e-9, 1000, "sinkhorn_stabilized")
+    assert n_iter < 1000 and baselines.plan_marginal_error(plan) < 1e-7
+    expected = reference.sinkhorn(cost=cost, eps=eps, max_iter=1000, tol=1e-10)
+    assert float((plan * cost).sum()) == pytest.approx(float(expected["cost"]), rel=1e-7)
