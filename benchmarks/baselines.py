@@ -31,7 +31,8 @@ Optimal transport (docs/spec.md section 4; each is given its cost matrix, comput
 To a tolerance (the time-to-tolerance table), each with its own stopping rule:
 
 - :func:`pot_to_tolerance`: POT's ``sinkhorn``, ``sinkhorn_log`` or ``sinkhorn_stabilized`` with
-  a ``stopThr`` (POT's rule: the 2-norm of a marginal's violation, checked every 10 iterations;
+  a ``stopThr`` (POT's rule: the 2-norm of a marginal's violation, checked every 10 iterations,
+  ``sinkhorn_stabilized`` every 20;
   ``sinkhorn_stabilized`` with ``tau`` by ``POT_TAU``, since its default never stops once N >=
   1000); returns the plan, whose 1-norm marginal errors :func:`plan_marginal_error` measures;
 - :func:`geomloss_potentials`: GeomLoss's ``SamplesLoss("sinkhorn", backend="tensorized")``, which
@@ -194,10 +195,6 @@ def pot_sinkhorn(cost, eps, n_iter, a=None, b=None):
     """POT's ``ot.sinkhorn`` (Sinkhorn-Knopp) for ``n_iter`` iterations (``stopThr=0``); returns the plan."""
     a, b = _uniform(cost, a, b)
     return _pot().sinkhorn(a, b, cost, eps, method="sinkhorn", numItermax=n_iter, stopThr=0.0, warn=False)
-
-
-#: POT's solvers to a tolerance, by the name of their ``method``.
-POT_METHODS = ("sinkhorn", "sinkhorn_log", "sinkhorn_stabilized")
 
 
 #: POT's ``sinkhorn_stabilized`` absorbs its scalings where one exceeds ``tau`` and then restarts

@@ -31,7 +31,7 @@ under- or overflowed (0, inf: small eps, early iterations), the last good scalin
 log-domain iterations follow (1, then twice as many at each consecutive failure, at most
 ``MAX_LOG_STREAK``; halved by every scaling step that stays in range) before K is formed again.
 Both solvers start from ``g = 0`` (the scaling one with ``f_i = min_j C_ij``, which puts a 1 in
-every row of K, so that its first step is the first iteration and stays in range where that
+every row of K, so that its first step is the first iteration, its u in range where that
 entry's weight is not 0; after ``eps_scaling``'s stages, with one log-domain iteration) and end
 with the potentials
 ``f + eps log u``, ``g + eps log v``; ``"auto"`` takes the scaling one in dense mode where K fits
@@ -234,7 +234,8 @@ class _Problem:
         return self.x, self.y
 
     def _cost_rows(self, start: int, stop: int) -> torch.Tensor:
-        """``C[:, start:stop]`` in the kernels' formula ``max(|x|^2 + |y|^2 - 2 x.y, 0)``; on the CPU
+        """``C[:, start:stop]`` in the kernels' formula ``max(|x|^2 + |y|^2 - 2 x.y, 0)`` (summed as
+        ``(|x|^2 - 2 x.y) + |y|^2``: the same up to rounding); on the CPU
         one problem of a batch at a time (its temporaries stay in cache)."""
         if self.cost is not None and self.x is None:
             return self.cost[:, start:stop]
@@ -372,7 +373,7 @@ def _solve_scaling(problem: _Problem, eps: float, max_iter: int, tol: float,
     ones_u, ones_v = torch.ones_like(problem.a), torch.ones_like(problem.b)
     kernel = problem.kernel(f, g, eps)
     u, v = ones_u, ones_v
-    streak, wait, verify_at = 1, 1, 0
+    streak, wait, verify_at = 1, 1, 1  # the row-minima start is no iterate: its error is not checked
     while n_iter < max_iter:
         new_u, new_v, status = _ops.sinkhorn_scaling_step(kernel, u, v, problem.a, problem.b)
         error, spread = (float(t) for t in status.amax(0))

@@ -240,6 +240,19 @@ def _count_calls(monkeypatch, name):
     return calls
 
 
+def test_scaling_solver_counts_one_iteration_where_its_start_is_already_the_plan(device):
+    """M = 1: the start (f the row minima of C, g = 0) is already the coupling, but no iterate; the
+    scaling solver stops after one iteration, as the log solver checking every iteration does."""
+    x, y, a, b = _clouds(30, 1, 3, seed=seed_for("one point"), device=device)
+    b = torch.ones_like(b)
+    log = pfc_fast.sinkhorn(x, y, a, b, eps=0.5, tol=1e-9, check_every=1, method="log")
+    scaling = pfc_fast.sinkhorn(x, y, a, b, eps=0.5, tol=1e-9, method="scaling")
+    assert (log.n_iter, scaling.n_iter) == (1, 1) and scaling.marginal_error < 1e-12
+    scale = float(log.f.abs().max())
+    torch.testing.assert_close(scaling.f, log.f, rtol=0, atol=1e-12 * scale)
+    torch.testing.assert_close(scaling.g, log.g, rtol=0, atol=1e-12 * scale)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_scaling_solver_reads_the_kernel_once_per_iteration(monkeypatch, dtype):
     """At eps = 0.05 median every iteration is one scaling step (and one more only measures the
