@@ -32,9 +32,8 @@ To a tolerance (the time-to-tolerance table), each with its own stopping rule:
 
 - :func:`pot_to_tolerance`: POT's ``sinkhorn``, ``sinkhorn_log`` or ``sinkhorn_stabilized`` with
   a ``stopThr`` (POT's rule: the 2-norm of a marginal's violation, checked every 10 iterations,
-  ``sinkhorn_stabilized`` every 20;
-  ``sinkhorn_stabilized`` with ``tau`` by ``POT_TAU``, since its default never stops once N >=
-  1000); returns the plan, whose 1-norm marginal errors :func:`plan_marginal_error` measures;
+  every 20 by ``sinkhorn_stabilized``, which is given ``tau`` by ``POT_TAU`` since its default
+  never stops once N >= 1000); returns the plan, whose 1-norm marginal errors :func:`plan_marginal_error` measures;
 - :func:`geomloss_potentials`: GeomLoss's ``SamplesLoss("sinkhorn", backend="tensorized")``, which
   anneals eps (``scaling`` per step) instead of testing a tolerance; for ``C = ||x - y||^2`` and
   ``eps`` its problem is ``p = 2`` (cost ``||x - y||^2 / 2``) at ``blur = sqrt(eps / 2)``, its

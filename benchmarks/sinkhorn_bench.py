@@ -13,8 +13,7 @@ at it by its own arithmetic and rule) or that returns NaN is marked so. Ours: ``
 (the scaling solver in dense mode) and ``method="log"``, ``tol`` as given, ``max_iter =
 max_iterations(params)`` (``MAX_ITER``, fewer at large N M). POT: the same ``numItermax``, and
 its own stopping rule, a 2-norm of a marginal's violation checked every 10 iterations (20 in
-``sinkhorn_stabilized``), so that
-``stopThr = tol`` may stop it at a larger 1-norm error: its ``stopThr`` is chosen, untimed, as the
+``sinkhorn_stabilized``), so that ``stopThr = tol`` may stop it at a larger 1-norm error: its ``stopThr`` is chosen, untimed, as the
 first of ``tol`` times ``POT_STOP_FACTORS`` whose plan reaches the tolerance (tighter ones are not
 tried once a run took every iteration or broke down). GeomLoss has no tolerance: its
 eps-annealing factor ``scaling`` is chosen, untimed, as the first of ``GEOMLOSS_SCALINGS`` whose
